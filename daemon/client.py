@@ -1,0 +1,300 @@
+"""LDX hub client: the RenderOCR API over httpx, with every failure translated once.
+
+Each public method is one HTTP call. Responses are parsed into models that accept
+unknown fields and absent optional fields, and any 2xx counts as success. All foreign
+exceptions and HTTP error statuses pass through ``_translate`` and come out as the
+project's own tree (``daemon.errors``): retry later, fail this job, or tell the operator.
+The transport is injectable, so tests run the same code against the emulator in-process.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from daemon.errors import (
+    AuthRejected,
+    HubBusy,
+    HubUnavailable,
+    JobFailed,
+    LdxError,
+    RemoteNotFound,
+)
+
+USER_AGENT = "ldx-hotfolder"
+CHUNK = 256 * 1024
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class FileInfo(_Model):
+    """A file in the hub's store (an upload or a conversion output)."""
+
+    file_id: str
+    filename: str | None = None
+    size: int | None = None
+    created_at: str | None = None
+    expires_at: str | None = None
+
+
+class JobError(_Model):
+    """Why a remote job failed."""
+
+    code: str = "unknown"
+    message: str = "no error details returned by the hub"
+    request_id: str | None = None
+
+
+class RemoteJob(_Model):
+    """A RenderOCR job as the hub reports it."""
+
+    job_id: str
+    file_id: str | None = None
+    engine: str | None = None
+    status: str
+    progress: float | None = None
+    output_file_id: str | None = None
+    error: JobError | None = None
+    created_at: str | None = None
+    completed_at: str | None = None
+    expires_at: str | None = None
+
+    @property
+    def is_final(self) -> bool:
+        """Whether the hub will not change this job any more."""
+        return self.status in ("completed", "failed")
+
+
+class Language(_Model):
+    """A language an engine offers."""
+
+    code: str
+    display_name: str | None = None
+
+
+class Conversion(_Model):
+    """One input format to output format pair an engine offers."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+
+
+class Engine(_Model):
+    """A RenderOCR engine with its languages and conversions."""
+
+    id: str
+    display_name: str | None = None
+    description: str | None = None
+    supported_conversions: list[Conversion] = []
+    supported_languages: list[Language] = []
+
+
+class _Page(_Model):
+    data: list[dict[str, Any]] = []
+
+
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """Parse ``Retry-After`` given as seconds (maybe fractional) or as an HTTP date."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def error_detail(response: httpx.Response) -> tuple[str | None, str]:
+    """(code, message) from an error body: problem+json, {code,message} or plain text."""
+    try:
+        body = json.loads(response.content)
+    except ValueError:
+        text = response.content[:200].decode("utf-8", "replace").strip()
+        return None, text or response.reason_phrase
+    if not isinstance(body, dict):
+        return None, str(body)[:200]
+    code = body.get("code")
+    message = body.get("message") or body.get("detail") or body.get("title") or ""
+    return (str(code) if code else None), str(message) or response.reason_phrase
+
+
+def _status_error(response: httpx.Response, what: str) -> LdxError:
+    status = response.status_code
+    code, message = error_detail(response)
+    text = f"{what}: HTTP {status} {message}".strip()
+    if status in (401, 403):
+        return AuthRejected(
+            f"the LDX hub rejected the API key (HTTP {status}: {message})", code="auth_rejected"
+        )
+    if status == 429:
+        wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
+        return HubBusy(text, code="rate_limited", retry_after=wait)
+    if status >= 500 or status == 408:
+        wait = retry_after_seconds(response.headers.get("retry-after"), time.time())
+        return HubUnavailable(text, code=f"http_{status}", retry_after=wait)
+    if status in (404, 410):
+        return RemoteNotFound(text, code=code or "not_found")
+    return JobFailed(text, code=code or f"http_{status}")
+
+
+@asynccontextmanager
+async def _translate(what: str) -> AsyncIterator[None]:
+    """Turn httpx's and pydantic's exceptions into the project's tree."""
+    try:
+        yield
+    except httpx.TimeoutException as exc:
+        raise HubUnavailable(f"{what}: timed out ({type(exc).__name__})", code="timeout") from exc
+    except httpx.TransportError as exc:
+        raise HubUnavailable(f"{what}: {type(exc).__name__}: {exc}", code="network") from exc
+    except (ValidationError, ValueError) as exc:
+        # A 2xx body we cannot read: most likely a proxy or a gateway hiccup.
+        raise HubUnavailable(f"{what}: unreadable response ({exc})", code="bad_response") from exc
+
+
+class HubClient:
+    """Async client for the RenderOCR part of the LDX hub API."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self._api_key = api_key
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"User-Agent": USER_AGENT},
+            transport=transport,
+        )
+
+    def set_api_key(self, api_key: str) -> None:
+        """Use another key from now on (after the operator fixed it)."""
+        self._api_key = api_key
+
+    async def aclose(self) -> None:
+        """Close the connection pool."""
+        await self._http.aclose()
+
+    async def __aenter__(self) -> HubClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._api_key}"}
+
+    async def _json(
+        self, method: str, url: str, what: str, *, auth: bool = True, **kwargs: Any
+    ) -> Any:
+        headers = self._auth() if auth else {}
+        async with _translate(what):
+            response = await self._http.request(method, url, headers=headers, **kwargs)
+            if not response.is_success:
+                raise _status_error(response, what)
+            return response.json()
+
+    async def engines(self) -> list[Engine]:
+        """``GET /renderocr/engines`` (public: sent without the key)."""
+        body = await self._json("GET", "/renderocr/engines", "list engines", auth=False)
+        async with _translate("list engines"):
+            return [Engine(**item) for item in _Page(**body).data]
+
+    async def list_files(self) -> list[FileInfo]:
+        """``GET /files``: the files of this key; also proves the key is accepted."""
+        body = await self._json("GET", "/files", "list files")
+        async with _translate("list files"):
+            return [FileInfo(**item) for item in _Page(**body).data]
+
+    async def upload(self, stream: BinaryIO, filename: str, content_type: str) -> FileInfo:
+        """``POST /files`` with the multipart field ``file``; streamed from ``stream``."""
+        files = {"file": (filename, stream, content_type)}
+        body = await self._json("POST", "/files", "upload", files=files)
+        async with _translate("upload"):
+            return FileInfo(**body)
+
+    async def create_job(
+        self, file_id: str, engine: str, language: str, output_format: str
+    ) -> RemoteJob:
+        """``POST /renderocr/jobs``: start converting an uploaded file."""
+        payload = {
+            "file_id": file_id,
+            "engine": engine,
+            "languages": [language],
+            "output_format": output_format,
+        }
+        body = await self._json("POST", "/renderocr/jobs", "create job", json=payload)
+        async with _translate("create job"):
+            return RemoteJob(**body)
+
+    async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob:
+        """``GET /renderocr/jobs/{id}``, long-polling up to ``wait`` seconds when > 0."""
+        params = {"wait": wait} if wait > 0 else None
+        body = await self._json(
+            "GET", f"/renderocr/jobs/{_quote(job_id)}", "poll job", params=params
+        )
+        async with _translate("poll job"):
+            return RemoteJob(**body)
+
+    async def list_jobs(self) -> list[RemoteJob]:
+        """``GET /renderocr/jobs``: this key's jobs, newest first."""
+        body = await self._json("GET", "/renderocr/jobs", "list jobs")
+        async with _translate("list jobs"):
+            return [RemoteJob(**item) for item in _Page(**body).data]
+
+    async def download(self, file_id: str, dest: Path) -> int:
+        """Stream ``GET /files/{id}/content`` into ``dest``; return the bytes written.
+
+        Raises ``HubUnavailable`` when fewer bytes arrive than Content-Length announced.
+        """
+        what = "download"
+        url = f"/files/{_quote(file_id)}/content"
+        async with _translate(what), self._http.stream("GET", url, headers=self._auth()) as resp:
+            if not resp.is_success:
+                await resp.aread()
+                raise _status_error(resp, what)
+            written = await _save(resp, dest)
+            expected = resp.headers.get("content-length")
+            if expected is not None and int(expected) != written:
+                raise HubUnavailable(
+                    f"download: got {written} of {expected} bytes", code="short_download"
+                )
+            return written
+
+
+async def _save(response: httpx.Response, dest: Path) -> int:
+    written = 0
+    with dest.open("wb") as fh:
+        async for chunk in response.aiter_bytes(CHUNK):
+            fh.write(chunk)
+            written += len(chunk)
+        fh.flush()
+    return written
+
+
+def _quote(segment: str) -> str:
+    return quote(segment, safe="")

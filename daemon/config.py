@@ -1,0 +1,269 @@
+"""Configuration: one TOML file plus ``LDX_HOTFOLDER_*`` variables, read once into ``Settings``.
+
+This is the only module that reads the process environment. Every other module gets
+the typed ``Settings`` object (or a part of it) passed in. Unknown keys, in the file
+or in the environment, are errors that name the key: a misspelt option must never be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from daemon.errors import ConfigError
+
+ENV_PREFIX = "LDX_HOTFOLDER_"
+CONFIG_ENV = "LDX_HOTFOLDER_CONFIG"
+DEFAULT_CONFIG_PATH = Path("/etc/ldx-hotfolder/config.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/ldx-hotfolder")
+CREDENTIAL_NAME = "api-key"
+# Variables with our prefix that are not settings (so the unknown-key check skips them).
+_RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
+
+OutputFormat = Literal["docx", "xlsx", "pptx"]
+OnSuccess = Literal["keep", "delete", "archive"]
+
+
+class HubSettings(BaseModel):
+    """Where the LDX hub is and how to convert with it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_url: str = "https://gw.ldxhub.io"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    engine: str = "ki/ocr"
+    language: str = "jpn"
+    output_format: OutputFormat = "docx"
+    timeout: float = Field(default=60.0, gt=0, description="seconds without progress on a request")
+    poll_wait: int = Field(default=10, ge=0, le=10, description="long-poll seconds per request")
+    poll_interval: float = Field(default=2.0, ge=1.0, le=5.0, description="seconds between polls")
+
+    @model_validator(mode="after")
+    def _strip_base_url(self) -> HubSettings:
+        # The vendor's clients strip trailing slashes; a doubled slash would 404 at the gateway.
+        object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
+        return self
+
+
+class Settings(BaseSettings):
+    """Every setting of the daemon, typed and validated."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        case_sensitive=False,
+    )
+
+    inbox: Path
+    outbox: Path
+    state_db: str = ""
+    archive_dir: Path | None = None
+    on_success: OnSuccess = "keep"
+    quiet_period: float = Field(default=2.0, ge=0.0, description="seconds a file must not change")
+    rescan_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans")
+    max_in_flight: int = Field(default=16, ge=1, le=1000)
+    max_attempts: int = Field(default=8, ge=1, description="transient retries of one step")
+    ignore: tuple[str, ...] = ()
+    auth_recheck_interval: float = Field(default=30.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    hub: HubSettings = HubSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment variables override the file, which arrives as init arguments.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _check_archive(self) -> Settings:
+        if self.on_success == "archive" and self.archive_dir is None:
+            raise ValueError("on_success = 'archive' needs archive_dir to be set")
+        return self
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy URL of the state database."""
+        return database_url(self.state_db)
+
+
+def database_url(state_db: str) -> str:
+    """Turn ``state_db`` (a path or an SQLAlchemy URL) into an SQLAlchemy URL."""
+    if "://" in state_db:
+        return state_db
+    return f"sqlite:///{Path(state_db).expanduser().absolute()}"
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str] | None = None) -> Path:
+    """The configuration file: ``-c`` first, then ``LDX_HOTFOLDER_CONFIG``, then /etc."""
+    env = os.environ if environ is None else environ
+    if cli_value:
+        return Path(cli_value)
+    if env.get(CONFIG_ENV):
+        return Path(env[CONFIG_ENV])
+    return DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read the TOML file (optional when None) and the environment into ``Settings``.
+
+    Raises ``ConfigError`` with a message that names the offending key.
+    """
+    data = _read_toml(path) if path is not None else {}
+    _reject_unknown_env(os.environ)
+    data.setdefault("state_db", _default_state_db(os.environ))
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation(exc, path)) from None
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"configuration file {path} is not readable: permission denied") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+
+
+def _default_state_db(env: Mapping[str, str]) -> str:
+    # systemd's StateDirectory= exports STATE_DIRECTORY; use it when we run as a service.
+    state_dir = env.get("STATE_DIRECTORY", "").split(":")[0]
+    base = Path(state_dir) if state_dir else DEFAULT_STATE_DIR
+    return str(base / "state.db")
+
+
+def _reject_unknown_env(env: Mapping[str, str]) -> None:
+    known_top = {name.upper() for name in Settings.model_fields}
+    known_hub = {name.upper() for name in HubSettings.model_fields}
+    for name in env:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in _RESERVED_ENV:
+            continue
+        key = upper[len(ENV_PREFIX) :]
+        top, _, sub = key.partition("__")
+        ok = top in known_top and (not sub or (top == "HUB" and sub in known_hub))
+        if not ok:
+            raise ConfigError(
+                f"unknown environment variable {name}: no such setting "
+                f"(settings are {', '.join(sorted(Settings.model_fields))}; "
+                f"hub settings use {ENV_PREFIX}HUB__<KEY>)"
+            )
+
+
+def _describe_validation(exc: ValidationError, path: Path | None) -> str:
+    where = f" in {path}" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key (not a setting of ldx-hotfolder)")
+        elif err["type"] == "missing":
+            lines.append(f"  {key}: required but not set")
+        else:
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {err['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def resolve_api_key(hub: HubSettings, environ: Mapping[str, str] | None = None) -> str:
+    """Return the API key from ``api_key``, ``api_key_file`` or the systemd credential.
+
+    Read anew on each call, so a fixed key file takes effect without a restart.
+    """
+    env = os.environ if environ is None else environ
+    if hub.api_key is not None:
+        return hub.api_key.get_secret_value().strip()
+    candidates: list[Path] = []
+    if hub.api_key_file is not None:
+        candidates.append(hub.api_key_file)
+    if env.get("CREDENTIALS_DIRECTORY"):
+        candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
+    for candidate in candidates:
+        try:
+            key = candidate.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"cannot read the API key file {candidate}: {exc.strerror}") from None
+        if key:
+            return key
+        raise ConfigError(f"the API key file {candidate} is empty")
+    raise ConfigError(
+        "no API key: set hub.api_key_file (or hub.api_key, or the systemd credential "
+        f"'{CREDENTIAL_NAME}')"
+    )
+
+
+def check_folders(settings: Settings) -> list[str]:
+    """Return what is wrong with the configured folders (empty when all is well)."""
+    problems: list[str] = []
+    inbox = settings.inbox.absolute()
+    outbox = settings.outbox.absolute()
+    if not inbox.is_dir():
+        problems.append(f"inbox {inbox} does not exist or is not a folder")
+    elif not os.access(inbox, os.R_OK | os.X_OK):
+        problems.append(f"inbox {inbox} is not readable")
+    problems += _nesting_problems(inbox, "outbox", outbox)
+    if settings.archive_dir is not None:
+        problems += _nesting_problems(inbox, "archive_dir", settings.archive_dir.absolute())
+    for name, folder in _writable_folders(settings):
+        problem = _writable_problem(name, folder)
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+def _writable_folders(settings: Settings) -> list[tuple[str, Path]]:
+    folders = [("outbox", settings.outbox.absolute())]
+    if settings.archive_dir is not None:
+        folders.append(("archive_dir", settings.archive_dir.absolute()))
+    if settings.on_success == "delete":
+        folders.append(("inbox", settings.inbox.absolute()))
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        folders.append(("state_db folder", Path(url.removeprefix("sqlite:///")).parent))
+    return folders
+
+
+def _nesting_problems(inbox: Path, name: str, other: Path) -> list[str]:
+    inbox_r, other_r = inbox.resolve(), other.resolve()
+    if inbox_r == other_r:
+        return [f"{name} {other} is the inbox itself; they must be separate folders"]
+    if inbox_r in other_r.parents:
+        return [f"{name} {other} is inside the inbox {inbox}; outputs would be taken as inputs"]
+    if other_r in inbox_r.parents:
+        return [f"the inbox {inbox} is inside {name} {other}; they must not be nested"]
+    return []
+
+
+def _writable_problem(name: str, folder: Path) -> str | None:
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{name} {folder} is not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{name} {folder} is not writable (checked {existing})"
+    return None

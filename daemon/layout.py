@@ -1,0 +1,55 @@
+"""Layout: where an input's output and error file go in the outbox (pure functions).
+
+``inbox/a/b/scan.pdf`` becomes ``outbox/a/b/scan.docx``. When two inputs of one folder
+would map to the same output (``scan.pdf`` and ``scan.png``), the first to enter the
+queue keeps ``scan.docx`` and the later one gets its own extension kept,
+``scan.png.docx``; should that be taken too, `` (2)``, `` (3)``... are appended. A new
+version of the same input path reuses its own earlier output name. The claim is
+recorded in the state table, so the rule is deterministic and one input's output never
+overwrites another's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import count
+from pathlib import PurePosixPath
+
+NAME_MAX_BYTES = 255
+ERROR_SUFFIX = ".error.txt"
+
+
+def output_candidates(rel_input: str, output_format: str) -> Iterator[str]:
+    """Output paths for ``rel_input``, in order of preference (endless)."""
+    path = PurePosixPath(rel_input)
+    parent = path.parent
+    yield _join(parent, path.stem, f".{output_format}")
+    yield _join(parent, path.name, f".{output_format}")
+    for n in count(2):
+        yield _join(parent, f"{path.name} ({n})", f".{output_format}")
+
+
+def error_file_for(rel_input: str) -> str:
+    """The error file that explains why ``rel_input`` failed, relative to the outbox."""
+    path = PurePosixPath(rel_input)
+    return _join(path.parent, path.name, ERROR_SUFFIX)
+
+
+def _join(parent: PurePosixPath, stem: str, suffix: str) -> str:
+    name = fit_name(stem, suffix)
+    return str(parent / name) if str(parent) != "." else name
+
+
+def fit_name(stem: str, suffix: str, limit: int = NAME_MAX_BYTES) -> str:
+    """``stem + suffix``, the stem shortened so the name fits ``limit`` bytes."""
+    budget = limit - len(suffix.encode("utf-8", "surrogateescape"))
+    raw = stem.encode("utf-8", "surrogateescape")
+    if len(raw) <= budget:
+        return stem + suffix
+    cut = raw[: max(budget, 1)].decode("utf-8", "ignore")
+    return cut + suffix
+
+
+def temp_name(final_name: str, job_id: int) -> str:
+    """A hidden temporary name beside ``final_name``; never taken for a final output."""
+    return fit_name(f".{final_name}", f".ldx-part-{job_id}")

@@ -1,0 +1,265 @@
+"""Check that a downloaded result is a valid OOXML package (docx, xlsx, pptx) of the right type.
+
+The daemon runs ``verify_package`` on every file it fetches from the hub before it moves
+the file to the outbox. It uses only the standard library and stays memory-flat for big
+files: the ZIP is read member by member in chunks (``testzip``), and the few XML parts it
+looks at are parsed incrementally with expat, never read whole. DTDs are refused, as the
+Open Packaging Conventions forbid them, which also shuts out entity-expansion bombs.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import posixpath
+import zipfile
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import IO
+from urllib.parse import unquote
+from xml.parsers import expat
+
+_CT_OFFICE = "application/vnd.openxmlformats-officedocument."
+
+MAIN_CONTENT_TYPES: dict[str, str] = {
+    "docx": _CT_OFFICE + "wordprocessingml.document.main+xml",
+    "xlsx": _CT_OFFICE + "spreadsheetml.sheet.main+xml",
+    "pptx": _CT_OFFICE + "presentationml.presentation.main+xml",
+}
+"""The content type of the main part of each format the daemon can ask for."""
+
+_OTHER_KINDS: dict[str, str] = {
+    "application/vnd.ms-word.document.macroEnabled.main+xml": "docm",
+    _CT_OFFICE + "wordprocessingml.template.main+xml": "dotx",
+    "application/vnd.ms-word.template.macroEnabledTemplate.main+xml": "dotm",
+    "application/vnd.ms-excel.sheet.macroEnabled.main+xml": "xlsm",
+    "application/vnd.ms-excel.sheet.binary.macroEnabled.main": "xlsb",
+    _CT_OFFICE + "spreadsheetml.template.main+xml": "xltx",
+    "application/vnd.ms-excel.template.macroEnabled.main+xml": "xltm",
+    "application/vnd.ms-powerpoint.presentation.macroEnabled.main+xml": "pptm",
+    _CT_OFFICE + "presentationml.slideshow.main+xml": "ppsx",
+    _CT_OFFICE + "presentationml.template.main+xml": "potx",
+}
+_KIND_OF_TYPE = {ctype: kind for kind, ctype in MAIN_CONTENT_TYPES.items()} | _OTHER_KINDS
+
+_ROOT_ELEMENTS = {"docx": "document", "xlsx": "workbook", "pptx": "presentation"}
+
+_OFFICE_DOCUMENT_RELS = frozenset(
+    {
+        "http://schemas.openxmlformats.org/officeDocument/2006/relationships/officeDocument",
+        "http://purl.oclc.org/ooxml/officeDocument/relationships/officeDocument",  # Strict
+    }
+)
+_NS_CONTENT_TYPES = "http://schemas.openxmlformats.org/package/2006/content-types"
+_NS_RELATIONSHIPS = "http://schemas.openxmlformats.org/package/2006/relationships"
+
+_CONTENT_TYPES_PART = "[Content_Types].xml"
+_ROOT_RELS_PART = "_rels/.rels"
+_CHUNK = 64 * 1024
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+class OoxmlProblem(Exception):
+    """The file is not a valid OOXML package of the expected type; the message says why."""
+
+
+# --- streaming XML ------------------------------------------------------------------------
+
+StartHandler = Callable[[str, dict[str, str]], None]
+
+
+def _refuse_dtd(*_args: object) -> None:
+    """Expat handler: OPC forbids DTDs, and refusing them stops entity expansion."""
+    raise OoxmlProblem("contains a DTD, which OOXML packages must not")
+
+
+def _parse_part(archive: zipfile.ZipFile, name: str, on_start: StartHandler) -> None:
+    """Stream part ``name`` through expat, calling ``on_start(tag, attributes)`` per element.
+
+    Tags are "namespace-uri local-name" (or the bare local name outside any namespace).
+    """
+    parser = expat.ParserCreate(namespace_separator=" ")
+    parser.StartDoctypeDeclHandler = _refuse_dtd
+    parser.EntityDeclHandler = _refuse_dtd
+    parser.StartElementHandler = on_start
+    try:
+        with archive.open(name) as stream:
+            _feed(parser, stream)
+    except OoxmlProblem as problem:
+        raise OoxmlProblem(f"part {name} {problem}") from None
+    except expat.ExpatError as error:
+        raise OoxmlProblem(f"part {name} is not well-formed XML: {error}") from None
+
+
+def _feed(parser: expat.XMLParserType, stream: IO[bytes]) -> None:
+    """Feed ``stream`` to ``parser`` in chunks, then close the document."""
+    while chunk := stream.read(_CHUNK):
+        parser.Parse(chunk, False)
+    parser.Parse(b"", True)
+
+
+# --- the package's parts ------------------------------------------------------------------
+
+
+@dataclass
+class _ContentTypes:
+    """[Content_Types].xml: content types by extension and by part name (both lowercased)."""
+
+    defaults: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
+
+    def on_start(self, tag: str, attributes: dict[str, str]) -> None:
+        """Expat handler: record each Default and Override entry."""
+        if tag == f"{_NS_CONTENT_TYPES} Default":
+            extension = attributes.get("Extension", "").lower()
+            self.defaults[extension] = attributes.get("ContentType", "")
+        elif tag == f"{_NS_CONTENT_TYPES} Override":
+            part = attributes.get("PartName", "").lower()
+            self.overrides[part] = attributes.get("ContentType", "")
+
+    def type_of(self, part: str) -> str | None:
+        """The content type the package declares for ``part`` (a name without leading /)."""
+        override = self.overrides.get("/" + part.lower())
+        if override is not None:
+            return override
+        extension = posixpath.splitext(part)[1].lstrip(".").lower()
+        return self.defaults.get(extension)
+
+
+@dataclass
+class _RootRelationships:
+    """_rels/.rels: the targets of the officeDocument relationships, in order."""
+
+    main_targets: list[str] = field(default_factory=list)
+    external: bool = False
+
+    def on_start(self, tag: str, attributes: dict[str, str]) -> None:
+        """Expat handler: record each officeDocument relationship."""
+        if tag != f"{_NS_RELATIONSHIPS} Relationship":
+            return
+        if attributes.get("Type") not in _OFFICE_DOCUMENT_RELS:
+            return
+        if attributes.get("TargetMode") == "External":
+            self.external = True
+        else:
+            self.main_targets.append(attributes.get("Target", ""))
+
+
+def _resolve_target(target: str) -> str:
+    """A root relationship target as a ZIP member name: decoded, normalised, no leading /."""
+    path = posixpath.normpath("/" + unquote(target).lstrip("/"))
+    return path.lstrip("/")
+
+
+class _Members:
+    """The ZIP's member names, looked up case-insensitively as OPC part names are."""
+
+    def __init__(self, archive: zipfile.ZipFile) -> None:
+        self._by_lower = {name.lower(): name for name in archive.namelist()}
+
+    def find(self, part: str) -> str | None:
+        """The member that holds ``part``, or None."""
+        return self._by_lower.get(part.lower())
+
+    def require(self, part: str) -> str:
+        """The member that holds ``part``; raise if the package lacks it."""
+        member = self.find(part)
+        if member is None:
+            raise OoxmlProblem(f"missing part {part}")
+        return member
+
+
+# --- the checks ---------------------------------------------------------------------------
+
+
+def _open_archive(path: pathlib.Path) -> zipfile.ZipFile:
+    """Open ``path`` as a ZIP, naming the problem if it is unreadable or no ZIP at all."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(_ZIP_MAGIC))
+        is_zip = zipfile.is_zipfile(path)
+    except OSError as error:
+        raise OoxmlProblem(f"cannot read the file: {error.strerror or error}") from None
+    if not is_zip:
+        if head == _ZIP_MAGIC:
+            raise OoxmlProblem("truncated or damaged ZIP archive (no central directory)")
+        raise OoxmlProblem("not a ZIP archive")
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise OoxmlProblem(f"damaged ZIP archive: {error}") from None
+
+
+def _check_crcs(archive: zipfile.ZipFile) -> None:
+    """Read every member in chunks so that damaged or undecodable data is caught now."""
+    try:
+        bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+        raise OoxmlProblem(f"damaged ZIP archive: {error}") from None
+    except NotImplementedError as error:  # e.g. Deflate64 or bzip2 variants zipfile lacks
+        raise OoxmlProblem(f"unsupported ZIP compression: {error}") from None
+    except RuntimeError as error:  # encrypted members
+        raise OoxmlProblem(f"unreadable ZIP member: {error}") from None
+    if bad is not None:
+        raise OoxmlProblem(f"damaged ZIP archive: member {bad} fails its CRC or header check")
+
+
+def _main_part(archive: zipfile.ZipFile, members: _Members) -> str:
+    """The main part's name, as _rels/.rels names it through the officeDocument relationship."""
+    relationships = _RootRelationships()
+    _parse_part(archive, members.require(_ROOT_RELS_PART), relationships.on_start)
+    if relationships.external:
+        raise OoxmlProblem(f"{_ROOT_RELS_PART} points the main document outside the package")
+    if not relationships.main_targets:
+        raise OoxmlProblem(f"{_ROOT_RELS_PART} names no main document (officeDocument)")
+    if len(relationships.main_targets) > 1:
+        raise OoxmlProblem(f"{_ROOT_RELS_PART} names more than one main document")
+    return _resolve_target(relationships.main_targets[0])
+
+
+def _check_main_type(content_types: _ContentTypes, main_part: str, expected: str) -> None:
+    """Raise unless [Content_Types].xml gives the main part the expected format's type."""
+    declared = content_types.type_of(main_part)
+    if declared == MAIN_CONTENT_TYPES[expected]:
+        return
+    if declared is None:
+        raise OoxmlProblem(f"{_CONTENT_TYPES_PART} declares no content type for {main_part}")
+    kind = _KIND_OF_TYPE.get(declared)
+    if kind is not None:
+        raise OoxmlProblem(f"is a {kind} package, expected {expected}")
+    raise OoxmlProblem(f"main part {main_part} has content type {declared}, expected {expected}")
+
+
+def _check_root_element(archive: zipfile.ZipFile, member: str, expected: str) -> None:
+    """Parse the main part fully (streamed) and check its root element's name."""
+    roots: list[str] = []
+
+    def on_start(tag: str, _attributes: dict[str, str]) -> None:
+        if not roots:
+            roots.append(tag.rpartition(" ")[2])
+
+    _parse_part(archive, member, on_start)
+    wanted = _ROOT_ELEMENTS[expected]
+    if roots != [wanted]:
+        found = roots[0] if roots else "nothing"
+        raise OoxmlProblem(f"part {member} starts with <{found}>, expected <{wanted}>")
+
+
+def _verify_archive(archive: zipfile.ZipFile, expected: str) -> None:
+    """Run the package-level checks on an opened, CRC-checked archive."""
+    members = _Members(archive)
+    content_types = _ContentTypes()
+    _parse_part(archive, members.require(_CONTENT_TYPES_PART), content_types.on_start)
+    main_part = _main_part(archive, members)
+    member = members.require(main_part)
+    _check_main_type(content_types, main_part, expected)
+    _check_root_element(archive, member, expected)
+
+
+def verify_package(path: pathlib.Path, expected_format: str) -> None:
+    """Raise OoxmlProblem unless path is a readable OOXML package of expected_format."""
+    if expected_format not in MAIN_CONTENT_TYPES:
+        raise ValueError(f"unknown format {expected_format!r}; expected docx, xlsx or pptx")
+    with _open_archive(path) as archive:
+        _check_crcs(archive)
+        _verify_archive(archive, expected_format)

@@ -1,0 +1,130 @@
+"""Outbox: publish outputs atomically, write error files, and handle finished inputs.
+
+An output is downloaded to a hidden temporary name in its final folder, checked,
+flushed to disk, renamed into place and the folder flushed, so no reader ever sees a
+partial file under a final name. Error files sit beside where the output would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from datetime import UTC, datetime
+from pathlib import Path
+
+from daemon.layout import error_file_for, temp_name
+from daemon.stability import Signature
+
+
+def temp_path_for(final: Path, job_id: int) -> Path:
+    """The temporary download path of ``final`` for one job."""
+    return final.parent / temp_name(final.name, job_id)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries, so a rename in it survives power loss."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Flush ``tmp``, rename it to ``final`` and flush the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def discard(tmp: Path) -> None:
+    """Remove a temporary file if it is there."""
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+
+
+def error_text(rel_input: str, code: str, message: str, when: float, job_id: int) -> str:
+    """What a person reads in an error file."""
+    stamp = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return (
+        f"ldx-hotfolder could not convert {rel_input}\n"
+        f"\n"
+        f"Reason: {message}\n"
+        f"Code:   {code}\n"
+        f"When:   {stamp}\n"
+        f"Job:    {job_id}\n"
+        f"\n"
+        f"The input was left where it is. Once the cause is fixed, run\n"
+        f"  ldx-hotfolder retry {job_id}\n"
+        f"or drop a corrected file under the same name.\n"
+    )
+
+
+def write_error_file(outbox: Path, rel_input: str, content: str) -> Path:
+    """Write (atomically) the error file of ``rel_input``; return its path."""
+    final = outbox / error_file_for(rel_input)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / temp_name(final.name, os.getpid())
+    tmp.write_text(content, encoding="utf-8", errors="surrogateescape")
+    publish(tmp, final)
+    return final
+
+
+def remove_error_file(outbox: Path, rel_input: str) -> None:
+    """Remove the error file of ``rel_input`` once it converted after all."""
+    with contextlib.suppress(FileNotFoundError):
+        (outbox / error_file_for(rel_input)).unlink()
+
+
+def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
+    """Delete the input if it is still the version that was converted."""
+    path = inbox / rel_input
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return False
+    if (st.st_size, st.st_mtime_ns, st.st_ino) != (
+        expected.size,
+        expected.mtime_ns,
+        expected.inode,
+    ):
+        return False  # a newer version arrived meanwhile: it is a new input, keep it
+    path.unlink()
+    return True
+
+
+def archive_input(inbox: Path, archive: Path, rel_input: str) -> Path | None:
+    """Move the input into the archive, mirroring its path; never overwrite."""
+    source = inbox / rel_input
+    if not source.exists():
+        return None
+    target = _free_name(archive / rel_input)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.copy2(source, target)  # another filesystem: copy, flush, then remove
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        source.unlink()
+    fsync_dir(target.parent)
+    return target
+
+
+def _free_name(target: Path) -> Path:
+    candidate, n = target, 2
+    while candidate.exists():
+        candidate = target.with_name(f"{target.stem} ({n}){target.suffix}")
+        n += 1
+    return candidate

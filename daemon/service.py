@@ -1,0 +1,165 @@
+"""Service: wire the parts together and run them (``run`` forever, ``once`` to quiet).
+
+Opens the store and checks it, builds the hub client, intake, watcher and worker, runs
+the start-up scan, then runs until SIGTERM/SIGINT (``run``) or until every file in the
+inbox has a final job (``once``). Signal handlers only set a flag; the loops notice it,
+stop taking new work, give running steps a bounded time to reach a safe point, and exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from daemon.client import HubClient
+from daemon.config import Settings, check_folders, resolve_api_key
+from daemon.db import Db
+from daemon.errors import ConfigError
+from daemon.intake import Intake
+from daemon.logs import get_logger
+from daemon.store import Status, Store
+from daemon.watcher import Watcher
+from daemon.worker import Pipeline
+
+log = get_logger(component="service")
+STOP_GRACE_SECONDS = 20.0
+
+
+@dataclass
+class Outcome:
+    """What a ``once`` run did: paths per final status."""
+
+    completed: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    unfinished: list[str] = field(default_factory=list)
+    auth_rejected: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every file completed, 1 when any did not, 2 when the key was rejected."""
+        if self.auth_rejected is not None:
+            return 2
+        return 1 if self.failed or self.unfinished else 0
+
+
+def prepare(settings: Settings) -> str:
+    """Check folders and the key, create the outbox; return the key or raise ConfigError."""
+    problems = check_folders(settings)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    key = resolve_api_key(settings.hub)
+    settings.outbox.mkdir(parents=True, exist_ok=True)
+    if settings.archive_dir is not None:
+        settings.archive_dir.mkdir(parents=True, exist_ok=True)
+    db_path = settings.database_url.removeprefix("sqlite:///")
+    if db_path != settings.database_url:
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+    return key
+
+
+class Service:
+    """One daemon: store, client, intake, worker and (for ``run``) the watcher."""
+
+    def __init__(self, settings: Settings, api_key: str, *, once: bool) -> None:
+        self.settings = settings
+        self.once = once
+        self.stop = asyncio.Event()
+        store = Store(settings.database_url)
+        if not store.integrity_ok():
+            raise ConfigError(f"the state database {settings.state_db} failed its integrity check")
+        self.db = Db(store)
+        hub = settings.hub
+        self.client = HubClient(
+            hub.base_url,
+            api_key,
+            timeout=hub.timeout + hub.poll_wait,
+            max_connections=settings.max_in_flight + 8,
+        )
+        self.pipeline = Pipeline(
+            settings, self.db, self.client, key_source=lambda: resolve_api_key(settings.hub)
+        )
+        self.intake = Intake(settings, self.db, self.pipeline.wake, reject_empty=once)
+        self.watcher: Watcher | None = None
+
+    def request_stop(self) -> None:
+        """Signal handler body: only set the flag."""
+        self.stop.set()
+
+    async def run(self) -> Outcome | None:
+        """Run until stopped (``run``) or until quiet (``once``)."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        log.info(
+            "starting",
+            mode="once" if self.once else "run",
+            inbox=str(self.settings.inbox),
+            outbox=str(self.settings.outbox),
+            hub=self.settings.hub.base_url,
+            sqlite=sqlite3.sqlite_version,
+        )
+        try:
+            return await self._run(loop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self._close()
+
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> Outcome | None:
+        await self.intake.load_known()
+        if not self.once:
+            self.watcher = Watcher(self.settings.inbox.absolute(), self.intake.hint)
+            self.watcher.start(loop)
+        found = await self.intake.scan()
+        log.info("start-up scan done", new_files=found, known=len(self.intake.known))
+        tasks = [
+            asyncio.create_task(self.intake.run(self.stop), name="intake"),
+            asyncio.create_task(self.pipeline.run(self.stop), name="pipeline"),
+        ]
+        if self.once:
+            tasks.append(asyncio.create_task(self._stop_when_quiet(), name="once"))
+        await self.stop.wait()
+        await self.pipeline.shutdown(STOP_GRACE_SECONDS)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        log.info("stopped")
+        return await self._outcome() if self.once else None
+
+    async def _stop_when_quiet(self) -> None:
+        while not self.stop.is_set():
+            # ``once`` cannot wait for a person to fix the key: it reports and ends.
+            quiet = not self.intake.sightings and await self.pipeline.idle()
+            if quiet or self.pipeline.paused is not None:
+                self.stop.set()
+                return
+            await asyncio.sleep(0.1)
+
+    async def _outcome(self) -> Outcome:
+        outcome = Outcome(auth_rejected=self.pipeline.paused)
+        for path in sorted(self.intake.present):
+            job = await self.db.call(self.db.store.latest_for_path, path)
+            if job is not None and job.status is Status.COMPLETED:
+                outcome.completed.append(path)
+            elif job is not None and job.status is Status.FAILED:
+                outcome.failed.append(path)
+            else:
+                outcome.unfinished.append(path)
+        return outcome
+
+    async def _close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        await self.client.aclose()
+        self.db.close()
+
+
+async def run_service(settings: Settings, *, once: bool) -> Outcome | None:
+    """Prepare and run one service; ConfigError when the setup is wrong."""
+    key = prepare(settings)
+    service = Service(settings, key, once=once)
+    return await service.run()
+

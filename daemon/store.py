@@ -1,0 +1,384 @@
+"""State store: the jobs table, the single source of truth and the queue.
+
+SQLAlchemy Core over SQLite (WAL, ``synchronous=FULL``, busy timeout, ``BEGIN
+IMMEDIATE``) by default; nothing SQLite-specific is used outside engine setup, so the
+same code runs on PostgreSQL. Every method is one short transaction. Callers run them
+from a single thread (the daemon's writer), which keeps SQLite to one writer.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Engine,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection, Row
+from sqlalchemy.pool import ConnectionPoolEntry
+
+
+class Status(enum.StrEnum):
+    """Public job status, as shown by ``status`` and ``jobs``."""
+
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+
+class Stage(enum.StrEnum):
+    """How far a job got; finer than ``Status`` and what a restart resumes from."""
+
+    PENDING = "pending"  # taken from the inbox, nothing sent yet
+    UPLOADING = "uploading"  # upload may have reached the hub
+    UPLOADED = "uploaded"  # remote_file_id known
+    SUBMITTING = "submitting"  # a remote job may exist for remote_file_id
+    SUBMITTED = "submitted"  # remote_job_id known; converting at the hub
+    DOWNLOADING = "downloading"  # output_file_id known
+    PUBLISHED = "published"  # output in place; the input is still to be handled
+    DONE = "done"
+    FAILED = "failed"
+
+
+_STATUS_OF_STAGE = {
+    Stage.PENDING: Status.QUEUED,
+    Stage.PUBLISHED: Status.COMPLETED,
+    Stage.DONE: Status.COMPLETED,
+    Stage.FAILED: Status.FAILED,
+}
+
+
+def status_of(stage: Stage) -> Status:
+    """The public status a stage shows as."""
+    return _STATUS_OF_STAGE.get(stage, Status.PROCESSING)
+
+
+FINAL_STAGES = frozenset({Stage.DONE, Stage.FAILED})
+
+metadata = MetaData()
+
+jobs_table = Table(
+    "jobs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("path", Text, nullable=False, index=True),
+    Column("size", BigInteger, nullable=False),
+    Column("mtime_ns", BigInteger, nullable=False),
+    Column("inode", BigInteger, nullable=False),
+    Column("input_format", String(8)),
+    Column("sha256", String(64)),
+    Column("status", String(16), nullable=False, index=True),
+    Column("stage", String(16), nullable=False),
+    Column("engine", String(100), nullable=False),
+    Column("language", String(40), nullable=False),
+    Column("output_format", String(8), nullable=False),
+    Column("output", Text),
+    Column("remote_file_id", String(64)),
+    Column("remote_job_id", String(64)),
+    Column("output_file_id", String(64)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("submits", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float),
+    Column("error_code", String(64)),
+    Column("error_message", Text),
+    Column("created_at", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+    Column("finished_at", Float),
+)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of the jobs table."""
+
+    id: int
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    input_format: str | None
+    sha256: str | None
+    status: Status
+    stage: Stage
+    engine: str
+    language: str
+    output_format: str
+    output: str | None
+    remote_file_id: str | None
+    remote_job_id: str | None
+    output_file_id: str | None
+    attempts: int
+    submits: int
+    next_attempt_at: float | None
+    error_code: str | None
+    error_message: str | None
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> Job:
+        """Build a Job from a result row of ``jobs_table``."""
+        data = dict(row._mapping)
+        data["status"] = Status(data["status"])
+        data["stage"] = Stage(data["stage"])
+        return cls(**data)
+
+
+_JOB_FIELDS = frozenset(f.name for f in fields(Job))
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What intake knows about a stable input when it enters the queue."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    input_format: str | None
+    engine: str
+    language: str
+    output_format: str
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
+    # Durable commits (FULL), concurrent readers (WAL), waits instead of "database is locked".
+    dbapi_conn.isolation_level = None  # we issue BEGIN ourselves (see _sqlite_begin)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A deferred transaction that upgrades to a write fails at once with SQLITE_BUSY in
+    # WAL mode, whatever the busy timeout; BEGIN IMMEDIATE takes the write lock up front.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def make_engine(url: str) -> Engine:
+    """Create the SQLAlchemy engine, with SQLite's durability settings when it is SQLite."""
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+    return engine
+
+
+class Store:
+    """The jobs table and the queries the daemon and the CLI need."""
+
+    def __init__(self, url: str) -> None:
+        self.engine = make_engine(url)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        """Release every connection."""
+        self.engine.dispose()
+
+    def integrity_ok(self) -> bool:
+        """Run SQLite's quick check (always true on other databases)."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        with self.engine.connect() as conn:
+            return conn.execute(text("PRAGMA quick_check")).scalar() == "ok"
+
+    # -- intake --------------------------------------------------------------------
+
+    def fingerprints(self) -> dict[str, tuple[int, int]]:
+        """Latest (size, mtime_ns) per input path: what intake already knows."""
+        latest = (
+            select(func.max(jobs_table.c.id).label("id")).group_by(jobs_table.c.path).subquery()
+        )
+        query = select(jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns).join(
+            latest, jobs_table.c.id == latest.c.id
+        )
+        with self.engine.connect() as conn:
+            return {row.path: (row.size, row.mtime_ns) for row in conn.execute(query)}
+
+    def enqueue(self, new: NewJob, output: str, now: float) -> Job:
+        """Insert a queued job whose output name is ``output``."""
+        values = {**new.__dict__, "output": output}
+        return self._insert(values, Stage.PENDING, now)
+
+    def reject(self, new: NewJob, output: str, code: str, message: str, now: float) -> Job:
+        """Insert a job that failed before anything was sent (bad input)."""
+        values = {**new.__dict__, "output": output, "error_code": code, "error_message": message}
+        values["finished_at"] = now
+        return self._insert(values, Stage.FAILED, now)
+
+    def _insert(self, values: dict[str, Any], stage: Stage, now: float) -> Job:
+        row = {
+            **values,
+            "stage": stage.value,
+            "status": status_of(stage).value,
+            "attempts": 0,
+            "submits": 0,
+            "created_at": now,
+            "updated_at": now,
+        }
+        with self.engine.begin() as conn:
+            result = conn.execute(insert(jobs_table).values(**row).returning(jobs_table))
+            return Job.from_row(result.one())
+
+    def outputs_taken(self, candidates: Sequence[str], except_path: str) -> set[str]:
+        """Which of ``candidates`` another input's job already claims."""
+        query = select(jobs_table.c.output).where(
+            jobs_table.c.output.in_(list(candidates)), jobs_table.c.path != except_path
+        )
+        with self.engine.connect() as conn:
+            return {row.output for row in conn.execute(query)}
+
+    def outputs_of_path(self, path: str) -> set[str]:
+        """Output names that earlier jobs of the same input path claimed."""
+        query = select(jobs_table.c.output).where(
+            jobs_table.c.path == path, jobs_table.c.output.is_not(None)
+        )
+        with self.engine.connect() as conn:
+            return {row.output for row in conn.execute(query)}
+
+    # -- worker ----------------------------------------------------------------------
+
+    def runnable(self, now: float, limit: int, exclude: Iterable[int]) -> list[Job]:
+        """Unfinished jobs that are due, oldest first."""
+        query = (
+            select(jobs_table)
+            .where(
+                jobs_table.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value]),
+                or_(jobs_table.c.next_attempt_at.is_(None), jobs_table.c.next_attempt_at <= now),
+                jobs_table.c.id.not_in(list(exclude)),
+            )
+            .order_by(jobs_table.c.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [Job.from_row(r) for r in conn.execute(query)]
+
+    def next_due(self) -> float | None:
+        """The earliest ``next_attempt_at`` of a deferred unfinished job."""
+        query = select(func.min(jobs_table.c.next_attempt_at)).where(
+            jobs_table.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value])
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return float(value) if value is not None else None
+
+    def advance(self, job_id: int, stage: Stage, now: float, **changes: Any) -> Job:
+        """Move a job to ``stage`` and record ``changes`` (remote ids, errors...)."""
+        unknown = set(changes) - _JOB_FIELDS
+        if unknown:
+            raise ValueError(f"unknown job fields: {sorted(unknown)}")
+        values: dict[str, Any] = {
+            **changes,
+            "stage": stage.value,
+            "status": status_of(stage).value,
+            "updated_at": now,
+        }
+        if stage in FINAL_STAGES:
+            values.setdefault("finished_at", now)
+            values.setdefault("next_attempt_at", None)
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(jobs_table)
+                .where(jobs_table.c.id == job_id)
+                .values(**values)
+                .returning(jobs_table)
+            )
+            return Job.from_row(result.one())
+
+    def unfinished_count(self) -> int:
+        """How many jobs are queued or processing."""
+        query = select(func.count()).where(
+            jobs_table.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value])
+        )
+        with self.engine.connect() as conn:
+            return int(conn.execute(query).scalar() or 0)
+
+    # -- operator views ------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """Number of jobs per public status (every status present, zero included)."""
+        query = select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status)
+        counts = {status.value: 0 for status in Status}
+        with self.engine.connect() as conn:
+            for status, count in conn.execute(query):
+                counts[status] = int(count)
+        return counts
+
+    def jobs(self, status: Status | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first, optionally of one status."""
+        query = select(jobs_table).order_by(jobs_table.c.id.desc())
+        if status is not None:
+            query = query.where(jobs_table.c.status == status.value)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.connect() as conn:
+            return [Job.from_row(r) for r in conn.execute(query)]
+
+    def get(self, job_id: int) -> Job | None:
+        """One job by id."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
+        return Job.from_row(row) if row is not None else None
+
+    def latest_for_path(self, path: str) -> Job | None:
+        """The newest job for an input path."""
+        query = (
+            select(jobs_table)
+            .where(jobs_table.c.path == path)
+            .order_by(jobs_table.c.id.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return Job.from_row(row) if row is not None else None
+
+    def requeue(self, job_ids: Iterable[int], now: float) -> list[Job]:
+        """Put failed jobs back in the queue, resuming from what the hub still has."""
+        requeued: list[Job] = []
+        for job_id in job_ids:
+            job = self.get(job_id)
+            if job is None or job.status is not Status.FAILED:
+                continue
+            requeued.append(self._rearm(job, now))
+        return requeued
+
+    def _rearm(self, job: Job, now: float) -> Job:
+        # Start over from the input: the uploaded file may have expired at the hub, and
+        # uploads are not billed, conversions are.
+        return self.advance(
+            job.id,
+            Stage.PENDING,
+            now,
+            remote_file_id=None,
+            remote_job_id=None,
+            output_file_id=None,
+            attempts=0,
+            error_code=None,
+            error_message=None,
+            finished_at=None,
+            next_attempt_at=None,
+        )

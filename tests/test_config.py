@@ -1,0 +1,158 @@
+"""Configuration: TOML plus environment, strict keys, secrets and folder checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import check_folders, config_path, load_settings, resolve_api_key
+from daemon.errors import ConfigError
+from tests.conftest import write_config
+
+
+def base(folders: dict[str, Path]) -> dict[str, str]:
+    return {
+        "inbox": str(folders["inbox"]),
+        "outbox": str(folders["outbox"]),
+        "state_db": str(folders["state"] / "state.db"),
+    }
+
+
+def test_toml_loads_with_defaults(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A minimal file loads and the documented defaults apply."""
+    settings = load_settings(write_config(tmp_path / "c.toml", base(folders)))
+    assert settings.hub.engine == "ki/ocr"
+    assert settings.hub.output_format == "docx"
+    assert settings.on_success == "keep"
+    assert settings.max_in_flight >= 8
+    assert settings.database_url.startswith("sqlite:///")
+
+
+def test_env_overrides_file(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LDX_HOTFOLDER_* variables win over the file, nested with __."""
+    path = write_config(tmp_path / "c.toml", base(folders), {"output_format": "docx"})
+    monkeypatch.setenv("LDX_HOTFOLDER_HUB__OUTPUT_FORMAT", "xlsx")
+    monkeypatch.setenv("LDX_HOTFOLDER_MAX_IN_FLIGHT", "3")
+    settings = load_settings(path)
+    assert settings.hub.output_format == "xlsx"
+    assert settings.max_in_flight == 3
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A misspelt key is an error that names it."""
+    path = write_config(tmp_path / "c.toml", {**base(folders), "quiet_perod": 3})
+    with pytest.raises(ConfigError, match="quiet_perod: unknown key"):
+        load_settings(path)
+
+
+def test_unknown_hub_key_is_named(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """Unknown keys in [hub] are named with their table."""
+    path = write_config(tmp_path / "c.toml", base(folders), {"engin": "x"})
+    with pytest.raises(ConfigError, match=r"hub\.engin: unknown key"):
+        load_settings(path)
+
+
+def test_unknown_env_variable_is_named(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LDX_HOTFOLDER_ variable that is no setting is an error, not ignored."""
+    monkeypatch.setenv("LDX_HOTFOLDER_USE_POLING", "true")
+    with pytest.raises(ConfigError, match="LDX_HOTFOLDER_USE_POLING"):
+        load_settings(write_config(tmp_path / "c.toml", base(folders)))
+
+
+def test_invalid_value_lists_allowed(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A bad output format names the key and the allowed values."""
+    path = write_config(tmp_path / "c.toml", base(folders), {"output_format": "pdf"})
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert "hub.output_format" in info.value.message
+    assert "'docx', 'xlsx' or 'pptx'" in info.value.message
+
+
+def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    """An absent or malformed file gives a clear message."""
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("inbox = [\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad)
+
+
+def test_config_path_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """-c wins, then LDX_HOTFOLDER_CONFIG, then /etc."""
+    assert config_path(None, {}) == Path("/etc/ldx-hotfolder/config.toml")
+    assert config_path(None, {"LDX_HOTFOLDER_CONFIG": "/x.toml"}) == Path("/x.toml")
+    assert config_path("/y.toml", {"LDX_HOTFOLDER_CONFIG": "/x.toml"}) == Path("/y.toml")
+
+
+def test_state_db_defaults_to_state_directory(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd the database goes to $STATE_DIRECTORY."""
+    monkeypatch.setenv("STATE_DIRECTORY", str(folders["state"]))
+    top = {"inbox": str(folders["inbox"]), "outbox": str(folders["outbox"])}
+    settings = load_settings(write_config(tmp_path / "c.toml", top))
+    assert settings.database_url == f"sqlite:///{folders['state'] / 'state.db'}"
+
+
+def test_api_key_sources(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key comes from api_key, api_key_file or the systemd credential, in that order."""
+    cred_dir = tmp_path / "creds"
+    cred_dir.mkdir()
+    (cred_dir / "api-key").write_text("from-credential\n", encoding="utf-8")
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n", encoding="utf-8")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(cred_dir))
+    plain = load_settings(write_config(tmp_path / "a.toml", base(folders)))
+    assert resolve_api_key(plain.hub) == "from-credential"
+    with_file = load_settings(
+        write_config(tmp_path / "b.toml", base(folders), {"api_key_file": str(key_file)})
+    )
+    assert resolve_api_key(with_file.hub) == "from-file"
+    with_key = load_settings(write_config(tmp_path / "c.toml", base(folders), {"api_key": "k"}))
+    assert resolve_api_key(with_key.hub) == "k"
+
+
+def test_api_key_missing_or_empty(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """No key, or an empty key file, is a configuration error that says what to set."""
+    settings = load_settings(write_config(tmp_path / "a.toml", base(folders)))
+    with pytest.raises(ConfigError, match="no API key"):
+        resolve_api_key(settings.hub)
+    empty = tmp_path / "empty"
+    empty.write_text("\n", encoding="utf-8")
+    settings = load_settings(
+        write_config(tmp_path / "b.toml", base(folders), {"api_key_file": str(empty)})
+    )
+    with pytest.raises(ConfigError, match="is empty"):
+        resolve_api_key(settings.hub)
+
+
+def test_secret_not_in_repr(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """The key never shows in the settings' repr."""
+    path = write_config(tmp_path / "a.toml", base(folders), {"api_key": "CANARY-123"})
+    assert "CANARY-123" not in repr(load_settings(path))
+
+
+def test_folder_checks(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """Missing inbox and nested folders are reported."""
+    missing = {**base(folders), "inbox": str(tmp_path / "nope")}
+    problems = check_folders(load_settings(write_config(tmp_path / "a.toml", missing)))
+    assert any("does not exist" in p for p in problems)
+    nested = {**base(folders), "outbox": str(folders["inbox"] / "out")}
+    problems = check_folders(load_settings(write_config(tmp_path / "b.toml", nested)))
+    assert any("inside the inbox" in p for p in problems)
+    assert check_folders(load_settings(write_config(tmp_path / "c.toml", base(folders)))) == []
+
+
+def test_archive_requires_folder(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """on_success = archive without archive_dir is refused."""
+    path = write_config(tmp_path / "a.toml", {**base(folders), "on_success": "archive"})
+    with pytest.raises(ConfigError, match="archive_dir"):
+        load_settings(path)

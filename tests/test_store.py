@@ -1,0 +1,113 @@
+"""State store: rows, stages, statuses and the durability settings of SQLite."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from daemon.store import NewJob, Stage, Status, Store, status_of
+
+
+def new(path: str = "a/scan.pdf", size: int = 10, mtime_ns: int = 1) -> NewJob:
+    return NewJob(path, size, mtime_ns, 7, "pdf", "ki/ocr", "jpn", "docx")
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(f"sqlite:///{tmp_path / 'state.db'}")
+    yield s
+    s.close()
+
+
+def test_sqlite_runs_in_wal_with_full_sync(store: Store, tmp_path: Path) -> None:
+    """The database is in WAL mode and commits with synchronous=FULL."""
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2
+    assert store.integrity_ok()
+
+
+def test_enqueue_then_advance_through_stages(store: Store) -> None:
+    """Stages map to the four public statuses, and ids are kept."""
+    job = store.enqueue(new(), "a/scan.docx", now=1.0)
+    assert (job.status, job.stage) == (Status.QUEUED, Stage.PENDING)
+    job = store.advance(job.id, Stage.UPLOADED, 2.0, remote_file_id="f" * 32)
+    assert job.status is Status.PROCESSING
+    assert job.remote_file_id == "f" * 32
+    job = store.advance(job.id, Stage.DONE, 3.0)
+    assert job.status is Status.COMPLETED
+    assert job.finished_at == 3.0
+    assert store.counts() == {"queued": 0, "processing": 0, "completed": 1, "failed": 0}
+
+
+def test_status_of_every_stage() -> None:
+    """Only pending is queued; published and done are completed."""
+    assert status_of(Stage.PENDING) is Status.QUEUED
+    assert status_of(Stage.SUBMITTED) is Status.PROCESSING
+    assert status_of(Stage.PUBLISHED) is Status.COMPLETED
+    assert status_of(Stage.FAILED) is Status.FAILED
+
+
+def test_advance_rejects_unknown_fields(store: Store) -> None:
+    """A typo in a field name fails loudly instead of being dropped."""
+    job = store.enqueue(new(), "a/scan.docx", now=1.0)
+    with pytest.raises(ValueError, match="remote_jb_id"):
+        store.advance(job.id, Stage.UPLOADED, 2.0, remote_jb_id="x")
+
+
+def test_runnable_respects_due_time_and_exclusions(store: Store) -> None:
+    """Deferred jobs wait for next_attempt_at; running jobs are excluded."""
+    a = store.enqueue(new("a.pdf"), "a.docx", 1.0)
+    b = store.enqueue(new("b.pdf"), "b.docx", 1.0)
+    store.advance(b.id, Stage.PENDING, 1.0, next_attempt_at=50.0)
+    assert [j.id for j in store.runnable(10.0, 10, [])] == [a.id]
+    assert [j.id for j in store.runnable(10.0, 10, [a.id])] == []
+    assert [j.id for j in store.runnable(60.0, 10, [])] == [a.id, b.id]
+    assert store.next_due() == 50.0
+
+
+def test_fingerprints_are_latest_per_path(store: Store) -> None:
+    """Intake knows the newest version of each path."""
+    store.enqueue(new("a.pdf", size=1, mtime_ns=1), "a.docx", 1.0)
+    store.enqueue(new("a.pdf", size=2, mtime_ns=2), "a.docx", 2.0)
+    store.reject(new("b.txt"), "b.docx", "unsupported_type", "no", 3.0)
+    assert store.fingerprints() == {"a.pdf": (2, 2), "b.txt": (10, 1)}
+
+
+def test_outputs_taken_ignores_same_path(store: Store) -> None:
+    """A claim by another input blocks a name; one's own earlier claim does not."""
+    store.enqueue(new("scan.pdf"), "scan.docx", 1.0)
+    assert store.outputs_taken(["scan.docx", "scan.png.docx"], "scan.png") == {"scan.docx"}
+    assert store.outputs_taken(["scan.docx"], "scan.pdf") == set()
+    assert store.outputs_of_path("scan.pdf") == {"scan.docx"}
+
+
+def test_requeue_only_failed_and_resets(store: Store) -> None:
+    """retry re-arms failed jobs from the start and leaves others alone."""
+    ok = store.enqueue(new("ok.pdf"), "ok.docx", 1.0)
+    bad = store.enqueue(new("bad.pdf"), "bad.docx", 1.0)
+    store.advance(bad.id, Stage.FAILED, 2.0, remote_file_id="x", error_code="e", error_message="m")
+    again = store.requeue([ok.id, bad.id], 3.0)
+    assert [j.id for j in again] == [bad.id]
+    assert again[0].stage is Stage.PENDING
+    assert again[0].error_code is None
+    assert again[0].remote_file_id is None
+
+
+def test_writes_wait_for_another_writer(store: Store, tmp_path: Path) -> None:
+    """A write that meets another process's write lock waits instead of failing."""
+    other = sqlite3.connect(
+        tmp_path / "state.db", timeout=5, isolation_level=None, check_same_thread=False
+    )
+    other.execute("BEGIN IMMEDIATE")
+
+    releaser = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    releaser.start()
+    job = store.enqueue(new(), "a/scan.docx", 1.0)  # blocks until the other commits
+    releaser.join()
+    other.close()
+    assert job.id == 1

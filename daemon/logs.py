@@ -39,18 +39,17 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     """Configure structlog and the standard library's loggers."""
     out = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
-    renderer: Processor
+    renderers: list[Processor]
     if use_json:
         tracebacks = structlog.processors.ExceptionRenderer(
             structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
         )
-        renderer_chain: list[Processor] = [tracebacks, structlog.processors.JSONRenderer()]
+        renderers = [tracebacks, structlog.processors.JSONRenderer(ensure_ascii=False)]
     else:
-        renderer_chain = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
-    renderer = renderer_chain[-1]
+        renderers = [structlog.dev.ConsoleRenderer(colors=out.isatty())]
     numeric = _LEVELS.get(level, logging.INFO)
     structlog.configure(
-        processors=[*shared_processors(), *renderer_chain[:-1], renderer],
+        processors=[*shared_processors(), *renderers],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
@@ -68,7 +67,6 @@ def _quiet_libraries(level: int, out: TextIO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def get_logger(**context: Any) -> structlog.stdlib.BoundLogger:
-    """A logger with ``context`` bound."""
-    logger: structlog.stdlib.BoundLogger = structlog.get_logger().bind(**context)
-    return logger
+def get_logger(**context: Any) -> Any:
+    """A logger with ``context`` bound, following the configuration made later at start-up."""
+    return structlog.get_logger(**context)

@@ -25,7 +25,7 @@ from daemon.watcher import Watcher
 from daemon.worker import Pipeline
 
 log = get_logger(component="service")
-STOP_GRACE_SECONDS = 20.0
+STOP_GRACE_SECONDS = 10.0  # uploads and downloads in progress get this long to finish
 
 
 @dataclass

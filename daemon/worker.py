@@ -75,6 +75,7 @@ class Pipeline:
         self.rng = rng or random.Random()
         self.active: dict[int, asyncio.Task[None]] = {}
         self.paused: str | None = None
+        self.polling: set[int] = set()  # jobs only waiting on the hub: safe to cancel at once
         self._wake = asyncio.Event()
         self._steps: dict[Stage, Step] = {
             Stage.PENDING: self._upload,
@@ -132,6 +133,8 @@ class Pipeline:
 
         Cancelling is safe: every step is redone from the table on the next start.
         """
+        for job_id in self.polling & set(self.active):
+            self.active[job_id].cancel()
         if not self.active:
             return
         _, pending = await asyncio.wait(list(self.active.values()), timeout=grace)
@@ -295,11 +298,14 @@ class Pipeline:
 
     async def _await_remote(self, job: Job) -> Job:
         assert job.remote_job_id is not None
+        self.polling.add(job.id)
         try:
             remote = await self._poll_until_final(job.remote_job_id)
         except RemoteNotFound:
             # The hub forgot the job (expired): convert again from the input.
             return await self._advance(job, Stage.PENDING, remote_job_id=None)
+        finally:
+            self.polling.discard(job.id)
         if remote.status == "failed":
             error = remote.error
             code = error.code if error else "remote_failed"

@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from daemon.emulator.hub import DEFAULT_API_KEY
+from daemon.emulator.hub import HubSettings as EmulatorSettings
+from daemon.emulator.server import EmulatorServer
+
 _SYSTEMD_VARS = ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY")
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests never see the developer's LDX_HOTFOLDER_* or systemd variables."""
     for name in list(os.environ):
-        if name.startswith("LDX_HOTFOLDER_") or name in (
-            "CREDENTIALS_DIRECTORY",
-            "STATE_DIRECTORY",
-        ):
+        if name.startswith("LDX_HOTFOLDER_") or name in _SYSTEMD_VARS:
             monkeypatch.delenv(name)
-    yield
 
 
 def toml_value(value: Any) -> str:
@@ -51,3 +52,34 @@ def folders(tmp_path: Path) -> dict[str, Path]:
     for folder in made.values():
         folder.mkdir()
     return made
+
+
+@pytest.fixture
+def emulator() -> Iterator[EmulatorServer]:
+    """A real emulator on a free loopback port, processing each job in 0.2 s."""
+    with EmulatorServer(EmulatorSettings(processing_time=0.2, seed=11)) as server:
+        yield server
+
+
+def daemon_config(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    base_url: str,
+    *,
+    key: str = DEFAULT_API_KEY,
+    hub: dict[str, Any] | None = None,
+    **top: Any,
+) -> Path:
+    """A config.toml for the daemon against ``base_url``, with a key file."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text(key + "\n", encoding="utf-8")
+    settings: dict[str, Any] = {
+        "inbox": str(folders["inbox"]),
+        "outbox": str(folders["outbox"]),
+        "state_db": str(folders["state"] / "state.db"),
+        "quiet_period": 0.3,
+        "log_format": "json",
+        **top,
+    }
+    hub_settings = {"base_url": base_url, "api_key_file": str(key_file), "poll_interval": 1.0}
+    return write_config(tmp_path / "config.toml", settings, {**hub_settings, **(hub or {})})

@@ -1,0 +1,93 @@
+"""Test helpers: waiting on conditions with a deadline, and running the daemon for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T], timeout: float = 30.0, what: str = "a condition"
+) -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def cli(config: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m daemon ARGS -c CONFIG`` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", *args, "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_env(),
+        check=False,
+    )
+
+
+def jobs_json(config: Path) -> list[dict[str, Any]]:
+    """``jobs --json`` parsed."""
+    result = cli(config, "jobs", "--json")
+    assert result.returncode == 0, result.stderr
+    parsed: list[dict[str, Any]] = json.loads(result.stdout)
+    return parsed
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LDX_HOTFOLDER_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Daemon:
+    """``ldx-hotfolder run`` as a real subprocess, with its log in a file."""
+
+    def __init__(self, config: Path, log_path: Path) -> None:
+        self.config = config
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Daemon:
+        """Start the daemon."""
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "run", "-c", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+        log.close()
+        return self
+
+    def log(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL, as a power cut or the OOM killer would."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; return the exit code."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)

@@ -273,8 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add(sub, common, "run", cmd_run, "run the daemon in the foreground")
-    _add(sub, common, "once", cmd_once, "process what is in the inbox now, then exit "
-         "(0: all completed, 1: some failed, 2: configuration error)")
+    _add(
+        sub,
+        common,
+        "once",
+        cmd_once,
+        "process what is in the inbox now, then exit "
+        "(0: all completed, 1: some failed, 2: configuration error)",
+    )
     status = _add(sub, common, "status", cmd_status, "counts per status and recent failures")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--failures", type=int, default=5, help="failures to list (default 5)")
@@ -283,21 +289,32 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=None, help="at most this many jobs")
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
     retry = _add(sub, common, "retry", cmd_retry, "put failed jobs back in the queue")
-    retry.add_argument("targets", nargs="*", metavar="JOB_OR_PATH",
-                       help="job id or input path (relative to the inbox)")
+    retry.add_argument(
+        "targets",
+        nargs="*",
+        metavar="JOB_OR_PATH",
+        help="job id or input path (relative to the inbox)",
+    )
     retry.add_argument("--failed", action="store_true", help="every failed job")
-    engines = _add(sub, common, "engines", cmd_engines,
-                   "the engines, languages and conversions the hub offers")
+    engines = _add(
+        sub, common, "engines", cmd_engines, "the engines, languages and conversions the hub offers"
+    )
     engines.add_argument("--base-url", help="ask this hub instead of the configured one")
     engines.add_argument("--json", action="store_true", help="print JSON")
-    _add(sub, common, "check", cmd_check,
-         "validate configuration, folders and the API key, and say what is wrong")
+    _add(
+        sub,
+        common,
+        "check",
+        cmd_check,
+        "validate configuration, folders and the API key, and say what is wrong",
+    )
     emulator = _add(sub, common, "emulator", cmd_emulator, "serve the LDX hub emulator")
     from daemon.emulator import cli as emulator_cli
 
     emulator_cli.configure_parser(emulator)
-    demo = _add(sub, common, "demo", cmd_demo,
-                "run emulator and daemon on sample scans and show the result")
+    demo = _add(
+        sub, common, "demo", cmd_demo, "run emulator and daemon on sample scans and show the result"
+    )
     demo.add_argument("--keep", metavar="DIR", help="leave the demo folders in DIR")
     return parser
 

@@ -35,9 +35,22 @@ def shared_processors() -> list[Processor]:
     ]
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the moment (test runners swap it)."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) -> None:
     """Configure structlog and the standard library's loggers."""
-    out = stream or sys.stderr
+    out: Any = stream or _CurrentStderr()
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
     renderers: list[Processor]
     if use_json:
@@ -57,7 +70,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     _quiet_libraries(numeric, out)
 
 
-def _quiet_libraries(level: int, out: TextIO) -> None:
+def _quiet_libraries(level: int, out: Any) -> None:
     handler = logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()

@@ -67,6 +67,7 @@ class Service:
         self.settings = settings
         self.once = once
         self.stop = asyncio.Event()
+        self.ready = asyncio.Event()  # set once the watcher runs and the start-up scan is done
         store = Store(settings.database_url)
         if not store.integrity_ok():
             raise ConfigError(f"the state database {settings.state_db} failed its integrity check")
@@ -115,6 +116,7 @@ class Service:
             self.watcher.start(loop)
         found = await self.intake.scan()
         log.info("start-up scan done", new_files=found, known=len(self.intake.known))
+        self.ready.set()
         tasks = [
             asyncio.create_task(self.intake.run(self.stop), name="intake"),
             asyncio.create_task(self.pipeline.run(self.stop), name="pipeline"),
@@ -162,4 +164,3 @@ async def run_service(settings: Settings, *, once: bool) -> Outcome | None:
     key = prepare(settings)
     service = Service(settings, key, once=once)
     return await service.run()
-

@@ -273,9 +273,11 @@ class Pipeline:
         return info.file_id, digest
 
     async def _submit(self, job: Job) -> Job:
-        assert job.remote_file_id is not None
+        file_id = job.remote_file_id
+        if file_id is None:  # only a hand-edited row gets here: start the job over
+            return await self._advance(job, Stage.PENDING)
         if job.stage is Stage.SUBMITTING:
-            adopted = await self._find_remote_job(job.remote_file_id)
+            adopted = await self._find_remote_job(file_id)
             if adopted is not None:
                 return await self._advance(job, Stage.SUBMITTED, remote_job_id=adopted.job_id)
         if job.submits >= MAX_SUBMITS:
@@ -284,9 +286,7 @@ class Pipeline:
                 code=job.error_code or "too_many_submits",
             )
         job = await self._advance(job, Stage.SUBMITTING, submits=job.submits + 1)
-        remote = await self.client.create_job(
-            job.remote_file_id, job.engine, job.language, job.output_format
-        )
+        remote = await self.client.create_job(file_id, job.engine, job.language, job.output_format)
         return await self._advance(job, Stage.SUBMITTED, remote_job_id=remote.job_id, attempts=0)
 
     async def _find_remote_job(self, file_id: str) -> RemoteJob | None:
@@ -297,7 +297,8 @@ class Pipeline:
         return None
 
     async def _await_remote(self, job: Job) -> Job:
-        assert job.remote_job_id is not None
+        if job.remote_job_id is None:  # only a hand-edited row gets here
+            return await self._advance(job, Stage.UPLOADED)
         self.polling.add(job.id)
         try:
             remote = await self._poll_until_final(job.remote_job_id)
@@ -332,8 +333,8 @@ class Pipeline:
                 await asyncio.sleep(pause)
 
     async def _download(self, job: Job) -> Job:
-        assert job.output_file_id is not None
-        assert job.output is not None
+        if job.output_file_id is None or job.output is None:  # only a hand-edited row
+            return await self._advance(job, Stage.PENDING)
         final = self.outbox / job.output
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = outbox.temp_path_for(final, job.id)
@@ -358,8 +359,7 @@ class Pipeline:
         if policy == "delete":
             expected = Signature(job.size, job.mtime_ns, job.inode)
             await asyncio.to_thread(outbox.delete_input, self.inbox, job.path, expected)
-        elif policy == "archive":
-            assert self.settings.archive_dir is not None
+        elif policy == "archive" and self.settings.archive_dir is not None:
             archive = self.settings.archive_dir.absolute()
             await asyncio.to_thread(outbox.archive_input, self.inbox, archive, job.path)
         return await self._advance(job, Stage.DONE)

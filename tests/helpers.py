@@ -15,9 +15,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 
-def wait_for(
-    predicate: Callable[[], T], timeout: float = 30.0, what: str = "a condition"
-) -> T:
+def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "a condition") -> T:
     """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:

@@ -87,9 +87,7 @@ def test_once_with_broken_file_fails_only_it(
     assert len(emulator.hub.ledger()["uploads"]) == 6
 
 
-def test_kill_while_in_flight_does_not_pay_twice(
-    tmp_path: Path, folders: dict[str, Path]
-) -> None:
+def test_kill_while_in_flight_does_not_pay_twice(tmp_path: Path, folders: dict[str, Path]) -> None:
     """SIGKILL with jobs at the hub, then restart: no committed job is uploaded again."""
     settings = EmulatorSettings(processing_time=3.0, seed=5)
     with EmulatorServer(settings) as hub:
@@ -113,8 +111,10 @@ def test_kill_while_in_flight_does_not_pay_twice(
         daemon = Daemon(config, tmp_path / "daemon.log").start()
         try:
             wait_for(
-                lambda: all(j["status"] == "completed" for j in jobs_json(config))
-                and len(jobs_json(config)) == 12,
+                lambda: (
+                    all(j["status"] == "completed" for j in jobs_json(config))
+                    and len(jobs_json(config)) == 12
+                ),
                 60,
                 "all jobs to complete after the restart",
             )
@@ -127,7 +127,7 @@ def test_kill_while_in_flight_does_not_pay_twice(
         assert sorted(p.relative_to(folders["outbox"]).as_posix() for p in outputs) == sorted(
             mirrored(rel) for rel in dropped
         )
-        assert not [p for p in folders["outbox"].rglob(".*")]
+        assert not list(folders["outbox"].rglob(".*"))
 
 
 def test_wrong_key_pauses_then_resumes(tmp_path: Path, folders: dict[str, Path]) -> None:

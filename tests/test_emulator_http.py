@@ -520,8 +520,9 @@ async def test_long_poll_wakes_on_clock_advance_and_waits_at_least_a_second(
         started = anyio.current_time()
         async with anyio.create_task_group() as group:
             group.start_soon(poll)
-            while slow_hub.ledger()["requests"]["GET /renderocr/jobs/{job_id}"] < 4:
-                await anyio.sleep(0.01)  # until the poll has arrived
+            with anyio.fail_after(5):  # wait for the poll to arrive
+                while slow_hub.ledger()["requests"]["GET /renderocr/jobs/{job_id}"] < 4:
+                    await anyio.sleep(0.01)
             slow_hub.clock.advance(3600)
         assert statuses == ["completed"]
         assert anyio.current_time() - started < 3

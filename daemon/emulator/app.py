@@ -109,7 +109,7 @@ def parse_wait(value: str | None) -> float:
         seconds = float(value) if value is not None else 0.0
     except ValueError:
         return 0.0
-    if not seconds > 0 or math.isnan(seconds):
+    if not seconds > 0:  # also NaN
         return 0.0
     return min(max(seconds, 1.0), MAX_WAIT_SECONDS)
 
@@ -310,12 +310,13 @@ class _Api:
         declared = _content_length(request)
         if declared is not None and declared > limit + _MULTIPART_OVERHEAD:
             await _drain(request)
-            raise PayloadTooLarge("file_too_large", f"The file exceeds {limit} bytes.")
-        boundary = _boundary(request.headers.get("content-type"))
-        if boundary is None:
-            message = "Send the file as multipart/form-data in a part named 'file'."
-            raise InvalidRequest("invalid_request", message)
+            message = f"The file exceeds the maximum upload size of {limit} bytes."
+            raise PayloadTooLarge("file_too_large", message)
         try:
+            boundary = _boundary(request.headers.get("content-type"))
+            if boundary is None:
+                message = "Send the file as multipart/form-data in a part named 'file'."
+                raise InvalidRequest("invalid_request", message)
             with self.hub.receive_file() as incoming:
                 form = _MultipartFile(boundary, incoming)
                 await _feed(request, form)

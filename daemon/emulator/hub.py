@@ -626,7 +626,7 @@ class IncomingFile:
         self._digest.update(data)
         self.size += len(data)
         if len(self._head) < SNIFF_BYTES:
-            self._head = (self._head + data)[:SNIFF_BYTES]
+            self._head = (self._head + data[:SNIFF_BYTES])[:SNIFF_BYTES]
 
     def commit(self, filename: str, content_type: str | None) -> FileInfo:
         """Close the file and add it to the store under ``filename``."""

@@ -1,0 +1,140 @@
+"""The pipeline in-process against a real emulator: layout rules, inputs, live watching."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from daemon.config import load_settings
+from daemon.emulator.server import EmulatorServer
+from daemon.service import Outcome, Service, prepare, run_service
+from daemon.store import Status, Store
+from tests.conftest import daemon_config
+from tests.scans import make_scan
+
+
+def once(config: Path) -> Outcome:
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    return outcome
+
+
+def test_same_stem_inputs_get_separate_outputs(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """scan.pdf and scan.png never share an output; the rule is by queue order."""
+    (folders["inbox"] / "scan.pdf").write_bytes(make_scan("pdf", 1))
+    (folders["inbox"] / "scan.png").write_bytes(make_scan("png", 2))
+    outcome = once(daemon_config(tmp_path, folders, emulator.url))
+    assert outcome.exit_code == 0
+    names = sorted(p.name for p in folders["outbox"].iterdir())
+    assert names in (["scan.docx", "scan.png.docx"], ["scan.docx", "scan.pdf.docx"])
+
+
+def test_existing_foreign_file_is_not_overwritten(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A file a person put in the outbox under the output name is left alone."""
+    (folders["inbox"] / "memo.pdf").write_bytes(make_scan("pdf", 3))
+    (folders["outbox"] / "memo.docx").write_text("mine", encoding="utf-8")
+    assert once(daemon_config(tmp_path, folders, emulator.url)).exit_code == 0
+    assert (folders["outbox"] / "memo.docx").read_text(encoding="utf-8") == "mine"
+    assert (folders["outbox"] / "memo.pdf.docx").stat().st_size > 0
+
+
+def test_kept_inputs_are_not_converted_again(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A second run over kept inputs converts nothing; a changed file converts again."""
+    scan = folders["inbox"] / "a.tif"
+    scan.write_bytes(make_scan("tiff", 4))
+    config = daemon_config(tmp_path, folders, emulator.url)
+    assert once(config).exit_code == 0
+    assert once(config).exit_code == 0
+    assert len(emulator.hub.ledger()["jobs"]) == 1
+    scan.write_bytes(make_scan("tiff", 5, pages=2))
+    assert once(config).exit_code == 0
+    assert len(emulator.hub.ledger()["jobs"]) == 2
+
+
+def test_on_success_delete_and_archive(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """delete removes the converted input; archive moves it mirroring its path."""
+    (folders["inbox"] / "x").mkdir()
+    (folders["inbox"] / "x" / "d.jpg").write_bytes(make_scan("jpeg", 6))
+    assert once(daemon_config(tmp_path, folders, emulator.url, on_success="delete")).exit_code == 0
+    assert not (folders["inbox"] / "x" / "d.jpg").exists()
+    (folders["inbox"] / "x" / "e.bmp").write_bytes(make_scan("bmp", 7))
+    archive = tmp_path / "archive"
+    config = daemon_config(
+        tmp_path, folders, emulator.url, on_success="archive", archive_dir=str(archive)
+    )
+    assert once(config).exit_code == 0
+    assert (archive / "x" / "e.bmp").read_bytes() == make_scan("bmp", 7)
+    assert (folders["outbox"] / "x" / "e.docx").exists()
+
+
+def test_junk_and_partial_names_are_never_uploaded(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """Dotfiles, partial downloads and NAS folders stay out of the pipeline."""
+    inbox = folders["inbox"]
+    for rel in (
+        ".DS_Store",
+        "._scan.pdf",
+        "Thumbs.db",
+        "scan.pdf.part",
+        "x.tmp",
+        "@eaDir/scan.pdf",
+        "#recycle/old.pdf",
+        "~$draft.pdf",
+    ):
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(make_scan("pdf", 8))
+    (inbox / "real.pdf").write_bytes(make_scan("pdf", 9))
+    assert once(daemon_config(tmp_path, folders, emulator.url)).completed == ["real.pdf"]
+    assert [u["filename"] for u in emulator.hub.ledger()["uploads"]] == ["real.pdf"]
+
+
+def test_symlink_in_inbox_is_not_followed(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A symlink to a file outside the inbox never sends that file's bytes."""
+    secret = tmp_path / "secret.pdf"
+    secret.write_bytes(make_scan("pdf", 10) + b"% SECRET-MARKER\n")
+    (folders["inbox"] / "link.pdf").symlink_to(secret)
+    outcome = once(daemon_config(tmp_path, folders, emulator.url))
+    assert outcome.completed == []
+    assert emulator.hub.ledger()["uploads"] == []
+
+
+def test_running_daemon_picks_up_new_files_promptly(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """With run, a file dropped later is converted long before the rescan interval."""
+    config = daemon_config(tmp_path, folders, emulator.url, rescan_interval=3600.0)
+    settings = load_settings(config)
+
+    async def scenario() -> float:
+        service = Service(settings, prepare(settings), once=False)
+        runner = asyncio.create_task(service.run())
+        await asyncio.wait_for(service.ready.wait(), 10)  # the drop below must be an event
+        dropped = time.monotonic()
+        (folders["inbox"] / "late").mkdir()
+        (folders["inbox"] / "late" / "n.png").write_bytes(make_scan("png", 12))
+        target = folders["outbox"] / "late" / "n.docx"
+        deadline = dropped + 20
+        while not target.exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        service.request_stop()
+        await runner
+        return time.monotonic() - dropped
+
+    elapsed = asyncio.run(scenario())
+    assert (folders["outbox"] / "late" / "n.docx").exists()
+    assert elapsed < 20
+    store = Store(settings.database_url)
+    assert [j.status for j in store.jobs()] == [Status.COMPLETED]
+    store.close()

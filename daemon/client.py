@@ -9,11 +9,15 @@ The transport is injectable, so tests run the same code against the emulator in-
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import io
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, BinaryIO
 from urllib.parse import quote
@@ -32,6 +36,9 @@ from daemon.errors import (
 
 USER_AGENT = "ldx-hotfolder"
 CHUNK = 256 * 1024
+# Names the job a request belongs to, for the hub's logs and the emulator's ledger.
+TRACE_HEADER = "X-Ldx-Hotfolder-Job"
+current_job: ContextVar[int | None] = ContextVar("ldx_hotfolder_job", default=None)
 
 
 class _Model(BaseModel):
@@ -159,6 +166,10 @@ async def _translate(what: str) -> AsyncIterator[None]:
     """Turn httpx's and pydantic's exceptions into the project's tree."""
     try:
         yield
+    except TimeoutError as exc:
+        # Our own wall-clock deadline: httpx's timeouts are per read, and a server that
+        # trickles bytes would otherwise hold a request forever.
+        raise HubUnavailable(f"{what}: no answer within its deadline", code="deadline") from exc
     except httpx.TimeoutException as exc:
         raise HubUnavailable(f"{what}: timed out ({type(exc).__name__})", code="timeout") from exc
     except httpx.TransportError as exc:
@@ -177,10 +188,14 @@ class HubClient:
         api_key: str,
         *,
         timeout: float = 60.0,
+        deadline: float = 120.0,
+        min_transfer_rate: float = 50_000.0,
         max_connections: int = 64,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self._api_key = api_key
+        self._deadline = deadline
+        self._min_rate = min_transfer_rate
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
@@ -206,13 +221,28 @@ class HubClient:
         await self.aclose()
 
     def _auth(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._api_key}"}
+        headers = {"Authorization": f"Bearer {self._api_key}"}
+        job = current_job.get()
+        if job is not None:
+            headers[TRACE_HEADER] = str(job)
+        return headers
+
+    def transfer_deadline(self, size: int) -> float:
+        """Seconds a whole transfer of ``size`` bytes may take."""
+        return self._deadline + size / self._min_rate
 
     async def _json(
-        self, method: str, url: str, what: str, *, auth: bool = True, **kwargs: Any
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        auth: bool = True,
+        extra_time: float = 0.0,
+        **kwargs: Any,
     ) -> Any:
         headers = self._auth() if auth else {}
-        async with _translate(what):
+        async with _translate(what), asyncio.timeout(self._deadline + extra_time):
             response = await self._http.request(method, url, headers=headers, **kwargs)
             if not response.is_success:
                 raise _status_error(response, what)
@@ -233,7 +263,9 @@ class HubClient:
     async def upload(self, stream: BinaryIO, filename: str, content_type: str) -> FileInfo:
         """``POST /files`` with the multipart field ``file``; streamed from ``stream``."""
         files = {"file": (filename, stream, content_type)}
-        body = await self._json("POST", "/files", "upload", files=files)
+        size = _stream_size(stream)
+        extra = self.transfer_deadline(size) - self._deadline
+        body = await self._json("POST", "/files", "upload", files=files, extra_time=extra)
         async with _translate("upload"):
             return FileInfo(**body)
 
@@ -255,7 +287,7 @@ class HubClient:
         """``GET /renderocr/jobs/{id}``, long-polling up to ``wait`` seconds when > 0."""
         params = {"wait": wait} if wait > 0 else None
         body = await self._json(
-            "GET", f"/renderocr/jobs/{_quote(job_id)}", "poll job", params=params
+            "GET", f"/renderocr/jobs/{_quote(job_id)}", "poll job", params=params, extra_time=wait
         )
         async with _translate("poll job"):
             return RemoteJob(**body)
@@ -273,12 +305,19 @@ class HubClient:
         """
         what = "download"
         url = f"/files/{_quote(file_id)}/content"
-        async with _translate(what), self._http.stream("GET", url, headers=self._auth()) as resp:
+        async with (
+            _translate(what),
+            asyncio.timeout(self._deadline) as deadline,
+            self._http.stream("GET", url, headers=self._auth()) as resp,
+        ):
             if not resp.is_success:
                 await resp.aread()
                 raise _status_error(resp, what)
-            written = await _save(resp, dest)
             expected = resp.headers.get("content-length")
+            if expected is not None and expected.isdigit():
+                loop = asyncio.get_running_loop()
+                deadline.reschedule(loop.time() + self.transfer_deadline(int(expected)))
+            written = await _save(resp, dest)
             if expected is not None and int(expected) != written:
                 raise HubUnavailable(
                     f"download: got {written} of {expected} bytes", code="short_download"
@@ -294,6 +333,16 @@ async def _save(response: httpx.Response, dest: Path) -> int:
             written += len(chunk)
         fh.flush()
     return written
+
+
+def _stream_size(stream: BinaryIO) -> int:
+    try:
+        return os.fstat(stream.fileno()).st_size
+    except (OSError, io.UnsupportedOperation):
+        position = stream.tell()
+        size = stream.seek(0, io.SEEK_END)
+        stream.seek(position)
+        return size
 
 
 def _quote(segment: str) -> str:

@@ -43,6 +43,8 @@ class HubSettings(BaseModel):
     language: str = "jpn"
     output_format: OutputFormat = "docx"
     timeout: float = Field(default=60.0, gt=0, description="seconds without progress on a request")
+    deadline: float = Field(default=120.0, gt=0, description="seconds one request may take")
+    min_transfer_rate: float = Field(default=50_000.0, gt=0, description="bytes/s of a transfer")
     poll_wait: int = Field(default=10, ge=0, le=10, description="long-poll seconds per request")
     poll_interval: float = Field(default=2.0, ge=1.0, le=5.0, description="seconds between polls")
 
@@ -74,6 +76,9 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=16, ge=1, le=1000)
     max_attempts: int = Field(default=8, ge=1, description="transient retries of one step")
     ignore: tuple[str, ...] = ()
+    auto_retry_after: float = Field(default=1800.0, ge=0, description="0 turns it off")
+    auto_retry_limit: int = Field(default=3, ge=0)
+    min_free_space_mb: float = Field(default=100.0, ge=0)
     auth_recheck_interval: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -185,6 +190,11 @@ def _describe_validation(exc: ValidationError, path: Path | None) -> str:
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {err['msg']}{shown}")
     return "\n".join(lines)
+
+
+def failpoint_spec() -> str | None:
+    """The crash-test failpoints armed through ``LDX_HOTFOLDER_FAILPOINT`` (tests only)."""
+    return os.environ.get("LDX_HOTFOLDER_FAILPOINT") or None
 
 
 def resolve_api_key(hub: HubSettings, environ: Mapping[str, str] | None = None) -> str:

@@ -82,6 +82,7 @@ class Intake:
         self.known: dict[str, tuple[int, int]] = {}
         self.present: set[str] = set()
         self._on_enqueued = on_enqueued
+        self.paused = False
         self._warned: set[str] = set()
 
     async def load_known(self) -> None:
@@ -137,6 +138,8 @@ class Intake:
 
     async def tick(self) -> None:
         """Re-examine every candidate; queue those that became stable."""
+        if self.paused:  # disk nearly full: keep watching, take nothing
+            return
         now = self.clock()
         for rel in list(self.sightings):
             try:

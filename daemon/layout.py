@@ -17,6 +17,7 @@ from pathlib import PurePosixPath
 
 NAME_MAX_BYTES = 255
 ERROR_SUFFIX = ".error.txt"
+TEMP_MARKER = ".ldx-part-"
 
 
 def output_candidates(rel_input: str, output_format: str) -> Iterator[str]:
@@ -52,4 +53,4 @@ def fit_name(stem: str, suffix: str, limit: int = NAME_MAX_BYTES) -> str:
 
 def temp_name(final_name: str, job_id: int) -> str:
     """A hidden temporary name beside ``final_name``; never taken for a final output."""
-    return fit_name(f".{final_name}", f".ldx-part-{job_id}")
+    return fit_name(f".{final_name}", f"{TEMP_MARKER}{job_id}")

@@ -14,9 +14,11 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon import failpoints, reconcile
 from daemon.client import HubClient
-from daemon.config import Settings, check_folders, resolve_api_key
+from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_key
 from daemon.db import Db
+from daemon.diskspace import DiskMonitor
 from daemon.errors import ConfigError
 from daemon.intake import Intake
 from daemon.logs import get_logger
@@ -77,13 +79,27 @@ class Service:
             hub.base_url,
             api_key,
             timeout=hub.timeout + hub.poll_wait,
+            deadline=hub.deadline,
+            min_transfer_rate=hub.min_transfer_rate,
             max_connections=settings.max_in_flight + 8,
         )
         self.pipeline = Pipeline(
             settings, self.db, self.client, key_source=lambda: resolve_api_key(settings.hub)
         )
         self.intake = Intake(settings, self.db, self.pipeline.wake, reject_empty=once)
+        self.disk = DiskMonitor(
+            [settings.outbox.absolute(), _state_folder(settings)],
+            settings.min_free_space_mb,
+            self._disk_changed,
+        )
+        self.pipeline.on_disk_full = self.disk.check_now
         self.watcher: Watcher | None = None
+
+    def _disk_changed(self, low: bool) -> None:
+        self.pipeline.disk_low = low
+        self.intake.paused = low
+        if not low:
+            self.pipeline.wake()
 
     def request_stop(self) -> None:
         """Signal handler body: only set the flag."""
@@ -110,6 +126,8 @@ class Service:
             await self._close()
 
     async def _run(self, loop: asyncio.AbstractEventLoop) -> Outcome | None:
+        await asyncio.to_thread(reconcile.sweep, self.settings.outbox.absolute())
+        self.disk.check()
         await self.intake.load_known()
         if not self.once:
             self.watcher = Watcher(self.settings.inbox.absolute(), self.intake.hint)
@@ -120,6 +138,7 @@ class Service:
         tasks = [
             asyncio.create_task(self.intake.run(self.stop), name="intake"),
             asyncio.create_task(self.pipeline.run(self.stop), name="pipeline"),
+            asyncio.create_task(self.disk.run(self.stop), name="diskspace"),
         ]
         if self.once:
             tasks.append(asyncio.create_task(self._stop_when_quiet(), name="once"))
@@ -159,8 +178,16 @@ class Service:
         self.db.close()
 
 
+def _state_folder(settings: Settings) -> Path:
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        return Path(url.removeprefix("sqlite:///")).parent
+    return settings.outbox.absolute()
+
+
 async def run_service(settings: Settings, *, once: bool) -> Outcome | None:
     """Prepare and run one service; ConfigError when the setup is wrong."""
     key = prepare(settings)
+    failpoints.configure(failpoint_spec())
     service = Service(settings, key, once=once)
     return await service.run()

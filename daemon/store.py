@@ -97,6 +97,7 @@ jobs_table = Table(
     Column("output_file_id", String(64)),
     Column("attempts", Integer, nullable=False, default=0),
     Column("submits", Integer, nullable=False, default=0),
+    Column("rearms", Integer, nullable=False, default=0),
     Column("next_attempt_at", Float),
     Column("error_code", String(64)),
     Column("error_message", Text),
@@ -128,6 +129,7 @@ class Job:
     output_file_id: str | None
     attempts: int
     submits: int
+    rearms: int
     next_attempt_at: float | None
     error_code: str | None
     error_message: str | None
@@ -237,6 +239,7 @@ class Store:
             "status": status_of(stage).value,
             "attempts": 0,
             "submits": 0,
+            "rearms": 0,
             "created_at": now,
             "updated_at": now,
         }
@@ -366,7 +369,26 @@ class Store:
             requeued.append(self._rearm(job, now))
         return requeued
 
-    def _rearm(self, job: Job, now: float) -> Job:
+    def rearm_due(
+        self, now: float, older_than: float, codes: Iterable[str], limit: int
+    ) -> list[Job]:
+        """Re-queue failed jobs of a transient cause once they have cooled down."""
+        query = select(jobs_table.c.id).where(
+            jobs_table.c.status == Status.FAILED.value,
+            jobs_table.c.error_code.in_(list(codes)),
+            jobs_table.c.finished_at <= now - older_than,
+            jobs_table.c.rearms < limit,
+        )
+        with self.engine.connect() as conn:
+            ids = [row.id for row in conn.execute(query)]
+        rearmed = []
+        for job_id in ids:
+            job = self.get(job_id)
+            if job is not None:
+                rearmed.append(self._rearm(job, now, rearms=job.rearms + 1))
+        return rearmed
+
+    def _rearm(self, job: Job, now: float, **extra: Any) -> Job:
         # Start over from the input: the uploaded file may have expired at the hub, and
         # uploads are not billed, conversions are.
         return self.advance(
@@ -381,4 +403,6 @@ class Store:
             error_message=None,
             finished_at=None,
             next_attempt_at=None,
+            submits=0,
+            **extra,
         )

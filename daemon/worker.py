@@ -16,20 +16,27 @@ failing anything until the key is accepted again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
-from daemon import outbox
+from sqlalchemy.exc import SQLAlchemyError
+
+from daemon import failpoints, outbox
 from daemon.backoff import retry_delay
-from daemon.client import HubClient, RemoteJob
+from daemon.breaker import Breaker
+from daemon.client import HubClient, RemoteJob, current_job
 from daemon.config import Settings
 from daemon.db import Db
 from daemon.errors import (
     AuthRejected,
     ConfigError,
+    HubUnavailable,
     JobFailed,
     RemoteNotFound,
     RetryLater,
@@ -43,7 +50,33 @@ from daemon.store import FINAL_STAGES, Job, Stage
 
 log = get_logger(component="worker")
 MAX_SUBMITS = 3  # remote jobs per input before giving up (expired outputs, lost jobs)
+# Hub-side failures that may well succeed when tried again (the hub already retried).
+TRANSIENT_REMOTE_CODES = frozenset({"upstream_service_error", "internal_error", "timeout"})
+# Failure codes whose jobs are re-armed by themselves after a cool-down.
+TRANSIENT_CODES = TRANSIENT_REMOTE_CODES | {
+    "hub_unavailable",
+    "rate_limited",
+    "network",
+    "deadline",
+    "bad_response",
+    "bad_output",
+    "short_download",
+    "local_io",
+    "too_many_submits",
+    *(f"http_{code}" for code in (408, 500, 502, 503, 504)),
+}
+DISK_RETRY_SECONDS = 10.0
+REARM_CHECK_SECONDS = 60.0
+UPLOAD_MATCH_SLACK = 5.0  # seconds of clock difference tolerated when matching an upload
 Step = Callable[[Job], Awaitable[Job]]
+
+
+class _Requeue(Exception):
+    """Internal: send a job back to an earlier stage after a delay."""
+
+    def __init__(self, stage: Stage, delay: float, code: str, message: str) -> None:
+        super().__init__(message)
+        self.stage, self.delay, self.code, self.message = stage, delay, code, message
 
 
 class InputChanged(JobFailed):
@@ -76,10 +109,14 @@ class Pipeline:
         self.active: dict[int, asyncio.Task[None]] = {}
         self.paused: str | None = None
         self.polling: set[int] = set()  # jobs only waiting on the hub: safe to cancel at once
+        self.breaker = Breaker()
+        self.disk_low = False  # set by the service's free-space monitor
+        self.on_disk_full: Callable[[], None] = lambda: None
+        self._next_rearm_check = 0.0
         self._wake = asyncio.Event()
         self._steps: dict[Stage, Step] = {
             Stage.PENDING: self._upload,
-            Stage.UPLOADING: self._upload,
+            Stage.UPLOADING: self._resume_upload,
             Stage.UPLOADED: self._submit,
             Stage.SUBMITTING: self._submit,
             Stage.SUBMITTED: self._await_remote,
@@ -97,21 +134,54 @@ class Pipeline:
         """Start due jobs up to ``max_in_flight`` until ``stop`` is set."""
         while not stop.is_set():
             self._wake.clear()
-            if self.paused is None:
+            try:
                 await self._start_due()
-            await self._sleep_until_needed(stop)
+                await self._rearm_cooled_down()
+                await self._sleep_until_needed(stop)
+            except SQLAlchemyError as exc:
+                # The state database is unwritable (disk full, I/O error): wait, retry.
+                log.error("the state database failed; retrying", error=str(exc).splitlines()[0])
+                await _wait(stop, DISK_RETRY_SECONDS)
+
+    def holding_back(self) -> str | None:
+        """Why no new job may start now, or None."""
+        if self.paused is not None:
+            return "the API key is rejected"
+        if self.disk_low:
+            return "free disk space is low"
+        if not self.breaker.allows(self.clock()):
+            return "the hub keeps failing"
+        return None
 
     async def _start_due(self) -> None:
         free = self.settings.max_in_flight - len(self.active)
-        if free <= 0:
+        if free <= 0 or self.holding_back() is not None:
             return
         jobs = await self.db.call(self.db.store.runnable, self.clock(), free, list(self.active))
         for job in jobs:
             self.active[job.id] = asyncio.create_task(self._drive(job), name=f"job-{job.id}")
 
+    async def _rearm_cooled_down(self) -> None:
+        settings = self.settings
+        if settings.auto_retry_after <= 0 or self.clock() < self._next_rearm_check:
+            return
+        self._next_rearm_check = self.clock() + REARM_CHECK_SECONDS
+        rearmed = await self.db.call(
+            self.db.store.rearm_due,
+            self.clock(),
+            settings.auto_retry_after,
+            TRANSIENT_CODES,
+            settings.auto_retry_limit,
+        )
+        for job in rearmed:
+            log.info("failed job re-armed after its cool-down", job_id=job.id, path=job.path)
+
     async def _sleep_until_needed(self, stop: asyncio.Event) -> None:
         timeout = 5.0
-        if self.paused is None and len(self.active) < self.settings.max_in_flight:
+        reopen = self.breaker.open_until
+        if reopen is not None and reopen > self.clock():
+            timeout = min(timeout, reopen - self.clock())
+        elif self.holding_back() is None and len(self.active) < self.settings.max_in_flight:
             due = await self.db.call(self.db.store.next_due)
             if due is not None:
                 timeout = min(timeout, max(0.0, due - self.clock()))
@@ -146,11 +216,13 @@ class Pipeline:
     # -- one job ---------------------------------------------------------------------
 
     async def _drive(self, job: Job) -> None:
+        current_job.set(job.id)  # this task's requests carry the job id
         bound = log.bind(job_id=job.id, path=job.path)
         started = self.clock()
         try:
             while job.stage not in FINAL_STAGES and self.paused is None:
                 job = await self._steps[job.stage](job)
+                self.breaker = self.breaker.success()
             if job.stage is Stage.DONE:
                 bound.info(
                     "job completed",
@@ -158,25 +230,83 @@ class Pipeline:
                     seconds=round(self.clock() - started, 3),
                     remote_job_id=job.remote_job_id,
                 )
-        except AuthRejected as exc:
-            await self._pause(exc)
-        except RetryLater as exc:
-            await self._defer(job, exc)
-        except JobFailed as exc:
-            await self._fail(job, exc)
-        except OSError as exc:
-            # Local disk trouble (full disk, I/O error): keep the job and try later.
-            err = RetryLater(f"local file error: {exc}", code="local_io")
-            await self._defer(job, err)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            bound.exception("unexpected error in job step", stage=job.stage.value)
-            err = RetryLater(f"internal error: {type(exc).__name__}: {exc}", code="internal")
-            await self._defer(job, err)
+            await self._handle(job, exc)
         finally:
             self.active.pop(job.id, None)
             self.wake()
+
+    async def _handle(self, job: Job, exc: Exception) -> None:
+        """Deal with what stopped a job's step, by the exception's class."""
+        try:
+            await self._dispatch(job, exc)
+        except SQLAlchemyError as db_exc:
+            # Cannot even record the outcome; the row keeps its stage and is redone later.
+            log.error("cannot record a job's outcome", job_id=job.id, error=str(db_exc)[:200])
+
+    async def _dispatch(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, AuthRejected):
+            await self._pause(exc)
+        elif isinstance(exc, _Requeue):
+            await self._requeue(job, exc)
+        elif isinstance(exc, RetryLater):
+            if isinstance(exc, HubUnavailable):
+                self._hub_failed()
+            await self._defer(job, exc)
+        elif isinstance(exc, JobFailed):
+            await self._fail(job, exc)
+        elif isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            await self._disk_full(job, exc)
+        elif isinstance(exc, OSError):
+            await self._defer(job, RetryLater(f"local file error: {exc}", code="local_io"))
+        elif isinstance(exc, SQLAlchemyError):
+            raise exc
+        else:
+            log.exception("unexpected error in job step", job_id=job.id, stage=job.stage.value)
+            message = f"internal error: {type(exc).__name__}: {exc}"
+            await self._defer(job, RetryLater(message, code="internal"))
+
+    def _hub_failed(self) -> None:
+        was_open = self.breaker.is_open(self.clock())
+        self.breaker = self.breaker.failure(self.clock())
+        reopen = self.breaker.open_until
+        if not was_open and reopen is not None and reopen > self.clock():
+            log.error(
+                "the hub keeps failing; no new work is started for a while",
+                seconds=round(reopen - self.clock(), 1),
+            )
+
+    async def _disk_full(self, job: Job, exc: OSError) -> None:
+        # Not the job's fault: do not count it as an attempt; the monitor pauses intake.
+        self.on_disk_full()
+        await self._advance(
+            job,
+            job.stage,
+            next_attempt_at=self.clock() + DISK_RETRY_SECONDS,
+            error_code="disk_full",
+            error_message=f"no space left on the disk: {exc.filename or ''}".strip(),
+        )
+
+    async def _requeue(self, job: Job, exc: _Requeue) -> None:
+        log.warning(
+            "the hub failed the job; converting it again",
+            job_id=job.id,
+            path=job.path,
+            code=exc.code,
+            reason=exc.message,
+            retry_in=round(exc.delay, 1),
+        )
+        await self._advance(
+            job,
+            exc.stage,
+            remote_job_id=None,
+            output_file_id=None,
+            next_attempt_at=self.clock() + exc.delay,
+            error_code=exc.code,
+            error_message=exc.message,
+        )
 
     async def _advance(self, job: Job, stage: Stage, **changes: object) -> Job:
         return await self.db.call(self.db.store.advance, job.id, stage, self.clock(), **changes)
@@ -257,6 +387,7 @@ class Pipeline:
     async def _upload(self, job: Job) -> Job:
         job = await self._advance(job, Stage.UPLOADING)
         info, digest = await self._send_input(job)
+        failpoints.hit("after-upload")
         return await self._advance(
             job, Stage.UPLOADED, remote_file_id=info, sha256=digest, attempts=0
         )
@@ -271,6 +402,24 @@ class Pipeline:
                 info = await self.client.upload(stream, Path(job.path).name, MIME_TYPES[fmt])
             _check_unchanged(fd, expected, job.path)
         return info.file_id, digest
+
+    async def _resume_upload(self, job: Job) -> Job:
+        """An upload was under way when we stopped: adopt it if the hub has it."""
+        adopted = await self._find_remote_file(job)
+        if adopted is None:
+            return await self._upload(job)
+        log.info("adopted an upload from before a restart", job_id=job.id, file_id=adopted)
+        return await self._advance(job, Stage.UPLOADED, remote_file_id=adopted, attempts=0)
+
+    async def _find_remote_file(self, job: Job) -> str | None:
+        # Match by name, size and time: the upload began after the row's last update.
+        name = Path(job.path).name
+        since = job.updated_at - UPLOAD_MATCH_SLACK
+        for info in await self.client.list_files():
+            created = _epoch(info.created_at)
+            if info.filename == name and info.size == job.size and created >= since:
+                return info.file_id
+        return None
 
     async def _submit(self, job: Job) -> Job:
         file_id = job.remote_file_id
@@ -287,6 +436,7 @@ class Pipeline:
             )
         job = await self._advance(job, Stage.SUBMITTING, submits=job.submits + 1)
         remote = await self.client.create_job(file_id, job.engine, job.language, job.output_format)
+        failpoints.hit("after-create")
         return await self._advance(job, Stage.SUBMITTED, remote_job_id=remote.job_id, attempts=0)
 
     async def _find_remote_job(self, file_id: str) -> RemoteJob | None:
@@ -311,6 +461,9 @@ class Pipeline:
             error = remote.error
             code = error.code if error else "remote_failed"
             message = error.message if error else "no error details returned by the hub"
+            if code in TRANSIENT_REMOTE_CODES and job.submits < MAX_SUBMITS:
+                delay = min(120.0, 20.0 * 2 ** (job.submits - 1)) + self.rng.uniform(0, 5)
+                raise _Requeue(Stage.UPLOADED, delay, code, message)
             raise JobFailed(f"the hub could not convert it: {message}", code=code)
         if not remote.output_file_id:
             raise RetryLater("the hub reported completion without an output file")
@@ -340,8 +493,10 @@ class Pipeline:
         tmp = outbox.temp_path_for(final, job.id)
         try:
             await self.client.download(job.output_file_id, tmp)
+            failpoints.hit("mid-download")
             await asyncio.to_thread(_verify, tmp, job.output_format)
             await asyncio.to_thread(outbox.publish, tmp, final)
+            failpoints.hit("after-publish")
         except RemoteNotFound:
             outbox.discard(tmp)
             # The output expired at the hub before we fetched it: convert again.
@@ -355,6 +510,7 @@ class Pipeline:
         )
 
     async def _finish_input(self, job: Job) -> Job:
+        failpoints.hit("after-commit")
         policy = self.settings.on_success
         if policy == "delete":
             expected = Signature(job.size, job.mtime_ns, job.inode)
@@ -362,7 +518,21 @@ class Pipeline:
         elif policy == "archive" and self.settings.archive_dir is not None:
             archive = self.settings.archive_dir.absolute()
             await asyncio.to_thread(outbox.archive_input, self.inbox, archive, job.path)
+        failpoints.hit("before-done")
         return await self._advance(job, Stage.DONE)
+
+
+def _epoch(stamp: str | None) -> float:
+    if not stamp:
+        return 0.0
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    return 0.0
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)
 
 
 def _check_unchanged(fd: int, expected: Signature, rel_path: str) -> None:

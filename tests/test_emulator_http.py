@@ -404,7 +404,7 @@ def test_admin_endpoints(emulator: EmulatorServer) -> None:
         assert admin.get("/files", headers={"Authorization": f"Bearer {KEY}"}).status_code == 403
 
         ledger = admin.get("/_emulator/ledger").json()
-        assert set(ledger) == {"requests", "uploads", "jobs", "downloads", "faults"}
+        assert set(ledger) == {"requests", "uploads", "jobs", "downloads", "events", "faults"}
         assert ledger["requests"] == {"GET /files": 2}  # admin calls are not counted
         emptied = admin.post("/_emulator/reset-ledger").json()
         assert emptied["requests"] == {}
@@ -595,3 +595,16 @@ def test_cli_run_announces_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert wait_for(lambda: httpx.get(f"{url}/files", headers=headers).status_code == 200)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 0
+
+
+def test_events_record_trace_header_and_answer(emulator: EmulatorServer) -> None:
+    """Each authenticated request is logged with its trace header, status and Retry-After."""
+    emulator.hub.update_faults({"rate_limit_rate": 1.0, "retry_after": 2.5})
+    headers = {"Authorization": f"Bearer {KEY}", "X-Ldx-Hotfolder-Job": "42"}
+    response = httpx.get(f"{emulator.url}/files", headers=headers)
+    assert response.status_code == 429
+    event = emulator.hub.ledger()["events"][-1]
+    assert event["route"] == "GET /files"
+    assert event["trace"] == "42"
+    assert event["status"] == 429
+    assert event["retry_after"] == 2.5

@@ -572,6 +572,7 @@ def test_ledger_records_uploads_jobs_downloads_and_resets(hub: Hub) -> None:
         "uploads": [],
         "jobs": [],
         "downloads": [],
+        "events": [],
         "faults": dict.fromkeys(
             ("error", "rate_limit", "drop", "stall", "job_failure", "throttle"), 0
         ),

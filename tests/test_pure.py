@@ -145,3 +145,35 @@ def test_describe_names_other_content() -> None:
     assert describe(b"hello world") == "a text file"
     assert describe(b"") == "an empty file"
     assert sniff(b"PK\x03\x04") is None
+
+
+def test_breaker_opens_after_threshold_and_recovers() -> None:
+    """Five failures in a row hold new work back for the cooldown; a success closes it."""
+    from daemon.breaker import Breaker
+
+    breaker = Breaker(threshold=5, cooldown=10.0)
+    for _ in range(4):
+        breaker = breaker.failure(now=100.0)
+    assert breaker.allows(100.0)
+    breaker = breaker.failure(now=100.0)
+    assert breaker.is_open(105.0)
+    assert breaker.allows(110.0)
+    breaker = breaker.success()
+    assert breaker.allows(110.0)
+    assert breaker.failures == 0
+
+
+def test_breaker_cooldown_grows_while_hub_stays_down() -> None:
+    """Each trip without a success in between doubles the cooldown, up to a cap."""
+    from daemon.breaker import MAX_COOLDOWN, Breaker
+
+    breaker = Breaker(threshold=1, cooldown=10.0)
+    waits = []
+    now = 0.0
+    for _ in range(8):
+        breaker = breaker.failure(now)
+        assert breaker.open_until is not None
+        waits.append(breaker.open_until - now)
+        now = breaker.open_until
+    assert waits[:3] == [10.0, 20.0, 40.0]
+    assert max(waits) == MAX_COOLDOWN

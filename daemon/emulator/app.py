@@ -37,6 +37,7 @@ import base64
 import binascii
 import json
 import math
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import aclosing
@@ -176,6 +177,10 @@ class _DropMiddleware:
             ) from None
 
 
+# The daemon names the job a request belongs to in this header (any client may omit it).
+TRACE_HEADER = "x-ldx-hotfolder-job"
+
+
 class _Api:
     """The route handlers, sharing the hub and the server hooks."""
 
@@ -214,10 +219,38 @@ class _Api:
     def _api(self, method: str, path: str, handler: Handler) -> Route:
         async def endpoint(request: Request) -> Response:
             self.hub.count_request(f"{request.method} {path}")
-            refusal = await self._admit(request, path)
-            return refusal if refusal is not None else await handler(request)
+            started = time.monotonic()
+            try:
+                refusal = await self._admit(request, path)
+                response = refusal if refusal is not None else await handler(request)
+            except _DropConnection:
+                self._record_event(request, path, started, "drop")
+                raise
+            self._record_event(request, path, started, response.status_code, response)
+            return response
 
         return Route(path, endpoint, methods=[method])
+
+    def _record_event(
+        self,
+        request: Request,
+        route: str,
+        started: float,
+        status: int | str,
+        response: Response | None = None,
+    ) -> None:
+        """Log one request for tests: when, what, for which client job, and the answer."""
+        retry_after = response.headers.get("retry-after") if response is not None else None
+        self.hub.record_event(
+            {
+                "at": started,
+                "route": f"{request.method} {route}",
+                "path": request.url.path,
+                "trace": request.headers.get(TRACE_HEADER),
+                "status": status,
+                "retry_after": float(retry_after) if retry_after else None,
+            }
+        )
 
     async def _admit(self, request: Request, path: str) -> Response | None:
         """Apply latency, the key check, the /files rate limit and drawn faults, in the

@@ -77,6 +77,7 @@ FAULT_KINDS = ("error", "rate_limit", "drop", "stall", "job_failure", "throttle"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 _PROGRESS_STEPS = 10
 _RATE_WINDOW = timedelta(minutes=1)
+_MAX_EVENTS = 200_000
 
 
 def new_id() -> str:
@@ -489,6 +490,7 @@ class _Ledger:
                 "uploads": [],
                 "jobs": [],
                 "downloads": [],
+                "events": [],
                 "faults": dict.fromkeys(FAULT_KINDS, 0),
             }
 
@@ -514,6 +516,13 @@ class _Ledger:
                     uploads[index] = entry
                     return
             uploads.append(entry)
+
+    def record_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            events: list[dict[str, Any]] = self._data["events"]
+            events.append(event)
+            if len(events) > _MAX_EVENTS:  # a long-running emulator keeps the recent ones
+                del events[: len(events) - _MAX_EVENTS]
 
     def record(self, kind: Literal["jobs", "downloads"], entry: dict[str, Any]) -> None:
         with self._lock:
@@ -792,6 +801,10 @@ class Hub:
     def count_request(self, route: str) -> None:
         """Count one request to ``route``, e.g. ``"GET /files/{file_id}"``."""
         self._ledger.count_request(route)
+
+    def record_event(self, event: dict[str, Any]) -> None:
+        """Log one authenticated-route request (time, route, trace header, answer)."""
+        self._ledger.record_event(event)
 
     def record_download(self, file_id: str, size: int, status: int) -> None:
         """Note a download answer: the body size it announced and its status."""

@@ -9,20 +9,32 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__
+from daemon import __version__, explain
 from daemon.client import HubClient
 from daemon.config import Settings, check_folders, config_path, load_settings, resolve_api_key
 from daemon.errors import AuthRejected, ConfigError, LdxError
-from daemon.logs import configure
+from daemon.health import EXIT_UNHEALTHY, read_heartbeat, verdict
+from daemon.logs import configure, scrub
+from daemon.report import (
+    HubCheck,
+    StatusReport,
+    filter_jobs,
+    parse_duration,
+    purge_plan,
+    render_status,
+)
 from daemon.store import Job, Status, Store
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+HUB_CHECK_TIMEOUT = 5.0  # seconds ``status`` waits for the hub
+PURGE_BATCH = 500  # jobs deleted per transaction
 Command = Callable[[argparse.Namespace], int]
 
 
@@ -73,10 +85,14 @@ def _store(settings: Settings) -> Store:
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon, in the foreground."""
     from daemon.service import run_service
+    from daemon.supervise import Unhealthy
 
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
-    asyncio.run(run_service(settings, once=False))
+    try:
+        asyncio.run(run_service(settings, once=False, reload_settings=lambda: _settings(args)))
+    except Unhealthy:
+        return EXIT_UNHEALTHY  # already logged; systemd or Docker restart us
     return EXIT_OK
 
 
@@ -86,7 +102,8 @@ def cmd_once(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
-    outcome = asyncio.run(run_service(settings, once=True))
+    progress = sys.stderr.isatty()  # a bar for a person watching, nothing in pipes and logs
+    outcome = asyncio.run(run_service(settings, once=True, progress=progress))
     assert outcome is not None
     print(
         f"{len(outcome.completed)} completed, {len(outcome.failed)} failed, "
@@ -100,33 +117,96 @@ def cmd_once(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Counts per status and the most recent failures."""
-    store = _store(_settings(args))
+    """Counts per status, the oldest waiting job, recent failures, daemon and hub health."""
+    settings = _settings(args)
+    store = _store(settings)
     try:
         counts = store.counts()
+        oldest = store.oldest_unfinished()
         failures = store.jobs(Status.FAILED, limit=args.failures)
+        stalled = store.waiting()
     finally:
         store.close()
+    hub = HubCheck(None, None, "skipped (--no-hub)") if args.no_hub else _hub_check(settings)
+    report = StatusReport(
+        now=_now(),
+        counts=counts,
+        oldest_waiting_at=oldest,
+        failures=failures,
+        heartbeat=read_heartbeat(settings.heartbeat_path),
+        stall_timeout=settings.stall_timeout,
+        hub_url=settings.hub.base_url,
+        hub=hub,
+    )
     if args.json:
-        payload = {"counts": counts, "recent_failures": [job_json(j) for j in failures]}
+        payload = report.to_json(job_json)
+        payload["stalled"] = [explain.waiting_json(item) for item in stalled]
         print(json.dumps(payload, indent=2, ensure_ascii=False))
-        return EXIT_OK
-    print("  ".join(f"{name}: {counts[name]}" for name in counts))
-    if failures:
-        print("\nrecent failures:")
-        for job in failures:
-            print(f"  #{job.id} {job.path}: {job.error_message} [{job.error_code}]")
+    else:
+        print(render_status(report))
+        for line in explain.stalled_lines(stalled, report.now):
+            print(line)
     return EXIT_OK
 
 
-def cmd_jobs(args: argparse.Namespace) -> int:
-    """One line per job."""
-    status = Status(args.status) if args.status else None
-    store = _store(_settings(args))
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Why a file is or is not being processed."""
+    settings = _settings(args)
+    store = _store(settings)
     try:
-        jobs = store.jobs(status, limit=args.limit)
+        found = [
+            explain.explain_path(settings, store, path, Path.cwd(), _now()) for path in args.paths
+        ]
     finally:
         store.close()
+    if args.json:
+        print(json.dumps([e.to_json() for e in found], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    for item in found:
+        print(f"{item.path} [{item.state}]")
+        for line in item.lines:
+            print(f"  {line}")
+    return EXIT_OK
+
+
+def _now() -> float:
+    return datetime.now(UTC).timestamp()
+
+
+def _hub_check(settings: Settings) -> HubCheck:
+    try:
+        key = resolve_api_key(settings.hub)
+    except ConfigError as exc:
+        return HubCheck(None, None, exc.message)
+    return asyncio.run(_call_hub(settings.hub.base_url, key))
+
+
+async def _call_hub(base_url: str, key: str) -> HubCheck:
+    timeout = HUB_CHECK_TIMEOUT
+    async with HubClient(base_url, key, timeout=timeout, deadline=timeout) as client:
+        try:
+            await client.list_files()
+        except AuthRejected as exc:
+            return HubCheck(True, False, scrub(exc.message))
+        except LdxError as exc:
+            return HubCheck(False, None, scrub(exc.message))
+    return HubCheck(True, True, "GET /files answered")
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """One line per job, filtered by status, path and age."""
+    status = Status(args.status) if args.status else None
+    now = _now()
+    store = _store(_settings(args))
+    try:
+        found = store.find(
+            status,
+            created_before=now - args.older_than if args.older_than is not None else None,
+            created_after=now - args.newer_than if args.newer_than is not None else None,
+        )
+    finally:
+        store.close()
+    jobs = filter_jobs(found, args.path, args.limit)
     if args.json:
         print(json.dumps([job_json(j) for j in jobs], indent=2, ensure_ascii=False))
         return EXIT_OK
@@ -182,6 +262,49 @@ def _find_job(store: Store, settings: Settings, target: str) -> Job | None:
         except ValueError:
             return None
     return store.latest_for_path(target.strip("/"))
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete old completed (and/or failed) jobs from the table."""
+    wanted = {Status.COMPLETED: args.completed, Status.FAILED: args.failed}
+    statuses = [status for status, chosen in wanted.items() if chosen]
+    if not statuses:
+        print("error: say what to purge: --completed and/or --failed", file=sys.stderr)
+        return EXIT_CONFIG
+    settings = _settings(args)
+    inbox = settings.inbox.absolute()
+    store = _store(settings)
+    try:
+        candidates = store.purge_candidates(statuses, _now() - args.older_than)
+        delete, kept = purge_plan(candidates, lambda path: os.path.lexists(inbox / path))
+        deleted = 0 if args.dry_run else _delete_in_batches(store, delete)
+    finally:
+        store.close()
+    result = {"purged": deleted, "planned": len(delete), "kept": len(kept), "dry_run": args.dry_run}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return EXIT_OK
+    verb = "would purge" if args.dry_run else "purged"
+    print(f"{verb} {len(delete)} job(s); kept {len(kept)} still remembering an input in the inbox")
+    return EXIT_OK
+
+
+def _delete_in_batches(store: Store, ids: list[int]) -> int:
+    return sum(store.delete(ids[i : i + PURGE_BATCH]) for i in range(0, len(ids), PURGE_BATCH))
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the daemon is alive and watching, 1 otherwise, saying why."""
+    settings = _settings(args)
+    beat = read_heartbeat(settings.heartbeat_path)
+    ok, notes = verdict(beat, _now(), settings.stall_timeout)
+    if args.json:
+        payload = {"healthy": ok, "notes": notes, "heartbeat": str(settings.heartbeat_path)}
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+    else:
+        for note in notes:
+            print(note if ok else f"unhealthy: {note}")
+    return EXIT_OK if ok else EXIT_FAILED
 
 
 def cmd_engines(args: argparse.Namespace) -> int:
@@ -284,8 +407,22 @@ def build_parser() -> argparse.ArgumentParser:
     status = _add(sub, common, "status", cmd_status, "counts per status and recent failures")
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--failures", type=int, default=5, help="failures to list (default 5)")
+    status.add_argument(
+        "--no-hub", action="store_true", help="do not call the hub to check reachability and key"
+    )
     jobs = _add(sub, common, "jobs", cmd_jobs, "one line per job, newest first")
     jobs.add_argument("--status", choices=[s.value for s in Status], help="only this status")
+    jobs.add_argument(
+        "--path",
+        metavar="PATTERN",
+        help="only inputs matching this glob (invoices/*.pdf) or under this folder (invoices)",
+    )
+    jobs.add_argument(
+        "--older-than", type=_duration, metavar="AGE", help="only jobs queued over AGE ago (2h, 7d)"
+    )
+    jobs.add_argument(
+        "--newer-than", type=_duration, metavar="AGE", help="only jobs queued within AGE (30m)"
+    )
     jobs.add_argument("--limit", type=int, default=None, help="at most this many jobs")
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
     retry = _add(sub, common, "retry", cmd_retry, "put failed jobs back in the queue")
@@ -296,11 +433,43 @@ def build_parser() -> argparse.ArgumentParser:
         help="job id or input path (relative to the inbox)",
     )
     retry.add_argument("--failed", action="store_true", help="every failed job")
+    purge = _add(
+        sub,
+        common,
+        "purge",
+        cmd_purge,
+        "delete old final jobs from the state table (never a kept input's newest job)",
+    )
+    purge.add_argument("--completed", action="store_true", help="purge completed jobs")
+    purge.add_argument("--failed", action="store_true", help="purge failed jobs")
+    purge.add_argument(
+        "--older-than",
+        type=_duration,
+        required=True,
+        metavar="AGE",
+        help="only jobs that finished more than AGE ago (30d, 12h)",
+    )
+    purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    purge.add_argument("--json", action="store_true", help="print JSON")
+    health = _add(
+        sub,
+        common,
+        "health",
+        cmd_health,
+        "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind "
+        "or not running (for scripts and Docker's HEALTHCHECK)",
+    )
+    health.add_argument("--json", action="store_true", help="print JSON")
     engines = _add(
         sub, common, "engines", cmd_engines, "the engines, languages and conversions the hub offers"
     )
     engines.add_argument("--base-url", help="ask this hub instead of the configured one")
     engines.add_argument("--json", action="store_true", help="print JSON")
+    explained = _add(sub, common, "explain", cmd_explain, "why a file is or is not being processed")
+    explained.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file or folder (in the inbox or relative to it)"
+    )
+    explained.add_argument("--json", action="store_true", help="print a JSON array")
     _add(
         sub,
         common,
@@ -317,6 +486,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", metavar="DIR", help="leave the demo folders in DIR")
     return parser
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add(

@@ -12,12 +12,22 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
+from daemon.logs import register_secret
+from daemon.permissions import parse_mode
 
 ENV_PREFIX = "LDX_HOTFOLDER_"
 CONFIG_ENV = "LDX_HOTFOLDER_CONFIG"
@@ -29,6 +39,7 @@ _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 
 OutputFormat = Literal["docx", "xlsx", "pptx"]
 OnSuccess = Literal["keep", "delete", "archive"]
+OnDuplicate = Literal["convert", "reuse", "skip"]
 
 
 class HubSettings(BaseModel):
@@ -73,15 +84,29 @@ class Settings(BaseSettings):
     on_success: OnSuccess = "keep"
     quiet_period: float = Field(default=2.0, ge=0.0, description="seconds a file must not change")
     rescan_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans")
+    stalled_after: float = Field(default=300.0, gt=0, description="waiting this long shows")
+    incomplete_timeout: float = Field(default=3600.0, ge=0, description="then an incomplete fails")
+    use_polling: Literal["auto"] | bool = "auto"
+    polling_interval: float = Field(default=2.0, gt=0, description="seconds between polls")
+    allow_hardlinks: bool = False
+    on_duplicate: OnDuplicate = "reuse"
     max_in_flight: int = Field(default=16, ge=1, le=1000)
     max_attempts: int = Field(default=8, ge=1, description="transient retries of one step")
     ignore: tuple[str, ...] = ()
     auto_retry_after: float = Field(default=1800.0, ge=0, description="0 turns it off")
     auto_retry_limit: int = Field(default=3, ge=0)
+    resubmit_delay: float = Field(default=20.0, ge=0, description="first wait before resubmit")
     min_free_space_mb: float = Field(default=100.0, ge=0)
     auth_recheck_interval: float = Field(default=30.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    output_mode: int = Field(default=0o640, description="mode of outputs, whatever the umask")
+    output_group: str | None = Field(default=None, description="group (name or gid) of outputs")
+    metrics_port: int = Field(default=0, ge=0, le=65535, description="0 turns the endpoint off")
+    metrics_host: str = "127.0.0.1"
+    heartbeat_file: Path | None = None
+    heartbeat_interval: float = Field(default=5.0, gt=0, description="seconds between checks")
+    stall_timeout: float = Field(default=60.0, gt=0, description="seconds unhealthy before exit")
     hub: HubSettings = HubSettings()
 
     @classmethod
@@ -96,6 +121,17 @@ class Settings(BaseSettings):
         # Environment variables override the file, which arrives as init arguments.
         return (env_settings, init_settings)
 
+    @field_validator("output_mode", mode="before")
+    @classmethod
+    def _parse_mode(cls, value: object) -> int:
+        return parse_mode(value)
+
+    @model_validator(mode="after")
+    def _check_health_timing(self) -> Settings:
+        if self.heartbeat_interval >= self.stall_timeout:
+            raise ValueError("heartbeat_interval must be shorter than stall_timeout")
+        return self
+
     @model_validator(mode="after")
     def _check_archive(self) -> Settings:
         if self.on_success == "archive" and self.archive_dir is None:
@@ -106,6 +142,16 @@ class Settings(BaseSettings):
     def database_url(self) -> str:
         """The SQLAlchemy URL of the state database."""
         return database_url(self.state_db)
+
+    @property
+    def heartbeat_path(self) -> Path:
+        """The heartbeat file: as set, else beside the SQLite database, else in the state dir."""
+        if self.heartbeat_file is not None:
+            return self.heartbeat_file.absolute()
+        url = self.database_url
+        if url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///")).parent / "heartbeat.json"
+        return DEFAULT_STATE_DIR / "heartbeat.json"
 
 
 def database_url(state_db: str) -> str:
@@ -197,12 +243,45 @@ def failpoint_spec() -> str | None:
     return os.environ.get("LDX_HOTFOLDER_FAILPOINT") or None
 
 
+class ServiceManager(NamedTuple):
+    """What systemd tells the service through its environment (sd_notify(3))."""
+
+    notify_socket: str | None
+    watchdog_usec: int | None
+    watchdog_pid: int | None
+
+
+def service_manager(environ: Mapping[str, str] | None = None) -> ServiceManager:
+    """``$NOTIFY_SOCKET``, ``$WATCHDOG_USEC`` and ``$WATCHDOG_PID``, when systemd set them."""
+    env = os.environ if environ is None else environ
+
+    def number(name: str) -> int | None:
+        value = env.get(name, "")
+        return int(value) if value.isdigit() else None
+
+    return ServiceManager(
+        env.get("NOTIFY_SOCKET") or None, number("WATCHDOG_USEC"), number("WATCHDOG_PID")
+    )
+
+
 def resolve_api_key(hub: HubSettings, environ: Mapping[str, str] | None = None) -> str:
     """Return the API key from ``api_key``, ``api_key_file`` or the systemd credential.
 
-    Read anew on each call, so a fixed key file takes effect without a restart.
+    Read anew on each call, so a fixed key file takes effect without a restart. Every key
+    read is registered with the log scrubber, and must be one header-safe token (else an
+    HTTP library would quote it back in an error message).
     """
-    env = os.environ if environ is None else environ
+    key = _find_api_key(hub, os.environ if environ is None else environ)
+    register_secret(key)
+    if not key.isascii() or not key.isprintable() or any(ch.isspace() for ch in key):
+        raise ConfigError(
+            "the API key contains spaces, control or non-ASCII characters; check the key "
+            "file or credential (the key is not shown)"
+        )
+    return key
+
+
+def _find_api_key(hub: HubSettings, env: Mapping[str, str]) -> str:
     if hub.api_key is not None:
         return hub.api_key.get_secret_value().strip()
     candidates: list[Path] = []

@@ -1,11 +1,18 @@
 """Intake: find files in the inbox, wait until they are stable, and queue them.
 
-Sources of candidates are the start-up scan, periodic rescans and watcher hints; the
-scan is the truth and events only make things faster. A candidate is re-examined on
-every tick until its signature has been unchanged for the quiet period; then it is
-opened safely, its type read from its content, and a job row is written (queued, or
-failed at once for an unsupported type). The table remembers what was queued, so a
-known file is never queued twice and a rescan costs only stat calls.
+Sources of candidates are the start-up scan, periodic rescans, watcher hints and the
+worker (an input that changed while it was sent); the scan is the truth and events
+only make things faster. A candidate is re-examined on every tick (one ``lstat``) until
+its signature has been unchanged for the quiet period (``daemon.stability``). Then it
+is opened safely, its type read from its content and its completeness checked
+(``daemon.inputs``): an incomplete file keeps waiting, a refused one (unsupported type,
+several hard links, empty or incomplete for too long) gets a failed row and an error
+file at once, anything else a queued row.
+
+The table remembers which version (size, mtime, inode) of each path was taken, so a
+known file is never queued twice and a rescan costs stat calls, not reads. The daemon
+watches for its own health too: a dead observer thread is restarted and followed by a
+rescan, and an inotify overflow triggers a rescan at once.
 """
 
 from __future__ import annotations
@@ -19,44 +26,112 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from pathlib import Path
 
+from daemon import outbox
 from daemon.config import Settings
 from daemon.db import Db
-from daemon.errors import JobFailed
 from daemon.filters import NameFilter
-from daemon.inputs import detect, open_input, signature_of
+from daemon.inputs import (
+    InputGone,
+    Inspection,
+    hard_link_message,
+    inspect_input,
+    open_folder,
+    signature_of,
+)
 from daemon.layout import output_candidates
 from daemon.logs import get_logger
-from daemon.stability import Sighting, Signature, is_stable, observe
+from daemon.names import fs_path, stored_path
+from daemon.permissions import OutputPermissions
+from daemon.stability import (
+    Patience,
+    Sighting,
+    Signature,
+    Verdict,
+    observe,
+    stall,
+    verdict,
+    with_problem,
+)
 from daemon.store import Job, NewJob, Store
+from daemon.watcher import Watcher
 
 log = get_logger(component="intake")
+Ready = tuple[str, Sighting, bool]  # (path, sighting, giving up)
+Record = tuple[str, Inspection, tuple[str, str] | None]  # (path, inspection, refusal)
 TICK_SECONDS = 0.25
+WATCH_CHECK_SECONDS = 2.0
 CLAIM_CANDIDATES = 50
+TAKE_BATCH = 200  # candidates inspected and inserted per call of the writer thread
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def walk_inbox(inbox: Path, name_filter: NameFilter) -> Iterator[tuple[str, os.stat_result]]:
-    """Every regular, not ignored file under ``inbox`` as (relative path, lstat)."""
-    stack = [(inbox, "")]
-    while stack:
-        folder, prefix = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as exc:
-            log.warning("cannot list folder", folder=str(folder), error=exc.strerror)
+def walk_inbox(
+    inbox: Path, name_filter: NameFilter, folder: str = ""
+) -> Iterator[tuple[str, os.stat_result]]:
+    """Every regular, not ignored file under ``inbox/folder`` as (relative path, lstat).
+
+    Folders are entered by descriptor with ``O_NOFOLLOW``, so a symlinked folder is never
+    walked, even one swapped in during the walk; only the folders on the current branch
+    are open at once. Paths are as the filesystem gives them (``surrogateescape``).
+    """
+    parts = [p for p in folder.split("/") if p]
+    try:
+        root = open_folder(inbox, parts)
+    except InputGone:
+        return
+    prefix = "".join(f"{p}/" for p in parts)
+    frames = [(root, prefix, _entries(root, prefix, name_filter))]
+    try:
+        while frames:
+            fd, prefix, entries = frames[-1]
+            entry = next(entries, None)
+            if entry is None:
+                os.close(fd)
+                frames.pop()
+                continue
+            name, st = entry
+            if stat.S_ISREG(st.st_mode):
+                yield f"{prefix}{name}", st
+            elif stat.S_ISDIR(st.st_mode):
+                with contextlib.suppress(OSError):
+                    sub, sub_prefix = os.open(name, _DIR_FLAGS, dir_fd=fd), f"{prefix}{name}/"
+                    frames.append((sub, sub_prefix, _entries(sub, sub_prefix, name_filter)))
+    finally:
+        for fd, _, _ in frames:
+            os.close(fd)
+
+
+def _entries(fd: int, prefix: str, name_filter: NameFilter) -> Iterator[tuple[str, os.stat_result]]:
+    """(name, lstat) of the not ignored entries of an open folder."""
+    try:
+        with os.scandir(fd) as listing:
+            found = list(listing)
+    except OSError as exc:
+        log.warning("cannot list folder", folder=stored_path(prefix) or ".", error=exc.strerror)
+        return
+    for entry in found:
+        if name_filter.match(entry.name) is not None:
             continue
-        for entry in entries:
-            if name_filter.match(entry.name) is not None:
-                continue
-            rel = f"{prefix}{entry.name}"
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                stack.append((Path(entry.path), f"{rel}/"))
-            elif stat.S_ISREG(st.st_mode):
-                yield rel, st
+        with contextlib.suppress(OSError):
+            yield entry.name, entry.stat(follow_symlinks=False)
+
+
+def refusal(found: Inspection, rel: str, allow_hardlinks: bool) -> tuple[str, str] | None:
+    """(code, message) when a quiet input must fail rather than be queued, else None.
+
+    Called once the file may be taken: an incomplete or empty file only gets here when
+    intake gave up waiting for it.
+    """
+    if found.links > 1 and not allow_hardlinks:
+        return "hard_link", hard_link_message(rel, found.links)
+    if found.signature.size == 0:
+        return "empty_file", "the file is empty (0 bytes)"
+    if found.problem is not None:
+        return "incomplete", f"{found.problem}; it stopped changing and never became complete"
+    if found.input_format is None:
+        return "unsupported_type", f"unsupported type: looks like {found.described} ({ACCEPTED})"
+    return None
 
 
 class Intake:
@@ -74,138 +149,220 @@ class Intake:
         self.inbox = settings.inbox.absolute()
         self.outbox = settings.outbox.absolute()
         self.settings = settings
+        self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.filter = NameFilter.with_extra(settings.ignore)
         self.db = db
         self.clock = clock
-        self.reject_empty = reject_empty
-        self.sightings: dict[str, Sighting] = {}
-        self.known: dict[str, tuple[int, int]] = {}
+        self.patience = Patience(
+            settings.quiet_period,
+            settings.stalled_after,
+            settings.incomplete_timeout,
+            impatient=reject_empty,
+        )
+        self.sightings: dict[str, Sighting] = {}  # stored path -> what we saw
+        self.known: dict[str, Signature] = {}  # stored path -> version already taken
         self.present: set[str] = set()
+        self.stalled: set[str] = set()  # paths noted in the table's ``waiting``
+        self.paused = False  # disk nearly full: keep watching, take nothing
+        self.watcher: Watcher | None = None
         self._on_enqueued = on_enqueued
-        self.paused = False
-        self._warned: set[str] = set()
+        self._rescan_soon = False
+        self._folder_scans: dict[str, asyncio.Task[int]] = {}
+        self._next_watch_check = 0.0
+
+    # -- sources -------------------------------------------------------------------------
 
     async def load_known(self) -> None:
-        """Read what the table already holds."""
-        self.known = await self.db.call(self.db.store.fingerprints)
+        """Read what the table already holds; forget the last run's waiting list."""
+        versions = await self.db.call(self.db.store.versions)
+        self.known = {path: Signature(*version) for path, version in versions.items()}
+        await self.db.call(self.db.store.clear_waiting)
 
     async def scan(self, folder: Path | None = None) -> int:
         """Walk the inbox (or a folder in it); return how many new candidates it found."""
-        root = folder or self.inbox
-        entries = await asyncio.to_thread(lambda: list(walk_inbox(root, self.filter)))
-        prefix = "" if root == self.inbox else f"{root.relative_to(self.inbox).as_posix()}/"
+        sub = "" if folder is None else folder.relative_to(self.inbox).as_posix()
+        sub = "" if sub == "." else sub
+        entries = await asyncio.to_thread(lambda: list(walk_inbox(self.inbox, self.filter, sub)))
         now = self.clock()
         before = len(self.sightings)
-        for rel, st in entries:
-            self._consider(prefix + rel, st, now)
+        for fs_rel, st in entries:
+            self._consider(fs_rel, st, now)
+        if not sub:
+            self._prune({stored_path(fs_rel) for fs_rel, _ in entries})
         return len(self.sightings) - before
+
+    def _prune(self, seen: set[str]) -> None:
+        # Versions of files no longer in the inbox need no memory; the table still has
+        # them, and is asked again before anything is queued.
+        self.known = {path: sig for path, sig in self.known.items() if path in seen}
+        self.present &= seen | set(self.sightings)
 
     def hint(self, path: str, is_dir: bool) -> None:
         """A watcher event: look at ``path`` soon (a folder is scanned)."""
         try:
-            rel = Path(path).relative_to(self.inbox).as_posix()
+            fs_rel = Path(path).relative_to(self.inbox).as_posix()
         except ValueError:
             return
-        if rel == "." or self.filter.ignored_part(rel) is not None:
+        if fs_rel == "." or self.filter.ignored_part(fs_rel) is not None:
             return
         if is_dir:
-            asyncio.get_running_loop().create_task(self.scan(self.inbox / rel))
+            self._scan_folder_soon(fs_rel)
             return
         try:
-            st = (self.inbox / rel).lstat()
+            st = (self.inbox / fs_rel).lstat()
         except OSError:
             return
         if stat.S_ISREG(st.st_mode):
-            self._consider(rel, st, self.clock())
+            self._consider(fs_rel, st, self.clock())
 
-    def _consider(self, rel: str, st: os.stat_result, now: float) -> None:
-        if not self._storable(rel):
+    def _scan_folder_soon(self, fs_rel: str) -> None:
+        # A folder created or moved in: its files may have no events of their own.
+        if fs_rel in self._folder_scans:
             return
-        self.present.add(rel)
-        if self.known.get(rel) == (st.st_size, st.st_mtime_ns):
-            return
-        self.sightings[rel] = observe(self.sightings.get(rel), signature_of(st), now)
+        task = asyncio.get_running_loop().create_task(self.scan(self.inbox / fs_rel))
+        self._folder_scans[fs_rel] = task
+        task.add_done_callback(lambda _: self._folder_scans.pop(fs_rel, None))
 
-    def _storable(self, rel: str) -> bool:
+    def forget(self, path: str) -> None:
+        """The worker withdrew a job of ``path`` (it changed or vanished): look again."""
+        self.known.pop(path, None)
         try:
-            rel.encode("utf-8")
-        except UnicodeEncodeError:
-            if rel not in self._warned:
-                self._warned.add(rel)
-                log.warning("skipping a name that is not valid UTF-8", path=repr(rel))
-            return False
-        return True
+            st = (self.inbox / fs_path(path)).lstat()
+        except OSError:
+            self.present.discard(path)
+            return
+        if stat.S_ISREG(st.st_mode):
+            self._consider(fs_path(path), st, self.clock())
+
+    def request_rescan(self) -> None:
+        """Rescan the whole inbox at the next tick (events were lost)."""
+        self._rescan_soon = True
+
+    def _consider(self, fs_rel: str, st: os.stat_result, now: float) -> None:
+        rel = stored_path(fs_rel)
+        self.present.add(rel)
+        signature = signature_of(st)
+        if self.known.get(rel) == signature:
+            return
+        self.sightings[rel] = observe(self.sightings.get(rel), signature, now)
+
+    # -- the tick --------------------------------------------------------------------------
 
     async def tick(self) -> None:
         """Re-examine every candidate; queue those that became stable."""
-        if self.paused:  # disk nearly full: keep watching, take nothing
+        if self.paused or not self.sightings:
             return
+        rels = list(self.sightings)
+        stats = await asyncio.to_thread(self._lstat_all, rels)
         now = self.clock()
-        for rel in list(self.sightings):
-            try:
-                st = (self.inbox / rel).lstat()
-            except OSError:
-                del self.sightings[rel]  # gone before it was stable: nothing to do
-                self.present.discard(rel)
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                del self.sightings[rel]
+        ready: list[Ready] = []
+        for rel, st in zip(rels, stats, strict=True):
+            if rel not in self.sightings:
+                continue  # taken or dropped while we looked
+            if st is None or not stat.S_ISREG(st.st_mode):
+                await self._drop(rel)  # gone (or replaced) before it was taken
                 continue
             sighting = observe(self.sightings[rel], signature_of(st), now)
             self.sightings[rel] = sighting
-            if self._ready(sighting, now):
-                await self._take(rel, sighting.signature)
+            decision = verdict(sighting, now, self.patience)
+            if decision is Verdict.WAIT:
+                await self._note_stall(rel, sighting, now)
+            else:
+                ready.append((rel, sighting, decision is Verdict.GIVE_UP))
+        for start in range(0, len(ready), TAKE_BATCH):
+            await self._take(ready[start : start + TAKE_BATCH])
 
-    def _ready(self, sighting: Sighting, now: float) -> bool:
-        if is_stable(sighting, now, self.settings.quiet_period):
-            return True
-        # In ``once`` mode an empty file must end somewhere; the daemon keeps waiting.
-        return (
-            self.reject_empty
-            and sighting.signature.size == 0
-            and now - sighting.since >= self.settings.quiet_period
-        )
+    def _lstat_all(self, rels: list[str]) -> list[os.stat_result | None]:
+        results: list[os.stat_result | None] = []
+        for rel in rels:
+            try:
+                results.append((self.inbox / fs_path(rel)).lstat())
+            except OSError:
+                results.append(None)
+        return results
 
-    async def _take(self, rel: str, expected: Signature) -> None:
-        try:
-            fmt, described, actual = await asyncio.to_thread(self._inspect, rel)
-        except JobFailed as exc:
-            log.info("candidate vanished", path=rel, reason=exc.message)
+    async def _take(self, batch: list[Ready]) -> None:
+        """Inspect quiet candidates; queue or refuse them, or keep waiting for the rest."""
+        looks = await asyncio.to_thread(self._inspect_all, [rel for rel, _, _ in batch])
+        records: list[Record] = []
+        for (rel, sighting, final), found in zip(batch, looks, strict=True):
+            if isinstance(found, InputGone):
+                log.info("candidate vanished", path=rel, reason=found.message)
+                await self._drop(rel)
+                continue
+            if found.signature != sighting.signature:
+                self.sightings[rel] = observe(sighting, found.signature, self.clock())
+                continue
+            refused = refusal(found, rel, self.settings.allow_hardlinks)
+            if refused is None or refused[0] != "incomplete" or final:
+                records.append((rel, found, refused))
+                continue
+            if sighting.problem is None:
+                log.info("waiting for the rest of the file", path=rel, reason=found.problem)
+            self.sightings[rel] = with_problem(sighting, found.problem)
+        if records:
+            await self._record(records)
+
+    def _inspect_all(self, rels: list[str]) -> list[Inspection | InputGone]:
+        looks: list[Inspection | InputGone] = []
+        for rel in rels:
+            try:
+                allow = self.settings.allow_hardlinks  # a refused hard link is not read
+                looks.append(inspect_input(self.inbox, rel, allow_hardlinks=allow))
+            except InputGone as exc:
+                looks.append(exc)
+        return looks
+
+    async def _record(self, records: list[Record]) -> None:
+        """Insert the rows of a batch in one call of the writer thread."""
+        news = [(self._new_job(rel, found), refused) for rel, found, refused in records]
+        jobs = await self.db.call(self._store_jobs, news, self.clock())
+        queued = False
+        for (rel, found, refused), job in zip(records, jobs, strict=True):
             self.sightings.pop(rel, None)
-            return
-        if actual != expected:
-            self.sightings[rel] = observe(self.sightings[rel], actual, self.clock())
-            return
-        new = NewJob(
+            self.known[rel] = found.signature
+            await self._clear_stall(rel)
+            if job is None:
+                continue  # the table already has this version
+            if refused is None:
+                log.info("queued", path=rel, job_id=job.id)
+                queued = True
+                continue
+            log.warning("refused", path=rel, job_id=job.id, code=refused[0], reason=refused[1])
+            await self._write_error_file(job, *refused)
+        if queued:
+            self._on_enqueued()
+
+    def _new_job(self, rel: str, found: Inspection) -> NewJob:
+        return NewJob(
             path=rel,
-            size=actual.size,
-            mtime_ns=actual.mtime_ns,
-            inode=actual.inode,
-            input_format=fmt,
+            size=found.signature.size,
+            mtime_ns=found.signature.mtime_ns,
+            inode=found.signature.inode,
+            input_format=found.input_format.value if found.input_format else None,
             engine=self.settings.hub.engine,
             language=self.settings.hub.language,
             output_format=self.settings.hub.output_format,
         )
-        job = await self.db.call(self._record, new, described, self.clock())
-        del self.sightings[rel]
-        self.known[rel] = (actual.size, actual.mtime_ns)
-        log.info("queued" if job.error_code is None else "rejected", path=rel, job_id=job.id)
-        self._on_enqueued()
 
-    def _inspect(self, rel: str) -> tuple[str | None, str, Signature]:
-        with open_input(self.inbox, rel) as fd:
-            fmt, described = detect(fd)
-            return (fmt.value if fmt else None), described, signature_of(os.fstat(fd))
+    def _store_jobs(
+        self, news: list[tuple[NewJob, tuple[str, str] | None]], now: float
+    ) -> list[Job | None]:
+        """Claim output names and insert rows (runs on the writer thread)."""
+        return [self._store_job(new, refused, now) for new, refused in news]
 
-    def _record(self, new: NewJob, described: str, now: float) -> Job:
-        """Claim an output name and insert the row (runs on the writer thread)."""
+    def _store_job(self, new: NewJob, refused: tuple[str, str] | None, now: float) -> Job | None:
         store: Store = self.db.store
+        latest = store.latest_for_path(new.path)
+        if latest is not None and (latest.size, latest.mtime_ns, latest.inode) == (
+            new.size,
+            new.mtime_ns,
+            new.inode,
+        ):
+            return None  # never queue a known version twice
         output = self._claim_output(store, new.path, new.output_format)
-        if new.size == 0:
-            return store.reject(new, output, "empty_file", "the file is empty (0 bytes)", now)
-        if new.input_format is None:
-            message = f"unsupported type: looks like {described} ({ACCEPTED})"
-            return store.reject(new, output, "unsupported_type", message, now)
+        if refused is not None:
+            return store.reject(new, output, refused[0], refused[1], now)
         return store.enqueue(new, output, now)
 
     def _claim_output(self, store: Store, rel: str, output_format: str) -> str:
@@ -219,12 +376,82 @@ class Intake:
                 return candidate
         return candidates[-1]
 
+    async def _write_error_file(self, job: Job, code: str, message: str) -> None:
+        text = outbox.error_text(job.path, code, message, self.clock(), job.id)
+        try:
+            await asyncio.to_thread(
+                outbox.write_error_file, self.outbox, job.path, text, self.perms
+            )
+        except OSError as exc:
+            log.error("cannot write the error file", job_id=job.id, error=str(exc))
+
+    async def _drop(self, rel: str) -> None:
+        self.sightings.pop(rel, None)
+        self.present.discard(rel)
+        await self._clear_stall(rel)
+
+    # -- stalled files -------------------------------------------------------------------
+
+    async def _note_stall(self, rel: str, sighting: Sighting, now: float) -> None:
+        stalled = stall(sighting, now, self.patience)
+        if stalled is None:
+            await self._clear_stall(rel)
+            return
+        if rel in self.stalled:
+            return
+        self.stalled.add(rel)
+        code, reason = stalled
+        waited = round(now - sighting.waiting_since)
+        log.warning("an input is stalled", path=rel, code=code, reason=reason, waited=waited)
+        await self.db.call(
+            self.db.store.note_waiting, rel, code, reason, sighting.waiting_since, now
+        )
+
+    async def _clear_stall(self, rel: str) -> None:
+        if rel in self.stalled:
+            self.stalled.discard(rel)
+            await self.db.call(self.db.store.clear_waiting, [rel])
+
+    # -- running -------------------------------------------------------------------------
+
+    def watch(self, loop: asyncio.AbstractEventLoop) -> Watcher:
+        """Start the watcher that feeds ``hint``, as the settings say; supervise it."""
+        self.watcher = Watcher(
+            self.inbox,
+            self.hint,
+            polling=self.settings.use_polling,
+            polling_interval=self.settings.polling_interval,
+            on_overflow=self._overflowed,
+        )
+        self.watcher.start(loop)
+        return self.watcher
+
+    def _overflowed(self) -> None:
+        log.warning("filesystem events were lost (inotify queue overflow); rescanning")
+        self.request_rescan()
+
+    def _supervise(self) -> None:
+        watcher = self.watcher
+        if watcher is None or self.clock() < self._next_watch_check:
+            return
+        self._next_watch_check = self.clock() + WATCH_CHECK_SECONDS
+        if watcher.healthy():
+            return
+        log.error("the filesystem observer stopped; restarting it and rescanning the inbox")
+        try:
+            watcher.restart(asyncio.get_running_loop())
+        except OSError as exc:
+            log.error("cannot restart the filesystem observer", error=str(exc))
+        self.request_rescan()
+
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop``; rescan the whole inbox every ``rescan_interval``."""
         next_rescan = self.clock() + self.settings.rescan_interval
         while not stop.is_set():
             await self.tick()
-            if self.clock() >= next_rescan:
+            self._supervise()
+            if self._rescan_soon or self.clock() >= next_rescan:
+                self._rescan_soon = False
                 found = await self.scan()
                 if found:
                     log.info("rescan found files the watcher missed", count=found)

@@ -11,10 +11,13 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.layout import error_file_for, temp_name
+from daemon.names import fs_path
+from daemon.permissions import OutputPermissions, make_dirs
 from daemon.stability import Signature
 
 
@@ -32,10 +35,12 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def publish(tmp: Path, final: Path) -> None:
-    """Flush ``tmp``, rename it to ``final`` and flush the folder."""
+def publish(tmp: Path, final: Path, perms: OutputPermissions | None = None) -> None:
+    """Give ``tmp`` its mode and group, flush it, rename it to ``final``, flush the folder."""
     fd = os.open(tmp, os.O_RDONLY)
     try:
+        if perms is not None:
+            perms.apply_fd(fd)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -66,13 +71,15 @@ def error_text(rel_input: str, code: str, message: str, when: float, job_id: int
     )
 
 
-def write_error_file(outbox: Path, rel_input: str, content: str) -> Path:
+def write_error_file(
+    outbox: Path, rel_input: str, content: str, perms: OutputPermissions | None = None
+) -> Path:
     """Write (atomically) the error file of ``rel_input``; return its path."""
     final = outbox / error_file_for(rel_input)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(outbox, final.parent, perms)
     tmp = final.parent / temp_name(final.name, os.getpid())
     tmp.write_text(content, encoding="utf-8", errors="surrogateescape")
-    publish(tmp, final)
+    publish(tmp, final, perms)
     return final
 
 
@@ -84,7 +91,7 @@ def remove_error_file(outbox: Path, rel_input: str) -> None:
 
 def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
     """Delete the input if it is still the version that was converted."""
-    path = inbox / rel_input
+    path = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.names)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -101,8 +108,11 @@ def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
 
 def archive_input(inbox: Path, archive: Path, rel_input: str) -> Path | None:
     """Move the input into the archive, mirroring its path; never overwrite."""
-    source = inbox / rel_input
-    if not source.exists():
+    source = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.names)
+    try:
+        if not stat.S_ISREG(source.lstat().st_mode):
+            return None  # replaced by a link or something else: never follow or move it
+    except FileNotFoundError:
         return None
     target = _free_name(archive / rel_input)
     target.parent.mkdir(parents=True, exist_ok=True)

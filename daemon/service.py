@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,9 +22,14 @@ from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_k
 from daemon.db import Db
 from daemon.diskspace import DiskMonitor
 from daemon.errors import ConfigError
+from daemon.health import Liveness
 from daemon.intake import Intake
 from daemon.logs import get_logger
+from daemon.permissions import OutputPermissions
+from daemon.permissions import check as check_permissions
+from daemon.progress import ProgressBar, follow
 from daemon.store import Status, Store
+from daemon.supervise import Supervisor, Unhealthy
 from daemon.watcher import Watcher
 from daemon.worker import Pipeline
 
@@ -54,6 +61,10 @@ def prepare(settings: Settings) -> str:
         raise ConfigError("; ".join(problems))
     key = resolve_api_key(settings.hub)
     settings.outbox.mkdir(parents=True, exist_ok=True)
+    perms = OutputPermissions.of(settings.output_mode, settings.output_group)
+    problem = check_permissions(settings.outbox.absolute(), perms)
+    if problem:
+        raise ConfigError(problem)
     if settings.archive_dir is not None:
         settings.archive_dir.mkdir(parents=True, exist_ok=True)
     db_path = settings.database_url.removeprefix("sqlite:///")
@@ -65,9 +76,20 @@ def prepare(settings: Settings) -> str:
 class Service:
     """One daemon: store, client, intake, worker and (for ``run``) the watcher."""
 
-    def __init__(self, settings: Settings, api_key: str, *, once: bool) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        api_key: str,
+        *,
+        once: bool,
+        progress: bool = False,
+        reload_settings: Callable[[], Settings] | None = None,
+    ) -> None:
         self.settings = settings
         self.once = once
+        self.progress = progress
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.started_at = time.time()
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the watcher runs and the start-up scan is done
         store = Store(settings.database_url)
@@ -87,6 +109,7 @@ class Service:
             settings, self.db, self.client, key_source=lambda: resolve_api_key(settings.hub)
         )
         self.intake = Intake(settings, self.db, self.pipeline.wake, reject_empty=once)
+        self.pipeline.on_input_changed = self.intake.forget
         self.disk = DiskMonitor(
             [settings.outbox.absolute(), _state_folder(settings)],
             settings.min_free_space_mb,
@@ -94,6 +117,11 @@ class Service:
         )
         self.pipeline.on_disk_full = self.disk.check_now
         self.watcher: Watcher | None = None
+        self.supervisor = (
+            None
+            if once
+            else Supervisor(settings, self.db, self.liveness, self.client, reload_settings)
+        )
 
     def _disk_changed(self, low: bool) -> None:
         self.pipeline.disk_low = low
@@ -104,6 +132,22 @@ class Service:
     def request_stop(self) -> None:
         """Signal handler body: only set the flag."""
         self.stop.set()
+
+    def liveness(self) -> Liveness:
+        """Which parts are alive: the watcher thread, the intake and pipeline loops."""
+
+        def running(name: str) -> bool:
+            task = self.tasks.get(name)
+            return task is not None and not task.done()
+
+        return Liveness(
+            watcher=self.watcher is not None and self.watcher.alive(),
+            intake=running("intake"),
+            pipeline=running("pipeline"),
+            paused=self.pipeline.paused,
+            holding_back=self.pipeline.holding_back(),
+            in_flight=len(self.pipeline.active),
+        )
 
     async def run(self) -> Outcome | None:
         """Run until stopped (``run``) or until quiet (``once``)."""
@@ -130,8 +174,7 @@ class Service:
         self.disk.check()
         await self.intake.load_known()
         if not self.once:
-            self.watcher = Watcher(self.settings.inbox.absolute(), self.intake.hint)
-            self.watcher.start(loop)
+            self.watcher = self.intake.watch(loop)  # inotify and/or polling, supervised
         found = await self.intake.scan()
         log.info("start-up scan done", new_files=found, known=len(self.intake.known))
         self.ready.set()
@@ -140,9 +183,17 @@ class Service:
             asyncio.create_task(self.pipeline.run(self.stop), name="pipeline"),
             asyncio.create_task(self.disk.run(self.stop), name="diskspace"),
         ]
+        self.tasks = {task.get_name(): task for task in tasks}
+        if self.supervisor is not None:
+            tasks += await self.supervisor.start(self.stop)
         if self.once:
             tasks.append(asyncio.create_task(self._stop_when_quiet(), name="once"))
+        if self.progress:
+            bar = follow(self.db, self.started_at, ProgressBar())
+            tasks.append(asyncio.create_task(bar, name="progress"))
         await self.stop.wait()
+        if self.supervisor is not None:
+            self.supervisor.stopping()
         await self.pipeline.shutdown(STOP_GRACE_SECONDS)
         for task in tasks:
             task.cancel()
@@ -172,6 +223,8 @@ class Service:
         return outcome
 
     async def _close(self) -> None:
+        if self.supervisor is not None:
+            await self.supervisor.close()
         if self.watcher is not None:
             self.watcher.stop()
         await self.client.aclose()
@@ -185,9 +238,21 @@ def _state_folder(settings: Settings) -> Path:
     return settings.outbox.absolute()
 
 
-async def run_service(settings: Settings, *, once: bool) -> Outcome | None:
-    """Prepare and run one service; ConfigError when the setup is wrong."""
+async def run_service(
+    settings: Settings,
+    *,
+    once: bool,
+    progress: bool = False,
+    reload_settings: Callable[[], Settings] | None = None,
+) -> Outcome | None:
+    """Prepare and run one service; ConfigError when the setup is wrong.
+
+    Raises ``Unhealthy`` when a daemon stopped itself because a part of it died.
+    """
     key = prepare(settings)
     failpoints.configure(failpoint_spec())
-    service = Service(settings, key, once=once)
-    return await service.run()
+    service = Service(settings, key, once=once, progress=progress, reload_settings=reload_settings)
+    outcome = await service.run()
+    if service.supervisor is not None and service.supervisor.failure is not None:
+        raise Unhealthy(service.supervisor.failure)
+    return outcome

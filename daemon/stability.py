@@ -1,12 +1,23 @@
 """Stability: when a file in the inbox counts as completely written (pure functions).
 
 A file is taken once its signature (size, mtime, inode) has not changed for the quiet
-period. A file that keeps changing is waited for as long as it changes; an empty file
-(a scanner's placeholder) is never taken while it stays empty.
+period. There is no give-up cliff: a file that keeps changing is waited for as long as
+it changes. Two kinds of file wait although they are quiet:
+
+- an empty file (a scanner's placeholder) waits for content, for ever in the daemon;
+- a file whose content check found it incomplete (a PDF without ``%%EOF``, a TIFF whose
+  pages point past its end...) waits for the rest, and fails with that reason once it
+  has stayed unchanged for ``incomplete_timeout``.
+
+Either shows as *stalled* once it has waited ``stalled_after``. ``once`` runs are
+impatient: they cannot wait for a writer that may never come back, so an empty or
+incomplete file fails as soon as it has been quiet for the quiet period.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 from dataclasses import dataclass
 
 
@@ -21,19 +32,81 @@ class Signature:
 
 @dataclass(frozen=True)
 class Sighting:
-    """A signature and since when it has been seen unchanged."""
+    """A signature, since when it is unchanged, and what holds the file back."""
 
     signature: Signature
-    since: float
+    since: float  # the signature has been unchanged since then
+    first_seen: float | None = None  # when intake first saw the file (None: same as since)
+    problem: str | None = None  # why a quiet file is not complete yet (format check)
+
+    @property
+    def waiting_since(self) -> float:
+        """When intake started waiting for this file."""
+        return self.since if self.first_seen is None else self.first_seen
+
+
+@dataclass(frozen=True)
+class Patience:
+    """How long intake waits, from the settings."""
+
+    quiet_period: float
+    stalled_after: float = 300.0
+    incomplete_timeout: float = 3600.0
+    impatient: bool = False  # ``once``: empty and incomplete files end after the quiet period
+
+
+class Verdict(enum.Enum):
+    """What intake does with a candidate on this tick."""
+
+    WAIT = "wait"  # still changing, empty, or incomplete within its time
+    CHECK = "check"  # quiet: open it, check type and completeness, then queue it
+    GIVE_UP = "give_up"  # empty or incomplete for too long: check once more, then fail it
 
 
 def observe(previous: Sighting | None, signature: Signature, now: float) -> Sighting:
     """Record a new look at a file: keep ``since`` only when nothing changed."""
-    if previous is not None and previous.signature == signature:
+    if previous is None:
+        return Sighting(signature, now, now)
+    if previous.signature == signature:
         return previous
-    return Sighting(signature, now)
+    return Sighting(signature, now, previous.waiting_since)
+
+
+def with_problem(sighting: Sighting, problem: str | None) -> Sighting:
+    """The sighting with the content check's finding recorded."""
+    return dataclasses.replace(sighting, problem=problem)
+
+
+def quiet_for(sighting: Sighting, now: float) -> float:
+    """Seconds the file has been unchanged."""
+    return max(0.0, now - sighting.since)
+
+
+def verdict(sighting: Sighting, now: float, patience: Patience) -> Verdict:
+    """Decide what to do with a candidate now."""
+    quiet = quiet_for(sighting, now)
+    if quiet < patience.quiet_period:
+        return Verdict.WAIT
+    if sighting.signature.size == 0:
+        return Verdict.GIVE_UP if patience.impatient else Verdict.WAIT
+    if sighting.problem is None:
+        return Verdict.CHECK
+    if patience.impatient or quiet >= patience.incomplete_timeout:
+        return Verdict.GIVE_UP
+    return Verdict.WAIT
 
 
 def is_stable(sighting: Sighting, now: float, quiet_period: float) -> bool:
     """Whether the file is unchanged for the quiet period and not an empty placeholder."""
-    return sighting.signature.size > 0 and now - sighting.since >= quiet_period
+    return sighting.signature.size > 0 and quiet_for(sighting, now) >= quiet_period
+
+
+def stall(sighting: Sighting, now: float, patience: Patience) -> tuple[str, str] | None:
+    """(code, reason) when the file has waited too long to show as normal, else None."""
+    if now - sighting.waiting_since < patience.stalled_after:
+        return None
+    if sighting.signature.size == 0:
+        return "empty_file", "the file is still empty (0 bytes): a placeholder nobody filled"
+    if sighting.problem is not None and quiet_for(sighting, now) >= patience.quiet_period:
+        return "incomplete", sighting.problem
+    return None

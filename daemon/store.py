@@ -24,6 +24,7 @@ from sqlalchemy import (
     Table,
     Text,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -34,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.elements import ColumnElement
 
 
 class Status(enum.StrEnum):
@@ -85,7 +87,7 @@ jobs_table = Table(
     Column("mtime_ns", BigInteger, nullable=False),
     Column("inode", BigInteger, nullable=False),
     Column("input_format", String(8)),
-    Column("sha256", String(64)),
+    Column("sha256", String(64), index=True),  # duplicate lookups (on_duplicate)
     Column("status", String(16), nullable=False, index=True),
     Column("stage", String(16), nullable=False),
     Column("engine", String(100), nullable=False),
@@ -105,6 +107,34 @@ jobs_table = Table(
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
 )
+
+# Inputs intake has waited on for too long (an empty placeholder, an incomplete file):
+# intake's own view, kept here so that ``status`` and ``explain`` can show it.
+waiting_table = Table(
+    "waiting",
+    metadata,
+    Column("path", Text, primary_key=True),
+    Column("code", String(32), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("since", Float, nullable=False),
+    Column("noted_at", Float, nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """An input that intake still waits on, and why (a row of ``waiting``)."""
+
+    path: str
+    code: str
+    reason: str
+    since: float
+    noted_at: float
+
+
+def _unfinished() -> ColumnElement[bool]:
+    # By stage, not status: a published job still has its input to handle.
+    return jobs_table.c.stage.not_in([stage.value for stage in FINAL_STAGES])
 
 
 @dataclass(frozen=True)
@@ -263,6 +293,81 @@ class Store:
         with self.engine.connect() as conn:
             return {row.output for row in conn.execute(query)}
 
+    def versions(self) -> dict[str, tuple[int, int, int]]:
+        """Latest (size, mtime_ns, inode) per input path: the versions intake already took."""
+        latest = (
+            select(func.max(jobs_table.c.id).label("id")).group_by(jobs_table.c.path).subquery()
+        )
+        columns = (jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns, jobs_table.c.inode)
+        query = select(*columns).join(latest, jobs_table.c.id == latest.c.id)
+        with self.engine.connect() as conn:
+            return {r.path: (r.size, r.mtime_ns, r.inode) for r in conn.execute(query)}
+
+    def converted_before(
+        self, sha256: str, engine: str, language: str, output_format: str, exclude_id: int
+    ) -> tuple[Job, bool] | None:
+        """The newest completed job of the same content and settings, and whether its
+        output name still holds its output (no newer job of that path claims the name)."""
+        newer = jobs_table.alias("newer")
+        superseded = (
+            select(newer.c.id)
+            .where(
+                newer.c.output == jobs_table.c.output,
+                newer.c.id > jobs_table.c.id,
+                newer.c.id != exclude_id,
+                newer.c.status != Status.FAILED.value,
+            )
+            .exists()
+        )
+        query = (
+            select(jobs_table, superseded.label("superseded"))
+            .where(
+                jobs_table.c.sha256 == sha256,
+                jobs_table.c.engine == engine,
+                jobs_table.c.language == language,
+                jobs_table.c.output_format == output_format,
+                jobs_table.c.status == Status.COMPLETED.value,
+                jobs_table.c.output.is_not(None),
+                jobs_table.c.id != exclude_id,
+            )
+            .order_by(jobs_table.c.id.desc())
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        data = dict(row._mapping)
+        current = not data.pop("superseded")
+        data["status"], data["stage"] = Status(data["status"]), Stage(data["stage"])
+        return Job(**data), current
+
+    def note_waiting(self, path: str, code: str, reason: str, since: float, now: float) -> None:
+        """Record (or update) an input that intake waits on for too long."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(waiting_table).where(waiting_table.c.path == path))
+            conn.execute(
+                insert(waiting_table).values(
+                    path=path, code=code, reason=reason, since=since, noted_at=now
+                )
+            )
+
+    def clear_waiting(self, paths: Iterable[str] | None = None) -> None:
+        """Forget waiting inputs (all of them when ``paths`` is None)."""
+        query = delete(waiting_table)
+        if paths is not None:
+            query = query.where(waiting_table.c.path.in_(list(paths)))
+        with self.engine.begin() as conn:
+            conn.execute(query)
+
+    def waiting(self, path: str | None = None) -> list[Waiting]:
+        """Inputs intake waits on for too long, longest first (or the one of ``path``)."""
+        query = select(waiting_table).order_by(waiting_table.c.since)
+        if path is not None:
+            query = query.where(waiting_table.c.path == path)
+        with self.engine.connect() as conn:
+            return [Waiting(**dict(r._mapping)) for r in conn.execute(query)]
+
     # -- worker ----------------------------------------------------------------------
 
     def runnable(self, now: float, limit: int, exclude: Iterable[int]) -> list[Job]:
@@ -270,7 +375,7 @@ class Store:
         query = (
             select(jobs_table)
             .where(
-                jobs_table.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value]),
+                _unfinished(),
                 or_(jobs_table.c.next_attempt_at.is_(None), jobs_table.c.next_attempt_at <= now),
                 jobs_table.c.id.not_in(list(exclude)),
             )
@@ -283,7 +388,7 @@ class Store:
     def next_due(self) -> float | None:
         """The earliest ``next_attempt_at`` of a deferred unfinished job."""
         query = select(func.min(jobs_table.c.next_attempt_at)).where(
-            jobs_table.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value])
+            _unfinished()
         )
         with self.engine.connect() as conn:
             value = conn.execute(query).scalar()
@@ -313,9 +418,9 @@ class Store:
             return Job.from_row(result.one())
 
     def unfinished_count(self) -> int:
-        """How many jobs are queued or processing."""
+        """How many jobs are not finished (their input may still need handling)."""
         query = select(func.count()).where(
-            jobs_table.c.status.in_([Status.QUEUED.value, Status.PROCESSING.value])
+            _unfinished()
         )
         with self.engine.connect() as conn:
             return int(conn.execute(query).scalar() or 0)
@@ -358,6 +463,74 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return Job.from_row(row) if row is not None else None
+
+    def find(
+        self,
+        status: Status | None = None,
+        *,
+        created_before: float | None = None,
+        created_after: float | None = None,
+    ) -> list[Job]:
+        """Jobs, newest first, filtered by status and by when they were queued."""
+        query = select(jobs_table).order_by(jobs_table.c.id.desc())
+        if status is not None:
+            query = query.where(jobs_table.c.status == status.value)
+        if created_before is not None:
+            query = query.where(jobs_table.c.created_at < created_before)
+        if created_after is not None:
+            query = query.where(jobs_table.c.created_at >= created_after)
+        with self.engine.connect() as conn:
+            return [Job.from_row(r) for r in conn.execute(query)]
+
+    def oldest_unfinished(self) -> float | None:
+        """When the oldest job that is still queued or processing was queued."""
+        query = select(func.min(jobs_table.c.created_at)).where(
+            _unfinished()
+        )
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return float(value) if value is not None else None
+
+    def counts_since(self, since: float) -> dict[str, int]:
+        """Jobs per status among those unfinished or changed since ``since`` (one run's work)."""
+        query = (
+            select(jobs_table.c.status, func.count())
+            .where(
+                or_(
+                    jobs_table.c.updated_at >= since,
+                    _unfinished(),
+                )
+            )
+            .group_by(jobs_table.c.status)
+        )
+        counts = {status.value: 0 for status in Status}
+        with self.engine.connect() as conn:
+            for status, count in conn.execute(query):
+                counts[status] = int(count)
+        return counts
+
+    def purge_candidates(
+        self, statuses: Sequence[Status], finished_before: float
+    ) -> list[tuple[int, str, bool]]:
+        """(id, path, is the newest job of its path) of final jobs finished before a time."""
+        newer = jobs_table.alias("newer")
+        newest = (
+            select(func.max(newer.c.id)).where(newer.c.path == jobs_table.c.path).scalar_subquery()
+        )
+        query = select(jobs_table.c.id, jobs_table.c.path, jobs_table.c.id == newest).where(
+            jobs_table.c.status.in_([s.value for s in statuses]),
+            jobs_table.c.finished_at < finished_before,
+        )
+        with self.engine.connect() as conn:
+            return [(int(r[0]), str(r[1]), bool(r[2])) for r in conn.execute(query)]
+
+    def delete(self, job_ids: Sequence[int]) -> int:
+        """Delete jobs by id; return how many went."""
+        if not job_ids:
+            return 0
+        with self.engine.begin() as conn:
+            result = conn.execute(delete(jobs_table).where(jobs_table.c.id.in_(list(job_ids))))
+            return int(result.rowcount)
 
     def requeue(self, job_ids: Iterable[int], now: float) -> list[Job]:
         """Put failed jobs back in the queue, resuming from what the hub still has."""

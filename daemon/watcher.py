@@ -1,27 +1,42 @@
 """Watcher: turns filesystem events into hints for intake.
 
 Events are only hints (the directory scan is the truth), so the watcher does no work of
-its own: watchdog's observer thread emits events, and the handler hands each path to the
-event loop with ``call_soon_threadsafe``. When the kernel's inotify watches run out the
-watcher says which setting to raise and falls back to polling.
+its own: watchdog's observer threads emit events, and the handler hands each path to
+the event loop with ``call_soon_threadsafe``.
+
+How the inbox is watched follows ``use_polling`` and the mount table (``daemon.mounts``):
+inotify where the kernel sees every change, polling where it cannot (network and FUSE
+filesystems). Polling lists folders with ``lstat``, so it never follows a symlink out of
+the inbox. When inotify runs out of watches the watcher names the sysctl to raise and
+polls instead. A dead observer or emitter thread is noticed by ``healthy`` and the
+watcher is restarted by its owner; an inotify queue overflow asks for a rescan at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserver
+from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.logs import get_logger
+from daemon.mounts import UsePolling, WatchPlan, plan_for
 
 Hint = Callable[[str, bool], None]
 log = get_logger(component="watcher")
+_IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "deleted"})
+_INOTIFY_LOGGER = "watchdog.observers.inotify_c"
+_LIMIT_SYSCTL = {
+    errno.ENOSPC: "fs.inotify.max_user_watches",
+    errno.EMFILE: "fs.inotify.max_user_instances",
+}
 
 
 class _Forwarder(FileSystemEventHandler):
@@ -30,53 +45,165 @@ class _Forwarder(FileSystemEventHandler):
         self._hint = hint
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write", "deleted"):
+        if event.event_type in _IGNORED_EVENTS:
             return
+        if event.is_directory and event.event_type not in {"created", "moved"}:
+            return  # a folder's own change; the files in it have events of their own
         path = event.dest_path if event.event_type == "moved" else event.src_path
-        self._loop.call_soon_threadsafe(self._hint, _as_str(path), event.is_directory)
+        try:
+            self._loop.call_soon_threadsafe(self._hint, _as_str(path), event.is_directory)
+        except RuntimeError:  # the loop closed while the observer was stopping
+            return
+
+
+class _OverflowAlarm(logging.Handler):
+    """Watchdog only logs an inotify queue overflow; turn that line into a rescan."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_overflow: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self._loop = loop
+        self._on_overflow = on_overflow
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            try:
+                self._loop.call_soon_threadsafe(self._on_overflow)
+            except RuntimeError:
+                return
 
 
 def _as_str(path: str | bytes) -> str:
-    return path.decode("utf-8", "surrogateescape") if isinstance(path, bytes) else path
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def _polling_observer(interval: float) -> BaseObserver:
+    # lstat, not stat: a symlinked folder is a link, never a folder to walk into.
+    return PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=interval)
 
 
 class Watcher:
-    """A recursive observer on the inbox that forwards paths to ``hint``."""
+    """Observers on the inbox (inotify and/or polling) that forward paths to ``hint``."""
 
-    def __init__(self, inbox: Path, hint: Hint, *, polling: bool = False) -> None:
+    def __init__(
+        self,
+        inbox: Path,
+        hint: Hint,
+        *,
+        polling: UsePolling = "auto",
+        polling_interval: float = 2.0,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
         self._inbox = inbox
         self._hint = hint
-        self._polling = polling
-        self._observer: BaseObserver | None = None
+        self._mode = polling
+        self._interval = polling_interval
+        self._on_overflow = on_overflow
+        self._observers: list[BaseObserver] = []
+        self._alarm: _OverflowAlarm | None = None
+        self.plan = WatchPlan((), ())
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start watching; fall back to polling when inotify cannot watch the tree."""
-        try:
-            self._observer = self._start(loop, polling=self._polling)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EMFILE):
-                raise
-            log.error(
-                "inotify limit reached; watching by polling instead",
-                hint="raise fs.inotify.max_user_watches (sysctl) to use inotify",
-                error=str(exc),
-            )
-            self._observer = self._start(loop, polling=True)
+        """Start watching as the plan says; poll wherever inotify cannot watch."""
+        plan = plan_for(self._inbox, self._mode)
+        watched: list[Path] = []
+        polled = list(plan.polled)
+        for folder in plan.inotify:
+            try:
+                self._observers.append(self._start_inotify(loop, folder))
+                watched.append(folder)
+            except OSError as exc:
+                if exc.errno not in _LIMIT_SYSCTL:
+                    raise
+                self._report_limit(exc)
+                polled.insert(0, folder)
+        if polled:
+            self._observers.append(self._start_polling(loop, polled))
+        self.plan = WatchPlan(tuple(watched), tuple(polled), plan.reasons)
+        self._watch_overflow(loop)
+        log.info(
+            "watching the inbox",
+            inotify=[str(p) for p in self.plan.inotify],
+            polled=[str(p) for p in self.plan.polled],
+            polling_interval=self._interval if polled else None,
+            why=list(plan.reasons) or None,
+        )
 
-    def _start(self, loop: asyncio.AbstractEventLoop, *, polling: bool) -> BaseObserver:
-        observer: BaseObserver = PollingObserver(timeout=2.0) if polling else Observer()
-        observer.schedule(_Forwarder(loop, self._hint), str(self._inbox), recursive=True)
+    def _start_inotify(self, loop: asyncio.AbstractEventLoop, folder: Path) -> BaseObserver:
+        observer: BaseObserver = Observer()
+        try:
+            observer.schedule(_Forwarder(loop, self._hint), str(folder), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError:
+            _quietly_stop(observer)
+            raise
+        return observer
+
+    def _start_polling(self, loop: asyncio.AbstractEventLoop, folders: list[Path]) -> BaseObserver:
+        observer = _polling_observer(self._interval)
+        for folder in folders:
+            observer.schedule(_Forwarder(loop, self._hint), str(folder), recursive=True)
         observer.daemon = True
         observer.start()
         return observer
 
+    def _report_limit(self, exc: OSError) -> None:
+        sysctl = _LIMIT_SYSCTL[exc.errno or errno.ENOSPC]
+        log.error(
+            "inotify limit reached; watching by polling instead",
+            error=str(exc),
+            fix=f"raise {sysctl} (e.g. sysctl -w {sysctl}=524288, and in /etc/sysctl.d/) "
+            "to watch with inotify again",
+        )
+
+    def _watch_overflow(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._on_overflow is None or self._alarm is not None:
+            return
+        self._alarm = _OverflowAlarm(loop, self._on_overflow)
+        logging.getLogger(_INOTIFY_LOGGER).addHandler(self._alarm)
+
+    @property
+    def observers(self) -> tuple[BaseObserver, ...]:
+        """The running observers (for diagnostics and tests)."""
+        return tuple(self._observers)
+
+    def healthy(self) -> bool:
+        """Whether every observer thread and every emitter thread is still running."""
+        if not self._observers:
+            return False
+        for observer in self._observers:
+            if not observer.is_alive():
+                return False
+            if not all(emitter.is_alive() for emitter in observer.emitters):
+                return False
+        return True
+
     def alive(self) -> bool:
-        """Whether the observer thread is still running."""
-        return self._observer is not None and self._observer.is_alive()
+        """Same as ``healthy`` (kept for callers of the earlier name)."""
+        return self.healthy()
+
+    def restart(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Stop whatever is left of the observers and start afresh (re-reading the mounts)."""
+        self._stop_observers()
+        self.start(loop)
 
     def stop(self) -> None:
-        """Stop the observer thread."""
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        """Stop the observer threads."""
+        self._stop_observers()
+        if self._alarm is not None:
+            logging.getLogger(_INOTIFY_LOGGER).removeHandler(self._alarm)
+            self._alarm = None
+
+    def _stop_observers(self) -> None:
+        observers, self._observers = self._observers, []
+        for observer in observers:
+            _quietly_stop(observer)
+
+
+def _quietly_stop(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=5)
+    except (OSError, RuntimeError) as exc:  # a dead emitter may not stop cleanly
+        log.warning("observer did not stop cleanly", error=str(exc))

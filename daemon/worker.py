@@ -24,10 +24,11 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import BinaryIO, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import failpoints, outbox
+from daemon import duplicates, failpoints, metrics, outbox
 from daemon.backoff import retry_delay
 from daemon.breaker import Breaker
 from daemon.client import HubClient, RemoteJob, current_job
@@ -42,9 +43,17 @@ from daemon.errors import (
     RetryLater,
 )
 from daemon.formats import InputFormat
-from daemon.inputs import MIME_TYPES, open_input, sha256_of, signature_of
+from daemon.inputs import (
+    MIME_TYPES,
+    HashingReader,
+    InputGone,
+    open_input,
+    sha256_of,
+    signature_of,
+)
 from daemon.logs import get_logger
 from daemon.ooxml import OoxmlProblem, verify_package
+from daemon.permissions import OutputPermissions, make_dirs
 from daemon.stability import Signature
 from daemon.store import FINAL_STAGES, Job, Stage
 
@@ -65,7 +74,7 @@ TRANSIENT_CODES = TRANSIENT_REMOTE_CODES | {
     "too_many_submits",
     *(f"http_{code}" for code in (408, 500, 502, 503, 504)),
 }
-DISK_RETRY_SECONDS = 10.0
+DISK_RETRY_SECONDS = 5.0
 REARM_CHECK_SECONDS = 60.0
 UPLOAD_MATCH_SLACK = 5.0  # seconds of clock difference tolerated when matching an upload
 Step = Callable[[Job], Awaitable[Job]]
@@ -109,10 +118,14 @@ class Pipeline:
         self.active: dict[int, asyncio.Task[None]] = {}
         self.paused: str | None = None
         self.polling: set[int] = set()  # jobs only waiting on the hub: safe to cancel at once
+        self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.breaker = Breaker()
         self.disk_low = False  # set by the service's free-space monitor
         self.on_disk_full: Callable[[], None] = lambda: None
+        # InputChanged handling: intake looks at a withdrawn job's input again.
+        self.on_input_changed: Callable[[str], None] = lambda path: None
         self._next_rearm_check = 0.0
+        self._disk_full_reported = False  # one log line per full-disk episode
         self._wake = asyncio.Event()
         self._steps: dict[Stage, Step] = {
             Stage.PENDING: self._upload,
@@ -165,7 +178,8 @@ class Pipeline:
         settings = self.settings
         if settings.auto_retry_after <= 0 or self.clock() < self._next_rearm_check:
             return
-        self._next_rearm_check = self.clock() + REARM_CHECK_SECONDS
+        interval = min(REARM_CHECK_SECONDS, max(0.2, settings.auto_retry_after / 4))
+        self._next_rearm_check = self.clock() + interval
         rearmed = await self.db.call(
             self.db.store.rearm_due,
             self.clock(),
@@ -178,6 +192,8 @@ class Pipeline:
 
     async def _sleep_until_needed(self, stop: asyncio.Event) -> None:
         timeout = 5.0
+        if self.settings.auto_retry_after > 0:
+            timeout = min(timeout, max(0.0, self._next_rearm_check - self.clock()))
         reopen = self.breaker.open_until
         if reopen is not None and reopen > self.clock():
             timeout = min(timeout, reopen - self.clock())
@@ -219,15 +235,19 @@ class Pipeline:
         current_job.set(job.id)  # this task's requests carry the job id
         bound = log.bind(job_id=job.id, path=job.path)
         started = self.clock()
+        timer = metrics.StageTimer(self.clock)
         try:
             while job.stage not in FINAL_STAGES and self.paused is None:
-                job = await self._steps[job.stage](job)
+                with timer.stage(job.stage):
+                    job = await self._steps[job.stage](job)
                 self.breaker = self.breaker.success()
             if job.stage is Stage.DONE:
+                metrics.record_finished("completed")
                 bound.info(
                     "job completed",
                     output=job.output,
                     seconds=round(self.clock() - started, 3),
+                    stages=timer.summary(),
                     remote_job_id=job.remote_job_id,
                 )
         except asyncio.CancelledError:
@@ -281,6 +301,12 @@ class Pipeline:
     async def _disk_full(self, job: Job, exc: OSError) -> None:
         # Not the job's fault: do not count it as an attempt; the monitor pauses intake.
         self.on_disk_full()
+        if not self._disk_full_reported:
+            self._disk_full_reported = True
+            log.error(
+                "no space left on the disk; outputs wait until space is freed",
+                path=str(exc.filename or self.outbox),
+            )
         await self._advance(
             job,
             job.stage,
@@ -318,6 +344,7 @@ class Pipeline:
             await self._fail(job, JobFailed(message, code=exc.code))
             return
         delay = retry_delay(attempts, retry_after=exc.retry_after, rng=self.rng)
+        metrics.record_error(exc.code, "retry", job.stage)
         log.warning(
             "step will be retried",
             job_id=job.id,
@@ -338,23 +365,43 @@ class Pipeline:
 
     async def _fail(self, job: Job, exc: JobFailed) -> None:
         if isinstance(exc, InputChanged):
-            log.info("input changed; its new version will be taken", job_id=job.id, path=job.path)
+            await self._withdraw(job, exc)
+            return
         failed = await self._advance(
             job, Stage.FAILED, error_code=exc.code, error_message=exc.message
         )
         text = outbox.error_text(job.path, exc.code, exc.message, self.clock(), job.id)
         try:
-            await asyncio.to_thread(outbox.write_error_file, self.outbox, job.path, text)
+            await asyncio.to_thread(
+                outbox.write_error_file, self.outbox, job.path, text, self.perms
+            )
         except OSError as err:
             log.error("cannot write the error file", job_id=job.id, error=str(err))
+        metrics.record_error(exc.code, "fail")
+        metrics.record_finished("failed")
         log.error(
             "job failed",
             job_id=failed.id,
             path=failed.path,
             code=exc.code,
             reason=exc.message,
+            stages=metrics.stage_summary(),
             remote_job_id=failed.remote_job_id,
         )
+
+    async def _withdraw(self, job: Job, exc: InputChanged) -> None:
+        """The input changed or vanished before its upload counted: drop the job (nothing
+        was converted, so nothing is lost) and let intake take the file again once stable;
+        the new version then converts once, as a new job."""
+        await self.db.call(self.db.store.delete, [job.id])
+        log.info(
+            "input changed before it was converted; job withdrawn, the file is taken again "
+            "once it is stable",
+            job_id=job.id,
+            path=job.path,
+            reason=exc.message,
+        )
+        self.on_input_changed(job.path)
 
     # -- pause while the key is rejected -----------------------------------------------
 
@@ -362,6 +409,7 @@ class Pipeline:
         if self.paused is not None:
             return
         self.paused = exc.message
+        metrics.record_error(exc.code, "pause")
         log.error(
             "the LDX hub rejected the API key; all work is paused until it is accepted",
             reason=exc.message,
@@ -385,23 +433,90 @@ class Pipeline:
     # -- steps -------------------------------------------------------------------------
 
     async def _upload(self, job: Job) -> Job:
-        job = await self._advance(job, Stage.UPLOADING)
-        info, digest = await self._send_input(job)
+        allow = self.settings.allow_hardlinks
+        try:
+            with open_input(self.inbox, job.path, allow_hardlinks=allow) as fd:
+                _check_unchanged(fd, _signature(job), job.path)
+                digest = await asyncio.to_thread(sha256_of, fd)
+                done = await self._reuse_earlier(job, digest)  # nothing is sent for these
+                if done is not None:
+                    return done
+                job = await self._advance(job, Stage.UPLOADING, sha256=digest)
+                file_id = await self._send_input(job, fd, digest)
+        except InputGone as exc:
+            raise InputChanged(f"{exc.message}; nothing was converted") from None
         failpoints.hit("after-upload")
+        metrics.record_uploaded(job.size)
         return await self._advance(
-            job, Stage.UPLOADED, remote_file_id=info, sha256=digest, attempts=0
+            job, Stage.UPLOADED, remote_file_id=file_id, sha256=digest, attempts=0
         )
 
-    async def _send_input(self, job: Job) -> tuple[str, str]:
-        expected = Signature(job.size, job.mtime_ns, job.inode)
-        with open_input(self.inbox, job.path) as fd:
-            _check_unchanged(fd, expected, job.path)
-            digest = await asyncio.to_thread(sha256_of, fd)
-            fmt = InputFormat(job.input_format) if job.input_format else InputFormat.PDF
-            with os.fdopen(os.dup(fd), "rb") as stream:
-                info = await self.client.upload(stream, Path(job.path).name, MIME_TYPES[fmt])
-            _check_unchanged(fd, expected, job.path)
-        return info.file_id, digest
+    async def _send_input(self, job: Job, fd: int, digest: str) -> str:
+        """Upload the open input; InputChanged when it changed meanwhile (its signature,
+        or the hash of the bytes actually sent)."""
+        fmt = InputFormat(job.input_format) if job.input_format else InputFormat.PDF
+        reader = HashingReader(fd)
+        stream = cast(BinaryIO, reader)
+        info = await self.client.upload(stream, Path(job.path).name, MIME_TYPES[fmt])
+        _check_unchanged(fd, _signature(job), job.path)
+        if reader.hexdigest() != digest:
+            raise InputChanged(
+                f"{job.path} changed while it was uploaded; the new version will be converted"
+            )
+        return info.file_id
+
+    async def _reuse_earlier(self, job: Job, digest: str) -> Job | None:
+        """Apply ``on_duplicate`` when the same content was converted before; None means
+        convert it."""
+        policy = self.settings.on_duplicate
+        if policy == "convert":
+            return None
+        found = await self.db.call(
+            self.db.store.converted_before,
+            digest,
+            job.engine,
+            job.language,
+            job.output_format,
+            job.id,
+        )
+        earlier, current = found if found is not None else (None, False)
+        action = duplicates.decide(policy, earlier is not None, current)
+        if earlier is None or action is duplicates.Action.CONVERT:
+            return None
+        if action is duplicates.Action.REUSE and not await self._copy_earlier(job, earlier):
+            return None
+        log.info(
+            "same content was converted before; "
+            + ("its output was reused" if action is duplicates.Action.REUSE else "skipped"),
+            job_id=job.id,
+            path=job.path,
+            earlier_job_id=earlier.id,
+            earlier_path=earlier.path,
+        )
+        await asyncio.to_thread(outbox.remove_error_file, self.outbox, job.path)
+        output = job.output if action is duplicates.Action.REUSE else None
+        return await self._advance(
+            job,
+            Stage.PUBLISHED,
+            sha256=digest,
+            output=output,
+            attempts=0,
+            error_code=None,
+            error_message=None,
+        )
+
+    async def _copy_earlier(self, job: Job, earlier: Job) -> bool:
+        if earlier.output is None or job.output is None:
+            return False
+        return await asyncio.to_thread(
+            duplicates.copy_output,
+            self.outbox,
+            earlier.output,
+            job.output,
+            job.output_format,
+            job_id=job.id,
+            perms=self.perms,
+        )
 
     async def _resume_upload(self, job: Job) -> Job:
         """An upload was under way when we stopped: adopt it if the hub has it."""
@@ -426,18 +541,24 @@ class Pipeline:
         if file_id is None:  # only a hand-edited row gets here: start the job over
             return await self._advance(job, Stage.PENDING)
         if job.stage is Stage.SUBMITTING:
+            # An earlier attempt may have created the job without us learning its id.
             adopted = await self._find_remote_job(file_id)
             if adopted is not None:
-                return await self._advance(job, Stage.SUBMITTED, remote_job_id=adopted.job_id)
+                return await self._submitted(job, adopted.job_id)
         if job.submits >= MAX_SUBMITS:
             raise JobFailed(
                 f"gave up after {job.submits} conversions at the hub did not deliver an output",
                 code=job.error_code or "too_many_submits",
             )
-        job = await self._advance(job, Stage.SUBMITTING, submits=job.submits + 1)
+        job = await self._advance(job, Stage.SUBMITTING)
         remote = await self.client.create_job(file_id, job.engine, job.language, job.output_format)
         failpoints.hit("after-create")
-        return await self._advance(job, Stage.SUBMITTED, remote_job_id=remote.job_id, attempts=0)
+        return await self._submitted(job, remote.job_id)
+
+    async def _submitted(self, job: Job, remote_job_id: str) -> Job:
+        return await self._advance(
+            job, Stage.SUBMITTED, remote_job_id=remote_job_id, submits=job.submits + 1, attempts=0
+        )
 
     async def _find_remote_job(self, file_id: str) -> RemoteJob | None:
         # We may have died after the hub created the job but before we stored its id.
@@ -462,7 +583,8 @@ class Pipeline:
             code = error.code if error else "remote_failed"
             message = error.message if error else "no error details returned by the hub"
             if code in TRANSIENT_REMOTE_CODES and job.submits < MAX_SUBMITS:
-                delay = min(120.0, 20.0 * 2 ** (job.submits - 1)) + self.rng.uniform(0, 5)
+                base = self.settings.resubmit_delay
+                delay = min(6 * base, base * 2 ** (job.submits - 1)) * self.rng.uniform(1, 1.25)
                 raise _Requeue(Stage.UPLOADED, delay, code, message)
             raise JobFailed(f"the hub could not convert it: {message}", code=code)
         if not remote.output_file_id:
@@ -489,13 +611,14 @@ class Pipeline:
         if job.output_file_id is None or job.output is None:  # only a hand-edited row
             return await self._advance(job, Stage.PENDING)
         final = self.outbox / job.output
-        final.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.outbox, final.parent, self.perms)
         tmp = outbox.temp_path_for(final, job.id)
         try:
-            await self.client.download(job.output_file_id, tmp)
+            written = await self.client.download(job.output_file_id, tmp)
             failpoints.hit("mid-download")
             await asyncio.to_thread(_verify, tmp, job.output_format)
-            await asyncio.to_thread(outbox.publish, tmp, final)
+            await asyncio.to_thread(outbox.publish, tmp, final, self.perms)
+            metrics.record_downloaded(written)
             failpoints.hit("after-publish")
         except RemoteNotFound:
             outbox.discard(tmp)
@@ -504,6 +627,9 @@ class Pipeline:
         except BaseException:
             outbox.discard(tmp)
             raise
+        if self._disk_full_reported:
+            self._disk_full_reported = False
+            log.info("outputs are written again")
         await asyncio.to_thread(outbox.remove_error_file, self.outbox, job.path)
         return await self._advance(
             job, Stage.PUBLISHED, attempts=0, error_code=None, error_message=None
@@ -533,6 +659,10 @@ def _epoch(stamp: str | None) -> float:
 async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+def _signature(job: Job) -> Signature:
+    return Signature(job.size, job.mtime_ns, job.inode)
 
 
 def _check_unchanged(fd: int, expected: Signature, rel_path: str) -> None:

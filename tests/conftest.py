@@ -13,7 +13,13 @@ from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 
-_SYSTEMD_VARS = ("CREDENTIALS_DIRECTORY", "STATE_DIRECTORY")
+_SYSTEMD_VARS = (
+    "CREDENTIALS_DIRECTORY",
+    "STATE_DIRECTORY",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
 
 
 @pytest.fixture(autouse=True)

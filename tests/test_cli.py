@@ -3,16 +3,31 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 
 from daemon.cli import build_parser, main
 from daemon.emulator.server import EmulatorServer
+from daemon.health import Heartbeat, write_heartbeat
 from daemon.store import NewJob, Stage, Store
 from tests.conftest import daemon_config, write_config
+from tests.tooling import free_port
 
-SUBCOMMANDS = ["run", "once", "status", "jobs", "retry", "engines", "check", "emulator", "demo"]
+SUBCOMMANDS = [
+    "run",
+    "once",
+    "status",
+    "jobs",
+    "retry",
+    "purge",
+    "health",
+    "engines",
+    "check",
+    "emulator",
+    "demo",
+]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
@@ -174,3 +189,144 @@ def test_check_accepts_good_setup(
     code, out = run_main(["check", "-c", str(config)], capsys)
     assert code == 0, out
     assert "api key: accepted" in out
+
+
+# -- operator views: status at a glance, job filters, purge --------------------------------
+
+HOUR = 3600.0
+
+
+def aged_store(folders: dict[str, Path], now: float) -> Store:
+    """Jobs of several ages, statuses and folders, relative to ``now``."""
+    store = Store(f"sqlite:///{folders['state'] / 'state.db'}")
+
+    def job(path: str, inode: int, created: float) -> int:
+        new = NewJob(path, 1, 1, inode, "pdf", "ki/ocr", "jpn", "docx")
+        return store.enqueue(new, path.rsplit(".", 1)[0] + ".docx", created).id
+
+    old_done = job("invoices/2024/a.pdf", 1, now - 40 * 24 * HOUR)
+    store.advance(old_done, Stage.DONE, now - 40 * 24 * HOUR + 60)
+    gone_done = job("invoices/2024/gone.pdf", 2, now - 39 * 24 * HOUR)
+    store.advance(gone_done, Stage.DONE, now - 39 * 24 * HOUR + 60)
+    superseded = job("letters/b.pdf", 3, now - 38 * 24 * HOUR)
+    store.advance(superseded, Stage.DONE, now - 38 * 24 * HOUR + 60)
+    newer = job("letters/b.pdf", 4, now - 2 * HOUR)
+    store.advance(newer, Stage.DONE, now - 2 * HOUR + 60)
+    old_failed = job("letters/c.pdf", 5, now - 35 * 24 * HOUR)
+    store.advance(
+        old_failed,
+        Stage.FAILED,
+        now - 35 * 24 * HOUR,
+        error_code="invalid_input",
+        error_message="the PDF file is damaged",
+    )
+    job("invoices/2025/waiting.pdf", 6, now - 3 * HOUR)
+    return store
+
+
+def test_jobs_filter_by_status_path_and_age(
+    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--path takes a glob or a folder, --older-than/--newer-than the queue time, with --json."""
+    aged_store(folders, time.time()).close()
+    config = str(write_config(tmp_path / "c.toml", base(folders)))
+
+    def paths(*args: str) -> list[str]:
+        code, out = run_main(["jobs", "--json", "-c", config, *args], capsys)
+        assert code == 0, out
+        return [j["path"] for j in json.loads(out)]
+
+    assert paths("--path", "invoices") == [
+        "invoices/2025/waiting.pdf",
+        "invoices/2024/gone.pdf",
+        "invoices/2024/a.pdf",
+    ]
+    assert paths("--path", "*/b.pdf") == ["letters/b.pdf", "letters/b.pdf"]
+    assert paths("--path", "invoices/2024/a.pdf") == ["invoices/2024/a.pdf"]
+    assert paths("--newer-than", "1d") == ["invoices/2025/waiting.pdf", "letters/b.pdf"]
+    assert paths("--older-than", "36d", "--status", "completed") == [
+        "letters/b.pdf",
+        "invoices/2024/gone.pdf",
+        "invoices/2024/a.pdf",
+    ]
+    assert paths("--path", "letters", "--limit", "1") == ["letters/c.pdf"]
+    with pytest.raises(SystemExit):
+        main(["jobs", "--older-than", "soon", "-c", config])
+    assert "not a duration" in capsys.readouterr().err
+
+
+def test_purge_keeps_what_the_daemon_still_needs(
+    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old final jobs go, except the newest job of an input still in the inbox."""
+    aged_store(folders, time.time()).close()
+    (folders["inbox"] / "invoices" / "2024").mkdir(parents=True)
+    (folders["inbox"] / "invoices" / "2024" / "a.pdf").write_bytes(b"%PDF-1.4 kept")
+    config = str(write_config(tmp_path / "c.toml", base(folders)))
+    code, out = run_main(["purge", "-c", config, "--older-than", "30d"], capsys)
+    assert code == 2
+    assert "--completed" in out
+    code, out = run_main(
+        ["purge", "--completed", "--older-than", "30d", "--dry-run", "--json", "-c", config], capsys
+    )
+    assert json.loads(out) == {"purged": 0, "planned": 2, "kept": 1, "dry_run": True}
+    code, out = run_main(
+        ["purge", "--completed", "--failed", "--older-than", "30d", "-c", config], capsys
+    )
+    assert code == 0
+    assert "purged 3 job(s); kept 1" in out
+    code, out = run_main(["jobs", "--json", "-c", config], capsys)
+    left = sorted(j["path"] for j in json.loads(out))
+    assert left == ["invoices/2024/a.pdf", "invoices/2025/waiting.pdf", "letters/b.pdf"]
+
+
+def test_status_screen_at_a_glance(
+    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Counts, the oldest wait, recent failures with reasons, daemon health, hub not checked."""
+    now = time.time()
+    aged_store(folders, now).close()
+    write_heartbeat(
+        folders["state"] / "heartbeat.json",
+        Heartbeat(time=now, pid=77, started_at=now - 60, healthy=True, in_flight=2),
+    )
+    config = str(write_config(tmp_path / "c.toml", base(folders)))
+    code, out = run_main(["status", "-c", config], capsys)
+    assert code == 0
+    assert "daemon   healthy (pid 77" in out
+    assert "2 in flight" in out
+    assert "hub      https://gw.ldxhub.io: not checked: no API key" in out
+    assert "queued: 1  processing: 0  completed: 4  failed: 1" in out
+    assert "the oldest unfinished job was queued 3.0 h ago" in out
+    assert "letters/c.pdf: the PDF file is damaged [invalid_input] (35.0 d ago)" in out
+    code, out = run_main(["status", "--json", "-c", config], capsys)
+    status = json.loads(out)
+    assert 3 * HOUR - 60 < status["oldest_waiting_seconds"] < 3 * HOUR + 60
+    assert status["daemon"]["healthy"] is True
+    assert status["daemon"]["pid"] == 77
+    assert status["hub"]["reachable"] is None
+    (folders["state"] / "heartbeat.json").unlink()
+    code, out = run_main(["status", "-c", config], capsys)
+    assert "daemon   NOT OK: no heartbeat: the daemon is not running" in out
+
+
+def test_status_checks_the_hub_and_the_key(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """status says whether the hub answers and accepts the key; --no-hub skips the call."""
+    config = str(daemon_config(tmp_path, folders, emulator.url))
+    code, out = run_main(["status", "-c", config], capsys)
+    assert "reachable, API key accepted" in out
+    code, out = run_main(["status", "--no-hub", "-c", config], capsys)
+    assert "not checked: skipped" in out
+    config = str(daemon_config(tmp_path, folders, emulator.url, key="not-the-demo-key"))
+    code, out = run_main(["status", "--json", "-c", config], capsys)
+    hub = json.loads(out)["hub"]
+    assert (hub["reachable"], hub["key_accepted"]) == (True, False)
+    config = str(daemon_config(tmp_path, folders, f"http://127.0.0.1:{free_port()}"))
+    code, out = run_main(["status", "-c", config], capsys)
+    assert code == 0
+    assert "UNREACHABLE" in out

@@ -97,12 +97,13 @@ def test_kill_while_in_flight_does_not_pay_twice(tmp_path: Path, folders: dict[s
         db = folders["state"] / "state.db"
 
         def submitted() -> bool:
-            if not db.exists():
+            try:
+                with sqlite3.connect(db) as conn:
+                    rows = conn.execute(
+                        "SELECT count(*) FROM jobs WHERE remote_job_id IS NOT NULL"
+                    ).fetchone()
+            except sqlite3.OperationalError:  # not created yet
                 return False
-            with sqlite3.connect(db) as conn:
-                rows = conn.execute(
-                    "SELECT count(*) FROM jobs WHERE remote_job_id IS NOT NULL"
-                ).fetchone()
             return bool(rows[0] == 12)
 
         wait_for(submitted, 60, "every job to be submitted")

@@ -1,0 +1,169 @@
+"""Mounts: which parts of the inbox must be polled because inotify cannot see them.
+
+inotify only reports changes made through the local kernel. On a network filesystem
+(NFS, CIFS/SMB), a FUSE filesystem (sshfs, bindfs, rclone...) or a hypervisor's shared
+folder (9p, virtiofs, vboxsf; Docker Desktop and WSL2 bind mounts) another machine's
+writes arrive unannounced, so those parts of the inbox are polled. The decision is a
+pure function of the inbox path, the ``use_polling`` setting and the mount table text
+(``/proc/self/mountinfo``, or ``/proc/mounts`` where that is missing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+UsePolling = Literal["auto"] | bool
+
+NETWORK_TYPES = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "ncpfs",
+        "afs",
+        "coda",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "gpfs",
+        "ocfs2",
+        "gfs2",
+        "davfs",
+        "fuse",
+        "fuseblk",
+        "9p",
+        "virtiofs",
+        "vboxsf",
+        "vmhgfs",
+        "prl_fs",
+        "drvfs",
+        "fakeowner",
+    }
+)
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+MOUNTINFO = Path("/proc/self/mountinfo")
+PROC_MOUNTS = Path("/proc/mounts")
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One line of the mount table."""
+
+    point: str
+    fstype: str
+    source: str
+
+
+@dataclass(frozen=True)
+class WatchPlan:
+    """Which folders inotify watches and which are polled, and why."""
+
+    inotify: tuple[Path, ...]
+    polled: tuple[Path, ...]
+    reasons: tuple[str, ...] = ()
+
+
+def _unescape(field: str) -> str:
+    # The kernel writes space, tab, newline and backslash in paths as \040 \011 \012 \134.
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Parse ``/proc/self/mountinfo`` (proc(5)); malformed lines are skipped."""
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:]:
+            continue
+        dash = fields.index("-", 6)
+        if len(fields) < dash + 3 or len(fields) < 5:
+            continue
+        mounts.append(Mount(_unescape(fields[4]), fields[dash + 1], _unescape(fields[dash + 2])))
+    return mounts
+
+
+def parse_proc_mounts(text: str) -> list[Mount]:
+    """Parse ``/proc/mounts`` (fstab format); malformed lines are skipped."""
+    mounts: list[Mount] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3:
+            mounts.append(Mount(_unescape(fields[1]), fields[2], _unescape(fields[0])))
+    return mounts
+
+
+def needs_polling(fstype: str) -> bool:
+    """Whether inotify misses changes on a filesystem of this type."""
+    base = fstype.lower()
+    return base in NETWORK_TYPES or base.startswith("fuse.")
+
+
+def _inside(path: str, folder: str) -> bool:
+    return folder in ("/", path) or path.startswith(folder.rstrip("/") + "/")
+
+
+def mount_of(path: str, mounts: Sequence[Mount]) -> Mount | None:
+    """The mount that holds ``path`` (the deepest point; the latest of equal points)."""
+    best: Mount | None = None
+    for mount in mounts:
+        if _inside(path, mount.point) and (best is None or len(mount.point) >= len(best.point)):
+            best = mount
+    return best
+
+
+def watch_plan(
+    inbox: Path, mode: UsePolling, mounts: Sequence[Mount], real_inbox: str | None = None
+) -> WatchPlan:
+    """Decide how to watch ``inbox``; ``real_inbox`` is its symlink-free form."""
+    if mode is True:
+        return WatchPlan((), (inbox,), ("use_polling = true",))
+    if mode is False:
+        return WatchPlan((inbox,), ())
+    real = real_inbox or str(inbox)
+    home = mount_of(real, mounts)
+    if home is not None and needs_polling(home.fstype):
+        why = f"the inbox is on {home.fstype} ({home.source} at {home.point})"
+        return WatchPlan((), (inbox,), (why,))
+    polled: list[Path] = []
+    reasons: list[str] = []
+    for mount in _deepest_last(mounts):
+        if mount.point == real or not _inside(mount.point, real):
+            continue
+        if not needs_polling(mount.fstype) or any(_inside(mount.point, str(p)) for p in polled):
+            continue
+        polled.append(inbox / os.path.relpath(mount.point, real))
+        reasons.append(f"{mount.point} is on {mount.fstype} ({mount.source})")
+    return WatchPlan((inbox,), tuple(polled), tuple(reasons))
+
+
+def _deepest_last(mounts: Sequence[Mount]) -> list[Mount]:
+    # The latest mount on a point hides the earlier ones; shallow points come first, so
+    # a polled folder covers the mounts below it.
+    effective = {mount.point: mount for mount in mounts}
+    return sorted(effective.values(), key=lambda m: m.point.count("/"))
+
+
+def read_mount_table() -> list[Mount]:
+    """The mount table of this process (empty when /proc is not there)."""
+    try:
+        return parse_mountinfo(MOUNTINFO.read_text(encoding="utf-8", errors="surrogateescape"))
+    except OSError:
+        pass
+    try:
+        return parse_proc_mounts(PROC_MOUNTS.read_text(encoding="utf-8", errors="surrogateescape"))
+    except OSError:
+        return []
+
+
+def plan_for(inbox: Path, mode: UsePolling) -> WatchPlan:
+    """The watch plan of ``inbox`` from this machine's mount table."""
+    if mode is not True and mode is not False:
+        return watch_plan(inbox, mode, read_mount_table(), os.path.realpath(inbox))
+    return watch_plan(inbox, mode, [])

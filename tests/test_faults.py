@@ -1,0 +1,349 @@
+"""Fault injection: HTTP faults from the emulator, crashes at every step, a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.config import load_settings
+from daemon.emulator.hub import HubSettings as EmulatorSettings
+from daemon.emulator.server import EmulatorServer
+from daemon.failpoints import POINTS
+from daemon.service import run_service
+from tests.conftest import daemon_config
+from tests.faults import assert_exactly_once, job_rows, outbox_files
+from tests.helpers import Daemon, wait_for
+from tests.scans import EXTENSIONS, FORMATS, make_scan
+
+
+def drop(inbox: Path, count: int, seed: int = 0) -> list[str]:
+    """Drop ``count`` scans into two folders; return their relative paths."""
+    paths = []
+    for i in range(count):
+        fmt = FORMATS[i % len(FORMATS)]
+        rel = f"f{i % 2}/scan {seed}-{i}{EXTENSIONS[fmt]}"
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(make_scan(fmt, seed=seed * 1000 + i))
+        paths.append(rel)
+    return paths
+
+
+def test_http_faults_every_file_completes(
+    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """5xx, 429, drops, hub job failures and a stalled body: all files still complete."""
+    faults = {
+        "error_rate": 0.10,
+        "rate_limit_rate": 0.05,
+        "retry_after": 1.5,
+        "drop_rate": 0.02,
+        "job_failure_rate": 0.05,
+        "stall_downloads": 1,
+    }
+    emulator_settings = EmulatorSettings(processing_time=0.2, seed=3)
+    with EmulatorServer(emulator_settings) as server:
+        server.hub.update_faults(faults)
+        inputs = drop(folders["inbox"], 40)
+        config = daemon_config(
+            tmp_path,
+            folders,
+            server.url,
+            max_attempts=30,
+            resubmit_delay=0.3,
+            hub={"deadline": 3.0, "timeout": 30.0},
+        )
+        outcome = asyncio.run(run_service(load_settings(config), once=True))
+        assert outcome is not None
+        assert outcome.exit_code == 0, outcome
+        ledger = server.hub.ledger()
+        assert_exactly_once(inputs, folders["outbox"], folders["state"] / "state.db", server.hub)
+        counts = ledger["faults"]
+        print(f"\nfaults injected: {counts}; jobs created: {len(ledger['jobs'])} for 40 files")
+        assert counts["error"] > 0
+        assert counts["rate_limit"] > 0
+        assert counts["job_failure"] > 0
+        assert counts["stall"] == 1
+        check_retry_after_honoured(ledger["events"])
+        check_stall_abandoned_at_deadline(ledger["events"], deadline=3.0)
+
+
+def by_trace(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    grouped: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for event in events:
+        if event["trace"]:
+            grouped[event["trace"]].append(event)
+    return grouped
+
+
+def check_retry_after_honoured(events: list[dict[str, Any]]) -> None:
+    """After a 429, the same job's next request waits at least Retry-After."""
+    checked = 0
+    for trail in by_trace(events).values():
+        trail.sort(key=lambda e: e["at"])
+        for before, after in itertools.pairwise(trail):
+            if before["status"] == 429:
+                assert after["at"] - before["at"] >= before["retry_after"] - 0.01
+                checked += 1
+    assert checked > 0
+
+
+def check_stall_abandoned_at_deadline(events: list[dict[str, Any]], deadline: float) -> None:
+    """The stalled download is given up at the deadline and fetched again."""
+    for trail in by_trace(events).values():
+        downloads = [e for e in trail if e["route"] == "GET /files/{file_id}/content"]
+        if len(downloads) >= 2 and downloads[0]["status"] == 200:
+            gap = downloads[1]["at"] - downloads[0]["at"]
+            if gap >= deadline:
+                assert gap < deadline + 15
+                return
+    raise AssertionError("no download was retried after the deadline")
+
+
+@pytest.fixture(scope="module")
+def shared_hub() -> Iterator[EmulatorServer]:
+    """One emulator for the failpoint sweep (its ledger is reset per case)."""
+    with EmulatorServer(EmulatorSettings(processing_time=0.1, seed=9)) as server:
+        yield server
+
+
+def run_once(config: Path, failpoint: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LDX_HOTFOLDER_")}
+    if failpoint:
+        env["LDX_HOTFOLDER_FAILPOINT"] = failpoint
+    return subprocess.run(
+        [sys.executable, "-m", "daemon", "once", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("hit", [1, 2])
+@pytest.mark.parametrize("point", POINTS)
+def test_crash_at_each_step_recovers(
+    tmp_path: Path, folders: dict[str, Path], shared_hub: EmulatorServer, point: str, hit: int
+) -> None:
+    """A crash at any step, at its first or second hit, recovers to exactly one output each."""
+    shared_hub.hub.reset_ledger()
+    inputs = drop(folders["inbox"], 3, seed=hit)
+    archive = str(tmp_path / "archive")
+    config = daemon_config(
+        tmp_path,
+        folders,
+        shared_hub.url,
+        on_success="archive",
+        archive_dir=archive,
+        quiet_period=0.1,
+    )
+    crashed = run_once(config, f"{point}:{hit}")
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    assert once_in_process(config) == 0
+    db = folders["state"] / "state.db"
+    assert_exactly_once(inputs, folders["outbox"], db, shared_hub.hub)
+    ledger = shared_hub.hub.ledger()
+    assert len(ledger["jobs"]) <= len(inputs) + 1, "at most one extra remote job per crash"
+    assert sorted(
+        p.relative_to(tmp_path / "archive").as_posix()
+        for p in (tmp_path / "archive").rglob("*")
+        if p.is_file()
+    ) == sorted(inputs)
+    # A second start finds nothing to do and changes nothing.
+    rows, files, jobs = job_rows(db), outbox_files(folders["outbox"]), len(ledger["jobs"])
+    assert once_in_process(config) == 0
+    assert job_rows(db) == rows
+    assert outbox_files(folders["outbox"]) == files
+    assert len(shared_hub.hub.ledger()["jobs"]) == jobs
+
+
+def once_in_process(config: Path) -> int:
+    """Run ``once`` in this process; return its exit code."""
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    return outcome.exit_code
+
+
+def mount_tmpfs(path: Path, size: str) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@pytest.fixture
+def small_outbox(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs to use as the outbox (root only)."""
+    path = tmp_path / "small"
+    if not mount_tmpfs(path, "512k"):
+        if os.environ.get("CI"):
+            pytest.fail("CI runs as root and must be able to mount a tmpfs")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(folder: Path, leave: int) -> Path:
+    """Fill the filesystem of ``folder`` until about ``leave`` bytes are free."""
+    filler = folder / "filler.bin"
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with filler.open("wb") as fh:
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_full_disk_keeps_jobs_and_resumes(
+    tmp_path: Path, folders: dict[str, Path], small_outbox: Path, emulator: EmulatorServer
+) -> None:
+    """ENOSPC on the outbox: no partial output, nothing failed, all done once space is back."""
+    folders = {**folders, "outbox": small_outbox}
+    inputs = drop(folders["inbox"], 6, seed=4)
+    filler = fill(small_outbox, leave=2048)
+    config = daemon_config(tmp_path, folders, emulator.url, min_free_space_mb=0)
+    settings = load_settings(config)
+    db = folders["state"] / "state.db"
+
+    async def scenario() -> None:
+        from daemon.service import Service, prepare
+
+        service = Service(settings, prepare(settings), once=False)
+        runner = asyncio.create_task(service.run())
+        try:
+            await wait_async(lambda: any(r["error_code"] == "disk_full" for r in job_rows(db)))
+            rows = job_rows(db)
+            assert not [r for r in rows if r["status"] == "failed"]
+            for name in outbox_files(small_outbox):
+                assert name == "filler.bin" or name.endswith(".docx")
+            filler.unlink()
+            await wait_async(lambda: [r["status"] for r in job_rows(db)] == ["completed"] * 6, 40)
+        finally:
+            service.request_stop()
+            await runner
+
+    asyncio.run(scenario())
+    assert_exactly_once(inputs, small_outbox, db, emulator.hub)
+
+
+def test_low_space_pauses_intake_with_one_message(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    small_outbox: Path,
+    emulator: EmulatorServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Below the watermark nothing is taken; one log line; it resumes once space is freed."""
+    folders = {**folders, "outbox": small_outbox}
+    filler = fill(small_outbox, leave=100 * 1024)
+    config = daemon_config(tmp_path, folders, emulator.url, min_free_space_mb=0.2)
+    settings = load_settings(config)
+    db = folders["state"] / "state.db"
+
+    async def scenario() -> None:
+        from daemon.service import Service, prepare
+
+        service = Service(settings, prepare(settings), once=False)
+        runner = asyncio.create_task(service.run())
+        try:
+            await asyncio.wait_for(service.ready.wait(), 10)
+            inputs = drop(folders["inbox"], 3, seed=5)
+            await wait_async(lambda: service.intake.paused and len(service.intake.sightings) == 3)
+            assert not db.exists() or job_rows(db) == []
+            filler.unlink()
+            await wait_async(lambda: len(outbox_files(small_outbox)) == len(inputs), 30)
+        finally:
+            service.request_stop()
+            await runner
+
+    asyncio.run(scenario())
+    captured = capsys.readouterr()
+    logged = captured.out + captured.err
+    assert logged.count("free disk space is low") == 1
+    assert "free disk space is back" in logged
+
+
+async def wait_async(predicate: Any, timeout: float = 30.0) -> None:
+    """Await ``predicate()`` becoming true, checking every 50 ms, failing after timeout."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.05)
+
+
+def test_failed_transient_jobs_are_rearmed(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A job failed for a transient cause is queued again after the cool-down."""
+    drop(folders["inbox"], 1)
+    emulator.hub.update_faults({"job_failure_rate": 1.0})
+    config = daemon_config(
+        tmp_path, folders, emulator.url, resubmit_delay=0.05, auto_retry_after=0.5
+    )
+    first = asyncio.run(run_service(load_settings(config), once=True))
+    assert first is not None
+    assert first.exit_code == 1
+    assert job_rows(folders["state"] / "state.db")[0]["error_code"] == "upstream_service_error"
+    emulator.hub.update_faults({"job_failure_rate": 0.0})
+    settings = load_settings(config)
+
+    async def scenario() -> None:
+        from daemon.service import Service, prepare
+
+        service = Service(settings, prepare(settings), once=False)
+        runner = asyncio.create_task(service.run())
+        try:
+            db = folders["state"] / "state.db"
+            await wait_async(lambda: job_rows(db)[0]["status"] == "completed", 20)
+        finally:
+            service.request_stop()
+            await runner
+
+    asyncio.run(scenario())
+    assert job_rows(folders["state"] / "state.db")[0]["rearms"] == 1
+
+
+def test_sigterm_stops_cleanly_and_resumes(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """SIGTERM mid-work exits 0 within the grace bound; a restart repeats and loses nothing."""
+    with EmulatorServer(EmulatorSettings(processing_time=2.0, seed=2)) as server:
+        inputs = drop(folders["inbox"], 10, seed=6)
+        config = daemon_config(tmp_path, folders, server.url)
+        db = folders["state"] / "state.db"
+        daemon = Daemon(config, tmp_path / "daemon.log").start()
+        wait_for(
+            lambda: db.exists() and any(r["remote_job_id"] for r in job_rows(db)),
+            30,
+            "a job to be at the hub",
+        )
+        stopping = time.monotonic()
+        assert daemon.stop(timeout=30) == 0
+        assert time.monotonic() - stopping < 15
+        assert "stopped" in daemon.log()
+        restarted = Daemon(config, tmp_path / "daemon2.log").start()
+        try:
+            wait_for(
+                lambda: [r["status"] for r in job_rows(db)] == ["completed"] * 10,
+                60,
+                "every job to complete after the restart",
+            )
+        finally:
+            assert restarted.stop() == 0
+        assert_exactly_once(inputs, folders["outbox"], db, server.hub)
+        ledger = server.hub.ledger()
+        assert len(ledger["uploads"]) == 10
+        assert len(ledger["jobs"]) == 10

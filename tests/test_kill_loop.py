@@ -1,0 +1,16 @@
+"""Crash safety under SIGKILL at random moments (a short run of bench/kill_loop.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.kill_loop import run
+
+
+def test_kill_loop_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
+    """100 files, 30 SIGKILLs: one byte-identical output each, remote jobs <= files + kills."""
+    result = run(tmp_path, files=100, kills=30, seed=7)
+    print("\n" + result.line())
+    assert result.kills == 30
+    assert result.kills_mid_work >= 25, "most kills must land while work is in flight"
+    assert result.remote_jobs <= 130

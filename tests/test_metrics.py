@@ -1,0 +1,127 @@
+"""Metrics and health over HTTP from a running daemon, and the per-stage job timings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon import metrics
+from daemon.emulator.server import EmulatorServer
+from daemon.store import Stage
+from tests.conftest import daemon_config
+from tests.helpers import Daemon, cli, jobs_json, wait_for
+from tests.scans import make_scan
+from tests.tooling import free_port
+
+BROKEN_PDF = b"%PDF-1.3\nThis is not a valid PDF file\n%%EOF\n"
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text page: (name, sorted labels) -> value."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def value(
+    page: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    return page.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def test_stage_timer_adds_up_steps_and_observes_them() -> None:
+    """Each step's seconds add up per stage name and land in the stage histogram."""
+    now = [100.0]
+    before = (
+        metrics.REGISTRY.get_sample_value("ldx_hotfolder_stage_seconds_count", {"stage": "convert"})
+        or 0.0
+    )
+    timer = metrics.StageTimer(lambda: now[0])
+    with timer.stage(Stage.PENDING):
+        now[0] += 1.5
+    with timer.stage(Stage.SUBMITTED):
+        now[0] += 4.0
+    with timer.stage(Stage.SUBMITTED):
+        now[0] += 2.0
+    assert timer.summary() == {"upload": 1.5, "convert": 6.0}
+    assert metrics.stage_summary() == {"upload": 1.5, "convert": 6.0}
+    after = metrics.REGISTRY.get_sample_value(
+        "ldx_hotfolder_stage_seconds_count", {"stage": "convert"}
+    )
+    assert after == before + 2
+
+
+def test_running_daemon_serves_metrics_and_health(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """Queue gauges, stage latencies, errors by code, retries, bytes; /healthz; health exits 0."""
+    port = free_port()
+    sizes = 0
+    for i in range(3):
+        data = make_scan("png", seed=i)
+        sizes += len(data)
+        (folders["inbox"] / f"scan {i}.png").write_bytes(data)
+    (folders["inbox"] / "broken.pdf").write_bytes(BROKEN_PDF)
+    sizes += len(BROKEN_PDF)
+    emulator.hub.update_faults({"error_rate": 1.0})  # every request fails until a retry shows
+    config = daemon_config(
+        tmp_path, folders, emulator.url, metrics_port=port, heartbeat_interval=0.2
+    )
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: "step will be retried" in daemon.log(), 30, "a retry")
+        emulator.hub.update_faults({"error_rate": 0.0})
+        wait_for(
+            lambda: (
+                sorted(j["status"] for j in jobs_json(config)) == ["completed"] * 3 + ["failed"]
+            ),
+            60,
+            "every job to be final",
+        )
+
+        def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+            page = samples(httpx.get(f"{base}/metrics", timeout=5).text)
+            return page if value(page, "ldx_hotfolder_jobs", status="completed") == 3 else None
+
+        page = wait_for(scraped, 30, "the queue gauges to catch up")
+        health = httpx.get(f"{base}/healthz", timeout=5)
+        checked = cli(config, "health")
+    finally:
+        assert daemon.stop() == 0
+    assert value(page, "ldx_hotfolder_jobs", status="failed") == 1
+    assert value(page, "ldx_hotfolder_jobs", status="queued") == 0
+    assert value(page, "ldx_hotfolder_oldest_waiting_age_seconds") == 0
+    for stage in ("upload", "submit", "convert", "download", "finish"):
+        assert value(page, "ldx_hotfolder_stage_seconds_count", stage=stage) >= 3, stage
+    assert value(page, "ldx_hotfolder_errors_total", code="invalid_input", action="fail") == 1
+    retried = [
+        k for k in page if k[0] == "ldx_hotfolder_errors_total" and ("action", "retry") in k[1]
+    ]
+    assert retried, "a 5xx counted as an error that was retried"
+    assert any(k[0] == "ldx_hotfolder_retries_total" for k in page)
+    assert value(page, "ldx_hotfolder_uploaded_bytes_total") == sizes
+    assert value(page, "ldx_hotfolder_downloaded_bytes_total") > 0
+    assert value(page, "ldx_hotfolder_jobs_finished_total", outcome="completed") == 3
+    assert value(page, "ldx_hotfolder_up", component="watcher") == 1
+    assert health.status_code == 200
+    assert health.json()["ok"] is True
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "healthy" in checked.stdout
+    # one summary line per job outcome, with the time spent in each stage
+    entries = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+    completed = [e for e in entries if e["event"] == "job completed"]
+    assert len(completed) == 3
+    assert set(completed[0]["stages"]) == {"upload", "submit", "convert", "download", "finish"}
+    (failed,) = [e for e in entries if e["event"] == "job failed"]
+    assert failed["path"] == "broken.pdf"
+    assert "convert" in failed["stages"]
+    # a clean stop removes the heartbeat: health then says the daemon is not running
+    stopped = cli(config, "health")
+    assert stopped.returncode == 1
+    assert "not running" in stopped.stdout

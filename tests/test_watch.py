@@ -1,0 +1,151 @@
+"""Watching the inbox: lost events, dead observers, folders moved in, network shares, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from daemon.config import Settings, load_settings
+from daemon.emulator.hub import HubSettings as EmulatorSettings
+from daemon.emulator.server import EmulatorServer
+from daemon.intake import Intake
+from daemon.service import Service, prepare
+from tests.conftest import daemon_config
+from tests.helpers import wait_for
+from tests.intake_support import done, outputs, running, uploads
+from tests.scans import make_pdf, make_scan
+
+MODES = pytest.mark.parametrize("use_polling", [False, True], ids=["inotify", "polling"])
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """Wait (in the event loop) until ``predicate`` holds; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def in_process(settings: Settings, scenario: Callable[[Service], object]) -> None:
+    """Run the daemon in this process while ``scenario(service)`` (a coroutine) runs."""
+
+    async def main() -> None:
+        service = Service(settings, prepare(settings), once=False)
+        runner = asyncio.create_task(service.run())
+        try:
+            await asyncio.wait_for(service.ready.wait(), 15)
+            await scenario(service)  # type: ignore[misc]
+        finally:
+            service.request_stop()
+            await runner
+
+    asyncio.run(main())
+
+
+@MODES
+def test_lost_events_are_recovered_by_the_rescan(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    use_polling: bool,
+) -> None:
+    """With every filesystem event dropped, files still convert, found by the rescan."""
+    monkeypatch.setattr(Intake, "hint", lambda self, path, is_dir: None)  # events lost
+    config = daemon_config(
+        tmp_path, folders, emulator.url, rescan_interval=1.0, use_polling=use_polling
+    )
+    db = folders["state"] / "state.db"
+
+    async def scenario(service: Service) -> None:
+        (folders["inbox"] / "lost").mkdir()
+        for i in range(3):
+            (folders["inbox"] / "lost" / f"s{i}.png").write_bytes(make_scan("png", i))
+        await until(lambda: len(done(db)) == 3, 30, "the rescan to find the files")
+
+    in_process(load_settings(config), scenario)
+    captured = capsys.readouterr()
+    assert "rescan found files the watcher missed" in captured.out + captured.err
+    assert uploads(emulator) == {"s0.png": 1, "s1.png": 1, "s2.png": 1}
+
+
+def test_dead_observer_is_noticed_and_restarted(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """When the observer's thread dies, the daemon restarts it and rescans at once."""
+    config = daemon_config(tmp_path, folders, emulator.url, rescan_interval=3600.0)
+    db = folders["state"] / "state.db"
+
+    async def scenario(service: Service) -> None:
+        assert service.watcher is not None
+        for observer in service.watcher.observers:
+            for emitter in list(observer.emitters):
+                emitter.stop()  # the thread ends, as after an exception in it
+        (folders["inbox"] / "after.jpg").write_bytes(make_scan("jpeg", 1))
+        await until(lambda: "after.jpg" in done(db), 30, "the file to convert")
+        assert service.watcher.healthy()
+
+    in_process(load_settings(config), scenario)
+    captured = capsys.readouterr()
+    assert "the filesystem observer stopped; restarting it" in captured.out + captured.err
+
+
+@MODES
+def test_folder_moved_in_as_a_whole(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, use_polling: bool
+) -> None:
+    """A finished folder tree renamed into the inbox is picked up without a rescan."""
+    staging = tmp_path / "staging" / "batch"
+    for rel in ("a/one.pdf", "a/b/two.tif", "three.bmp"):
+        (staging / rel).parent.mkdir(parents=True, exist_ok=True)
+        fmt = {"pdf": "pdf", "tif": "tiff", "bmp": "bmp"}[rel.rsplit(".", 1)[1]]
+        (staging / rel).write_bytes(make_scan(fmt, len(rel)))
+    config = daemon_config(
+        tmp_path,
+        folders,
+        emulator.url,
+        rescan_interval=3600.0,
+        use_polling=use_polling,
+        polling_interval=0.5,
+    )
+    db = folders["state"] / "state.db"
+    with running(config, tmp_path / "daemon.log"):
+        staging.rename(folders["inbox"] / "batch")
+        wait_for(lambda: len(done(db)) == 3, 30, "the moved folder's files to convert")
+    assert outputs(folders["outbox"]) == [
+        "batch/a/b/two.docx",
+        "batch/a/one.docx",
+        "batch/three.docx",
+    ]
+
+
+def test_thousand_files_copied_at_once(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """cp -r of a 1,000-file tree: 1,000 outputs, each file uploaded and converted once."""
+    tree = tmp_path / "tree"
+    for i in range(1000):
+        folder = tree / f"d{i % 10}" / f"e{i % 7}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"scan {i}.pdf").write_bytes(make_pdf(1, marker=f"n{i}"))
+    with EmulatorServer(EmulatorSettings(processing_time=0.05, seed=3)) as hub:
+        config = daemon_config(tmp_path, folders, hub.url, max_in_flight=48, rescan_interval=3600.0)
+        db = folders["state"] / "state.db"
+        with running(config, tmp_path / "daemon.log"):
+            subprocess.run(["cp", "-r", str(tree), str(folders["inbox"])], check=True)
+            wait_for(lambda: len(done(db)) == 1000, 240, "1,000 conversions")
+        counts = uploads(hub)
+        assert len(counts) == 1000
+        assert set(counts.values()) == {1}
+        assert len(hub.hub.ledger()["jobs"]) == 1000
+    assert len(outputs(folders["outbox"])) == 1000

@@ -22,6 +22,7 @@ from daemon.config import Settings, check_folders, config_path, load_settings, r
 from daemon.errors import AuthRejected, ConfigError, LdxError
 from daemon.health import EXIT_UNHEALTHY, read_heartbeat, verdict
 from daemon.logs import configure, scrub
+from daemon.names import stored_path
 from daemon.report import (
     HubCheck,
     StatusReport,
@@ -230,6 +231,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
         store.close()
     for target in unknown:
         print(f"not found: {target}", file=sys.stderr)
+    if args.json:
+        payload = {"requeued": [job_json(job) for job in requeued], "not_found": unknown}
+        print(json.dumps(payload, indent=2, ensure_ascii=False))
+        return EXIT_FAILED if unknown else EXIT_OK
     print(f"requeued {len(requeued)} job(s)")
     for job in requeued:
         print(f"  #{job.id} {job.path}")
@@ -261,7 +266,9 @@ def _find_job(store: Store, settings: Settings, target: str) -> Job | None:
             target = path.relative_to(settings.inbox.absolute()).as_posix()
         except ValueError:
             return None
-    return store.latest_for_path(target.strip("/"))
+    # A name with odd bytes is stored percent-escaped (daemon.names); accept both forms.
+    rel = target.strip("/")
+    return store.latest_for_path(stored_path(rel)) or store.latest_for_path(rel)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -433,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="job id or input path (relative to the inbox)",
     )
     retry.add_argument("--failed", action="store_true", help="every failed job")
+    retry.add_argument("--json", action="store_true", help="print the requeued jobs as JSON")
     purge = _add(
         sub,
         common,

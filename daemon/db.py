@@ -2,20 +2,42 @@
 
 SQLite allows one writer at a time, and its WAL reset bug makes concurrent writers
 unsafe on older libraries; funnelling every call through one thread also keeps the
-event loop free while a commit waits for fsync.
+event loop free while a commit waits for fsync. Calls that queue up while a commit is
+under way are run together in the next transaction (group commit): one fsync for many
+small state changes. A caller's await returns only after its change is committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import ParamSpec, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, ParamSpec, TypeVar
 
 from daemon.store import Store
 
 P = ParamSpec("P")
 R = TypeVar("R")
+MAX_BATCH = 128
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+    outcome: tuple[bool, Any] = field(default=(False, None))
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.cancelled():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
 class Db:
@@ -23,14 +45,56 @@ class Db:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="db-writer")
+        self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="db-writer", daemon=True)
+        self._thread.start()
 
     async def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn(*args, **kwargs)`` on the writer thread."""
+        """Run ``fn(*args, **kwargs)`` on the writer thread; return once it is committed."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        future: asyncio.Future[R] = loop.create_future()
+        self._queue.put(_Call(lambda: fn(*args, **kwargs), loop, future))
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = self._collect(first)
+            self._run(batch)
+            if stop:
+                return
+
+    def _collect(self, first: _Call) -> tuple[list[_Call], bool]:
+        batch = [first]
+        while len(batch) < MAX_BATCH:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                return batch, True
+            batch.append(nxt)
+        return batch, False
+
+    def _run(self, batch: list[_Call]) -> None:
+        try:
+            with self.store.batch():
+                for call in batch:
+                    try:
+                        call.outcome = (True, call.fn())
+                    except Exception as exc:
+                        call.outcome = (False, exc)
+        except Exception as exc:  # the commit itself failed: nothing of the batch holds
+            for call in batch:
+                call.outcome = (False, exc)
+        for call in batch:
+            ok, value = call.outcome
+            call.loop.call_soon_threadsafe(_settle, call.future, ok, value)
 
     def close(self) -> None:
         """Finish pending calls, then close the store."""
-        self._executor.shutdown(wait=True)
+        self._queue.put(None)
+        self._thread.join(timeout=30)
         self.store.close()

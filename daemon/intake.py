@@ -437,7 +437,21 @@ class Intake:
         self._next_watch_check = self.clock() + WATCH_CHECK_SECONDS
         if watcher.healthy():
             return
-        log.error("the filesystem observer stopped; restarting it and rescanning the inbox")
+        self._restart_watcher("the filesystem observer stopped; restarting it and rescanning")
+
+    async def _check_coverage(self) -> None:
+        """After a full rescan: does inotify still watch every folder? (New folders may
+        have used up the watches; then the watcher restarts, polling where it must.)"""
+        watcher = self.watcher
+        if watcher is None or await asyncio.to_thread(watcher.covered):
+            return
+        self._restart_watcher("inotify does not watch every folder any more; restarting")
+
+    def _restart_watcher(self, why: str) -> None:
+        watcher = self.watcher
+        if watcher is None:
+            return
+        log.error(why)
         try:
             watcher.restart(asyncio.get_running_loop())
         except OSError as exc:
@@ -455,6 +469,7 @@ class Intake:
                 found = await self.scan()
                 if found:
                     log.info("rescan found files the watcher missed", count=found)
+                await self._check_coverage()
                 next_rescan = self.clock() + self.settings.rescan_interval
             await _wait(stop, TICK_SECONDS)
 

@@ -71,7 +71,10 @@ class ProgressBar:
 async def follow(db: Db, since: float, bar: ProgressBar) -> None:
     """Refresh ``bar`` from the state table until cancelled."""
     with bar:
-        while True:
-            counts = await db.call(db.store.counts_since, since)
-            bar.update(counts)
-            await asyncio.sleep(REFRESH_SECONDS)
+        try:
+            while True:
+                bar.update(await db.call(db.store.counts_since, since))
+                await asyncio.sleep(REFRESH_SECONDS)
+        except asyncio.CancelledError:
+            bar.update(await db.call(db.store.counts_since, since))  # the final counts
+            raise

@@ -132,6 +132,18 @@ class StatusReport:
         }
 
 
+def _daemon_view(report: StatusReport) -> str:
+    """What the running daemon says about the hub, when this command could not ask it."""
+    beat = report.heartbeat
+    if report.hub.reachable is not None or beat is None:
+        return ""
+    if beat.paused:
+        return f"; the daemon reports: work paused, {beat.paused}"
+    if beat.holding_back:
+        return f"; the daemon reports: holding back, {beat.holding_back}"
+    return "; the daemon reports no trouble with the hub"
+
+
 def render_status(report: StatusReport) -> str:
     """The human ``status`` screen."""
     healthy, notes = report.daemon()
@@ -144,7 +156,7 @@ def render_status(report: StatusReport) -> str:
         f"ldx-hotfolder status at {when(report.now)}",
         "",
         f"daemon   {daemon_line}",
-        f"hub      {report.hub_url}: {report.hub.text()}",
+        f"hub      {report.hub_url}: {report.hub.text()}{_daemon_view(report)}",
         "jobs     " + "  ".join(f"{name}: {count}" for name, count in report.counts.items()),
         "waiting  "
         + (

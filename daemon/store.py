@@ -9,7 +9,9 @@ from a single thread (the daemon's writer), which keeps SQLite to one writer.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -225,11 +227,43 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.engine = make_engine(url)
+        self._local = threading.local()  # the writer thread's open batch, if any
         metadata.create_all(self.engine)
 
     def close(self) -> None:
         """Release every connection."""
         self.engine.dispose()
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Run the calls made inside in one transaction, committed once at the end.
+
+        Used by the single writer to commit many small changes with one fsync.
+        """
+        with self.engine.begin() as conn:
+            self._local.conn = conn
+            try:
+                yield
+            finally:
+                self._local.conn = None
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        batched: Connection | None = getattr(self._local, "conn", None)
+        if batched is not None:
+            yield batched
+            return
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        batched: Connection | None = getattr(self._local, "conn", None)
+        if batched is not None:
+            yield batched
+            return
+        with self.engine.connect() as conn:
+            yield conn
 
     def integrity_ok(self) -> bool:
         """Run SQLite's quick check (always true on other databases)."""
@@ -248,7 +282,7 @@ class Store:
         query = select(jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns).join(
             latest, jobs_table.c.id == latest.c.id
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return {row.path: (row.size, row.mtime_ns) for row in conn.execute(query)}
 
     def enqueue(self, new: NewJob, output: str, now: float) -> Job:
@@ -273,7 +307,7 @@ class Store:
             "created_at": now,
             "updated_at": now,
         }
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(insert(jobs_table).values(**row).returning(jobs_table))
             return Job.from_row(result.one())
 
@@ -282,7 +316,7 @@ class Store:
         query = select(jobs_table.c.output).where(
             jobs_table.c.output.in_(list(candidates)), jobs_table.c.path != except_path
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return {row.output for row in conn.execute(query)}
 
     def outputs_of_path(self, path: str) -> set[str]:
@@ -290,7 +324,7 @@ class Store:
         query = select(jobs_table.c.output).where(
             jobs_table.c.path == path, jobs_table.c.output.is_not(None)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return {row.output for row in conn.execute(query)}
 
     def versions(self) -> dict[str, tuple[int, int, int]]:
@@ -300,7 +334,7 @@ class Store:
         )
         columns = (jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns, jobs_table.c.inode)
         query = select(*columns).join(latest, jobs_table.c.id == latest.c.id)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return {r.path: (r.size, r.mtime_ns, r.inode) for r in conn.execute(query)}
 
     def converted_before(
@@ -333,7 +367,7 @@ class Store:
             .order_by(jobs_table.c.id.desc())
             .limit(1)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(query).first()
         if row is None:
             return None
@@ -344,7 +378,7 @@ class Store:
 
     def note_waiting(self, path: str, code: str, reason: str, since: float, now: float) -> None:
         """Record (or update) an input that intake waits on for too long."""
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(delete(waiting_table).where(waiting_table.c.path == path))
             conn.execute(
                 insert(waiting_table).values(
@@ -357,7 +391,7 @@ class Store:
         query = delete(waiting_table)
         if paths is not None:
             query = query.where(waiting_table.c.path.in_(list(paths)))
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             conn.execute(query)
 
     def waiting(self, path: str | None = None) -> list[Waiting]:
@@ -365,7 +399,7 @@ class Store:
         query = select(waiting_table).order_by(waiting_table.c.since)
         if path is not None:
             query = query.where(waiting_table.c.path == path)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [Waiting(**dict(r._mapping)) for r in conn.execute(query)]
 
     # -- worker ----------------------------------------------------------------------
@@ -382,7 +416,7 @@ class Store:
             .order_by(jobs_table.c.id)
             .limit(limit)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query)]
 
     def next_due(self) -> float | None:
@@ -390,7 +424,7 @@ class Store:
         query = select(func.min(jobs_table.c.next_attempt_at)).where(
             _unfinished()
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             value = conn.execute(query).scalar()
         return float(value) if value is not None else None
 
@@ -408,7 +442,7 @@ class Store:
         if stage in FINAL_STAGES:
             values.setdefault("finished_at", now)
             values.setdefault("next_attempt_at", None)
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(
                 update(jobs_table)
                 .where(jobs_table.c.id == job_id)
@@ -422,7 +456,7 @@ class Store:
         query = select(func.count()).where(
             _unfinished()
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return int(conn.execute(query).scalar() or 0)
 
     # -- operator views ------------------------------------------------------------------
@@ -431,7 +465,7 @@ class Store:
         """Number of jobs per public status (every status present, zero included)."""
         query = select(jobs_table.c.status, func.count()).group_by(jobs_table.c.status)
         counts = {status.value: 0 for status in Status}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for status, count in conn.execute(query):
                 counts[status] = int(count)
         return counts
@@ -443,12 +477,12 @@ class Store:
             query = query.where(jobs_table.c.status == status.value)
         if limit is not None:
             query = query.limit(limit)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query)]
 
     def get(self, job_id: int) -> Job | None:
         """One job by id."""
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
         return Job.from_row(row) if row is not None else None
 
@@ -460,7 +494,7 @@ class Store:
             .order_by(jobs_table.c.id.desc())
             .limit(1)
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             row = conn.execute(query).first()
         return Job.from_row(row) if row is not None else None
 
@@ -479,7 +513,7 @@ class Store:
             query = query.where(jobs_table.c.created_at < created_before)
         if created_after is not None:
             query = query.where(jobs_table.c.created_at >= created_after)
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query)]
 
     def oldest_unfinished(self) -> float | None:
@@ -487,7 +521,7 @@ class Store:
         query = select(func.min(jobs_table.c.created_at)).where(
             _unfinished()
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             value = conn.execute(query).scalar()
         return float(value) if value is not None else None
 
@@ -504,7 +538,7 @@ class Store:
             .group_by(jobs_table.c.status)
         )
         counts = {status.value: 0 for status in Status}
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             for status, count in conn.execute(query):
                 counts[status] = int(count)
         return counts
@@ -521,14 +555,14 @@ class Store:
             jobs_table.c.status.in_([s.value for s in statuses]),
             jobs_table.c.finished_at < finished_before,
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             return [(int(r[0]), str(r[1]), bool(r[2])) for r in conn.execute(query)]
 
     def delete(self, job_ids: Sequence[int]) -> int:
         """Delete jobs by id; return how many went."""
         if not job_ids:
             return 0
-        with self.engine.begin() as conn:
+        with self._write() as conn:
             result = conn.execute(delete(jobs_table).where(jobs_table.c.id.in_(list(job_ids))))
             return int(result.rowcount)
 
@@ -552,7 +586,7 @@ class Store:
             jobs_table.c.finished_at <= now - older_than,
             jobs_table.c.rearms < limit,
         )
-        with self.engine.connect() as conn:
+        with self._read() as conn:
             ids = [row.id for row in conn.execute(query)]
         rearmed = []
         for job_id in ids:

@@ -97,10 +97,10 @@ class Supervisor:
 
     async def start(self, stop: asyncio.Event) -> list[asyncio.Task[None]]:
         """Tell systemd we are ready and start watching; return the tasks to cancel at stop."""
+        self._start_metrics()  # first: a port in use is a configuration error, not READY
         await self.monitor.prime()
         beat = await self.monitor.beat()
         self.notifier.ready(status_line(beat, beat.time))
-        self._start_metrics()
         self.deadman.start()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self._reload.set)

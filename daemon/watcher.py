@@ -18,6 +18,7 @@ import asyncio
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ Hint = Callable[[str, bool], None]
 log = get_logger(component="watcher")
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "deleted"})
 _INOTIFY_LOGGER = "watchdog.observers.inotify_c"
+COVERAGE_RECHECK = 0.2  # seconds before counting watches again
 _LIMIT_SYSCTL = {
     errno.ENOSPC: "fs.inotify.max_user_watches",
     errno.EMFILE: "fs.inotify.max_user_instances",
@@ -134,10 +136,20 @@ class Watcher:
             observer.schedule(_Forwarder(loop, self._hint), str(folder), recursive=True)
             observer.daemon = True
             observer.start()
+            _check_coverage(folder)
         except OSError:
             _quietly_stop(observer)
             raise
         return observer
+
+    def covered(self) -> bool:
+        """Whether inotify still watches every folder (new folders can exhaust the limit)."""
+        try:
+            for folder in self.plan.inotify:
+                _check_coverage(folder)
+        except OSError:
+            return False
+        return True
 
     def _start_polling(self, loop: asyncio.AbstractEventLoop, folders: list[Path]) -> BaseObserver:
         observer = _polling_observer(self._interval)
@@ -198,6 +210,47 @@ class Watcher:
         observers, self._observers = self._observers, []
         for observer in observers:
             _quietly_stop(observer)
+
+
+def inotify_watches() -> int | None:
+    """How many inotify watches this process holds (None when /proc cannot tell)."""
+    total = 0
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:inotify":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}", encoding="ascii", errors="replace") as info:
+                total += sum(1 for line in info if line.startswith("inotify wd:"))
+        except OSError:
+            continue
+    return total
+
+
+def folders_under(root: Path) -> int:
+    """``root`` and every real folder below it (links are not followed): what inotify
+    must watch."""
+    count = 1
+    for parent, dirs, _ in os.walk(root, onerror=lambda _: None):
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+        count += len(dirs)
+    return count
+
+
+def _check_coverage(folder: Path) -> None:
+    # watchdog ignores a failure to watch a subfolder (only the root's failure is raised),
+    # so a watch limit reached half-way would leave folders silently unwatched.
+    held, needed = inotify_watches(), folders_under(folder)
+    if held is not None and held < needed:
+        time.sleep(COVERAGE_RECHECK)  # folders made meanwhile get their watches late
+        held, needed = inotify_watches() or 0, folders_under(folder)
+    if held is not None and held < needed:
+        raise OSError(
+            errno.ENOSPC, f"inotify watch limit reached: {held} of {needed} folders watched"
+        )
 
 
 def _quietly_stop(observer: BaseObserver) -> None:

@@ -41,6 +41,19 @@ def rows(db: Path) -> list[dict[str, Any]]:
             return []
 
 
+def completed(db: Path) -> int:
+    """How many jobs completed (a cheap query, for waiting on many)."""
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return int(
+                conn.execute("SELECT count(*) FROM jobs WHERE status = 'completed'").fetchone()[0]
+            )
+        except sqlite3.OperationalError:
+            return 0
+
+
 def done(db: Path) -> dict[str, dict[str, Any]]:
     """Completed jobs by path."""
     return {r["path"]: r for r in rows(db) if r["status"] == "completed"}

@@ -159,6 +159,8 @@ def test_retry_by_path_id_and_failed(
     assert "not found: nope.pdf" in out
     code, out = run_main(["retry", "-c", str(config)], capsys)
     assert code == 2
+    code, out = run_main(["retry", "--failed", "--json", "-c", str(config)], capsys)
+    assert json.loads(out) == {"requeued": [], "not_found": []}
 
 
 def test_engines_lists_languages(
@@ -296,6 +298,7 @@ def test_status_screen_at_a_glance(
     assert "daemon   healthy (pid 77" in out
     assert "2 in flight" in out
     assert "hub      https://gw.ldxhub.io: not checked: no API key" in out
+    assert "the daemon reports no trouble with the hub" in out
     assert "queued: 1  processing: 0  completed: 4  failed: 1" in out
     assert "the oldest unfinished job was queued 3.0 h ago" in out
     assert "letters/c.pdf: the PDF file is damaged [invalid_input] (35.0 d ago)" in out

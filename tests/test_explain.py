@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 from pathlib import Path
@@ -10,9 +11,11 @@ from typing import Any
 import pytest
 
 from daemon.cli import main
+from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
+from daemon.service import run_service
 from tests.conftest import daemon_config
-from tests.helpers import cli, wait_for
+from tests.helpers import wait_for
 from tests.intake_support import done, rows, running
 from tests.scans import make_pdf, make_scan
 
@@ -103,8 +106,9 @@ def test_unsupported_content_fails_at_once_whatever_the_name(
     for name, fmt in good.items():
         (inbox / name).write_bytes(make_scan(fmt, len(name)))
     config = daemon_config(tmp_path, folders, emulator.url)
-    result = cli(config, "once")
-    assert result.returncode == 1
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    assert outcome.exit_code == 1
     jobs = {r["path"]: r for r in rows(folders["state"] / "state.db")}
     assert jobs["renamed.pdf"]["error_message"].startswith(
         "unsupported type: looks like a ZIP archive or Office document"

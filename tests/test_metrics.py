@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import httpx
@@ -125,3 +126,17 @@ def test_running_daemon_serves_metrics_and_health(
     stopped = cli(config, "health")
     assert stopped.returncode == 1
     assert "not running" in stopped.stdout
+
+
+def test_a_metrics_port_in_use_is_a_configuration_error(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """The daemon refuses to start (exit 2, naming the setting) when the port is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = daemon_config(tmp_path, folders, emulator.url, metrics_port=port)
+        result = cli(config, "run", timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "metrics_port" in result.stderr

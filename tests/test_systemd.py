@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
 import pytest
 
+from daemon.emulator.server import EmulatorServer
+from tests.conftest import daemon_config
+from tests.helpers import _env, wait_for
+from tests.scans import make_scan
 from tests.tooling import REPO, program, require_tool
 
 UNIT = REPO / "systemd" / "ldx-hotfolder.service"
@@ -103,3 +109,43 @@ def test_unit_identity_secret_and_paths() -> None:
     assert one(entries, "NoNewPrivileges") == "yes"
     assert one(entries, "CapabilityBoundingSet") == ""
     assert f"u {user} " in SYSUSERS.read_text(encoding="utf-8")
+
+
+MDWE_RUNNER = """
+import ctypes, runpy, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(65, 1, 0, 0, 0) != 0:  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN
+    sys.exit(77)
+sys.argv = ["ldx-hotfolder", *sys.argv[1:]]
+runpy.run_module("daemon", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_daemon_runs_without_writable_executable_memory(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """Under the kernel's MDWE (what MemoryDenyWriteExecute=yes sets) the daemon still works."""
+    (folders["inbox"] / "scan.png").write_bytes(make_scan("png", seed=3))
+    config = daemon_config(tmp_path, folders, emulator.url)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", MDWE_RUNNER, "run", "-c", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_env(),
+        )
+    try:
+        wait_for(
+            lambda: proc.poll() == 77 or (folders["outbox"] / "scan.docx").exists(),
+            60,
+            "the output",
+        )
+        if proc.poll() == 77:
+            pytest.skip("this kernel has no PR_SET_MDWE (Linux >= 6.3)")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=30)
+    assert code == 0, log_path.read_text(encoding="utf-8")
+    assert "watching the inbox" in log_path.read_text(encoding="utf-8")

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
+import signal
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ from daemon.intake import Intake
 from daemon.service import Service, prepare
 from tests.conftest import daemon_config
 from tests.helpers import wait_for
-from tests.intake_support import done, outputs, running, uploads
+from tests.intake_support import completed, done, outputs, running, uploads
 from tests.scans import make_pdf, make_scan
 
 MODES = pytest.mark.parametrize("use_polling", [False, True], ids=["inotify", "polling"])
@@ -139,13 +142,99 @@ def test_thousand_files_copied_at_once(tmp_path: Path, folders: dict[str, Path])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"scan {i}.pdf").write_bytes(make_pdf(1, marker=f"n{i}"))
     with EmulatorServer(EmulatorSettings(processing_time=0.05, seed=3)) as hub:
-        config = daemon_config(tmp_path, folders, hub.url, max_in_flight=48, rescan_interval=3600.0)
+        config = daemon_config(tmp_path, folders, hub.url, rescan_interval=3600.0)
         db = folders["state"] / "state.db"
         with running(config, tmp_path / "daemon.log"):
             subprocess.run(["cp", "-r", str(tree), str(folders["inbox"])], check=True)
-            wait_for(lambda: len(done(db)) == 1000, 240, "1,000 conversions")
+            wait_for(lambda: completed(db) == 1000, 240, "1,000 conversions")
         counts = uploads(hub)
         assert len(counts) == 1000
         assert set(counts.values()) == {1}
         assert len(hub.hub.ledger()["jobs"]) == 1000
     assert len(outputs(folders["outbox"])) == 1000
+
+
+def can_mount_fuse() -> str | None:
+    """Why a FUSE mount cannot be made here, or None when it can."""
+    if os.geteuid() != 0:
+        return "not root"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("bindfs") is None:
+        return "bindfs is not installed (apt-get install bindfs)"
+    return None
+
+
+@pytest.fixture
+def share(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(backing folder, FUSE mount of it): a network share's server side and client side."""
+    problem = can_mount_fuse()
+    if problem is not None:
+        if IN_CI:
+            pytest.fail(f"CI must run the FUSE share test, but: {problem}")
+        pytest.skip(problem)
+    backing, mount = tmp_path / "server-side", tmp_path / "inbox-share"
+    backing.mkdir()
+    mount.mkdir()
+    subprocess.run(["bindfs", str(backing), str(mount)], check=True)
+    try:
+        yield backing, mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_network_share_inbox_is_polled(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, share: tuple[Path, Path]
+) -> None:
+    """An inbox on FUSE, written behind its back (as another SMB/NFS client would), is
+    polled with use_polling = "auto" and no other setting; files convert promptly."""
+    backing, mount = share
+    folders = {**folders, "inbox": mount}
+    config = daemon_config(
+        tmp_path, folders, emulator.url, rescan_interval=3600.0, polling_interval=0.5
+    )
+    db = folders["state"] / "state.db"
+    with running(config, tmp_path / "daemon.log") as daemon:
+        assert '"polled": ["' + str(mount) in daemon.log()
+        (backing / "scans").mkdir()
+        (backing / "scans" / "remote.pdf").write_bytes(make_scan("pdf", 70))
+        (backing / "top.png").write_bytes(make_scan("png", 71))
+        wait_for(lambda: len(done(db)) == 2, 30, "files written on the server side to convert")
+    assert outputs(folders["outbox"]) == ["scans/remote.docx", "top.docx"]
+
+
+def test_inotify_watch_limit_falls_back_to_polling(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """Out of inotify watches: the log names fs.inotify.max_user_watches and the daemon
+    polls instead of failing. (Runs in a user namespace whose watch limit is 4.)"""
+    if (
+        shutil.which("unshare") is None
+        or subprocess.run(["unshare", "-Ur", "true"], check=False, capture_output=True).returncode
+    ):
+        if IN_CI:
+            pytest.fail("CI must run the inotify limit test, but unshare -Ur does not work")
+        pytest.skip("no user namespaces here")
+    for i in range(12):
+        (folders["inbox"] / f"dept {i}").mkdir()
+    config = daemon_config(tmp_path, folders, emulator.url, rescan_interval=3600.0)
+    log_path = tmp_path / "daemon.log"
+    script = (
+        "echo 4 > /proc/sys/user/max_inotify_watches && "
+        f'exec "{sys.executable}" -m daemon run -c "{config}"'
+    )
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            ["unshare", "-Ur", "sh", "-c", script], stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for(lambda: "start-up scan done" in log_path.read_text(), 30, "the daemon to start")
+        text = log_path.read_text()
+        assert "fs.inotify.max_user_watches" in text
+        assert "watching by polling instead" in text
+        (folders["inbox"] / "dept 7" / "late.jpg").write_bytes(make_scan("jpeg", 72))
+        db = folders["state"] / "state.db"
+        wait_for(lambda: "dept 7/late.jpg" in done(db), 30, "the file to convert by polling")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0

@@ -27,7 +27,7 @@ from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from tests.faults import assert_exactly_once, job_rows
-from tests.scans import EXTENSIONS, FORMATS, make_scan
+from tests.scans import drop_scans
 
 
 @dataclass
@@ -50,17 +50,6 @@ class Result:
             f"{self.seconds:.1f} s: every input exactly one output, byte-identical; "
             f"no temporary file; integrity ok"
         )
-
-
-def _drop(inbox: Path, count: int, seed: int) -> list[str]:
-    paths = []
-    for i in range(count):
-        fmt = FORMATS[i % len(FORMATS)]
-        rel = f"batch {i % 4}/scan {i}{EXTENSIONS[fmt]}"
-        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
-        (inbox / rel).write_bytes(make_scan(fmt, seed=seed * 10_000 + i))
-        paths.append(rel)
-    return paths
 
 
 def _config(root: Path, url: str) -> Path:
@@ -104,7 +93,7 @@ def run(root: Path, files: int, kills: int, seed: int = 1) -> Result:
     started = time.monotonic()
     settings = EmulatorSettings(processing_time=(1.0, 3.0), seed=seed)
     with EmulatorServer(settings) as server:
-        inputs = _drop(root / "inbox", files, seed)
+        inputs = drop_scans(root / "inbox", files, seed, folders=4)
         config = _config(root, server.url)
         db = root / "state" / "state.db"
         mid_work = 0

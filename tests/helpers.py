@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
+
+from daemon.config import Settings
+from daemon.service import Service, prepare
 
 T = TypeVar("T")
 
@@ -89,3 +94,28 @@ class Daemon:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
+
+
+async def wait_async(
+    predicate: Callable[[], object], timeout: float = 30.0, what: str = "a condition"
+) -> None:
+    """Await ``predicate()`` becoming truthy, checking every 50 ms; fail after ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@asynccontextmanager
+async def daemon_in_process(settings: Settings) -> AsyncIterator[Service]:
+    """``run`` in this event loop, ready (start-up scan done) when the block begins."""
+    service = Service(settings, prepare(settings), once=False)
+    runner = asyncio.create_task(service.run())
+    try:
+        await asyncio.wait_for(service.ready.wait(), 30)
+        yield service
+    finally:
+        service.request_stop()
+        await runner

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import random
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -55,3 +56,15 @@ def make_scan(fmt: str, seed: int = 0, pages: int = 1) -> bytes:
     else:
         images[0].save(buf, pil_format)
     return buf.getvalue()
+
+
+def drop_scans(inbox: Path, count: int, seed: int = 0, folders: int = 2) -> list[str]:
+    """Write ``count`` scans of every format into ``folders`` subfolders; return their paths."""
+    paths = []
+    for i in range(count):
+        fmt = FORMATS[i % len(FORMATS)]
+        rel = f"batch {i % folders}/scan {seed}-{i}{EXTENSIONS[fmt]}"
+        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
+        (inbox / rel).write_bytes(make_scan(fmt, seed=seed * 10_000 + i))
+        paths.append(rel)
+    return paths

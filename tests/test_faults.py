@@ -22,20 +22,8 @@ from daemon.failpoints import POINTS
 from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.faults import assert_exactly_once, job_rows, outbox_files
-from tests.helpers import Daemon, wait_for
-from tests.scans import EXTENSIONS, FORMATS, make_scan
-
-
-def drop(inbox: Path, count: int, seed: int = 0) -> list[str]:
-    """Drop ``count`` scans into two folders; return their relative paths."""
-    paths = []
-    for i in range(count):
-        fmt = FORMATS[i % len(FORMATS)]
-        rel = f"f{i % 2}/scan {seed}-{i}{EXTENSIONS[fmt]}"
-        (inbox / rel).parent.mkdir(parents=True, exist_ok=True)
-        (inbox / rel).write_bytes(make_scan(fmt, seed=seed * 1000 + i))
-        paths.append(rel)
-    return paths
+from tests.helpers import Daemon, daemon_in_process, wait_async, wait_for
+from tests.scans import drop_scans
 
 
 def test_http_faults_every_file_completes(
@@ -53,7 +41,7 @@ def test_http_faults_every_file_completes(
     emulator_settings = EmulatorSettings(processing_time=0.2, seed=3)
     with EmulatorServer(emulator_settings) as server:
         server.hub.update_faults(faults)
-        inputs = drop(folders["inbox"], 40)
+        inputs = drop_scans(folders["inbox"], 40)
         config = daemon_config(
             tmp_path,
             folders,
@@ -137,7 +125,7 @@ def test_crash_at_each_step_recovers(
 ) -> None:
     """A crash at any step, at its first or second hit, recovers to exactly one output each."""
     shared_hub.hub.reset_ledger()
-    inputs = drop(folders["inbox"], 3, seed=hit)
+    inputs = drop_scans(folders["inbox"], 3, seed=hit)
     archive = str(tmp_path / "archive")
     config = daemon_config(
         tmp_path,
@@ -212,18 +200,14 @@ def test_full_disk_keeps_jobs_and_resumes(
 ) -> None:
     """ENOSPC on the outbox: no partial output, nothing failed, all done once space is back."""
     folders = {**folders, "outbox": small_outbox}
-    inputs = drop(folders["inbox"], 6, seed=4)
+    inputs = drop_scans(folders["inbox"], 6, seed=4)
     filler = fill(small_outbox, leave=2048)
     config = daemon_config(tmp_path, folders, emulator.url, min_free_space_mb=0)
     settings = load_settings(config)
     db = folders["state"] / "state.db"
 
     async def scenario() -> None:
-        from daemon.service import Service, prepare
-
-        service = Service(settings, prepare(settings), once=False)
-        runner = asyncio.create_task(service.run())
-        try:
+        async with daemon_in_process(settings):
             await wait_async(lambda: any(r["error_code"] == "disk_full" for r in job_rows(db)))
             rows = job_rows(db)
             assert not [r for r in rows if r["status"] == "failed"]
@@ -231,9 +215,6 @@ def test_full_disk_keeps_jobs_and_resumes(
                 assert name == "filler.bin" or name.endswith(".docx")
             filler.unlink()
             await wait_async(lambda: [r["status"] for r in job_rows(db)] == ["completed"] * 6, 40)
-        finally:
-            service.request_stop()
-            await runner
 
     asyncio.run(scenario())
     assert_exactly_once(inputs, small_outbox, db, emulator.hub)
@@ -254,20 +235,12 @@ def test_low_space_pauses_intake_with_one_message(
     db = folders["state"] / "state.db"
 
     async def scenario() -> None:
-        from daemon.service import Service, prepare
-
-        service = Service(settings, prepare(settings), once=False)
-        runner = asyncio.create_task(service.run())
-        try:
-            await asyncio.wait_for(service.ready.wait(), 10)
-            inputs = drop(folders["inbox"], 3, seed=5)
+        async with daemon_in_process(settings) as service:
+            inputs = drop_scans(folders["inbox"], 3, seed=5)
             await wait_async(lambda: service.intake.paused and len(service.intake.sightings) == 3)
-            assert not db.exists() or job_rows(db) == []
+            assert job_rows(db) == []
             filler.unlink()
             await wait_async(lambda: len(outbox_files(small_outbox)) == len(inputs), 30)
-        finally:
-            service.request_stop()
-            await runner
 
     asyncio.run(scenario())
     captured = capsys.readouterr()
@@ -276,21 +249,11 @@ def test_low_space_pauses_intake_with_one_message(
     assert "free disk space is back" in logged
 
 
-async def wait_async(predicate: Any, timeout: float = 30.0) -> None:
-    """Await ``predicate()`` becoming true, checking every 50 ms, failing after timeout."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.05)
-
-
 def test_failed_transient_jobs_are_rearmed(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
     """A job failed for a transient cause is queued again after the cool-down."""
-    drop(folders["inbox"], 1)
+    drop_scans(folders["inbox"], 1)
     emulator.hub.update_faults({"job_failure_rate": 1.0})
     config = daemon_config(
         tmp_path, folders, emulator.url, resubmit_delay=0.05, auto_retry_after=0.5
@@ -303,16 +266,9 @@ def test_failed_transient_jobs_are_rearmed(
     settings = load_settings(config)
 
     async def scenario() -> None:
-        from daemon.service import Service, prepare
-
-        service = Service(settings, prepare(settings), once=False)
-        runner = asyncio.create_task(service.run())
-        try:
+        async with daemon_in_process(settings):
             db = folders["state"] / "state.db"
             await wait_async(lambda: job_rows(db)[0]["status"] == "completed", 20)
-        finally:
-            service.request_stop()
-            await runner
 
     asyncio.run(scenario())
     assert job_rows(folders["state"] / "state.db")[0]["rearms"] == 1
@@ -321,7 +277,7 @@ def test_failed_transient_jobs_are_rearmed(
 def test_sigterm_stops_cleanly_and_resumes(tmp_path: Path, folders: dict[str, Path]) -> None:
     """SIGTERM mid-work exits 0 within the grace bound; a restart repeats and loses nothing."""
     with EmulatorServer(EmulatorSettings(processing_time=2.0, seed=2)) as server:
-        inputs = drop(folders["inbox"], 10, seed=6)
+        inputs = drop_scans(folders["inbox"], 10, seed=6)
         config = daemon_config(tmp_path, folders, server.url)
         db = folders["state"] / "state.db"
         daemon = Daemon(config, tmp_path / "daemon.log").start()

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
-from daemon.service import Outcome, Service, prepare, run_service
+from daemon.service import Outcome, run_service
 from daemon.store import Status, Store
 from tests.conftest import daemon_config
+from tests.helpers import daemon_in_process, wait_async
 from tests.scans import make_scan
 
 
@@ -118,19 +119,13 @@ def test_running_daemon_picks_up_new_files_promptly(
     settings = load_settings(config)
 
     async def scenario() -> float:
-        service = Service(settings, prepare(settings), once=False)
-        runner = asyncio.create_task(service.run())
-        await asyncio.wait_for(service.ready.wait(), 10)  # the drop below must be an event
-        dropped = time.monotonic()
-        (folders["inbox"] / "late").mkdir()
-        (folders["inbox"] / "late" / "n.png").write_bytes(make_scan("png", 12))
-        target = folders["outbox"] / "late" / "n.docx"
-        deadline = dropped + 20
-        while not target.exists() and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        service.request_stop()
-        await runner
-        return time.monotonic() - dropped
+        async with daemon_in_process(settings):  # ready: the drop below must be an event
+            dropped = time.monotonic()
+            (folders["inbox"] / "late").mkdir()
+            (folders["inbox"] / "late" / "n.png").write_bytes(make_scan("png", 12))
+            target = folders["outbox"] / "late" / "n.docx"
+            await wait_async(target.exists, 20, "the late file's output")
+            return time.monotonic() - dropped
 
     elapsed = asyncio.run(scenario())
     assert (folders["outbox"] / "late" / "n.docx").exists()

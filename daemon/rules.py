@@ -1,0 +1,201 @@
+"""Routing rules: which engine, language, output format and input policy a file gets.
+
+Sources, strongest first, field by field:
+
+1. the first ``[[rules]]`` entry of the main configuration whose ``match`` glob matches
+   the file's path relative to the inbox (the administrator's word is final);
+2. the nearest ``.ldx-hotfolder.toml`` in the file's folder or a parent folder inside
+   the inbox (for profiles set up by someone without access to the configuration);
+3. the ``[hub]`` defaults (and ``on_success`` at the top level).
+
+Matching and merging are pure functions; reading folder files is the caller's I/O.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+FOLDER_FILE = ".ldx-hotfolder.toml"
+RULE_FIELDS = ("output_format", "language", "engine", "on_success")
+
+
+class RouteFields(BaseModel):
+    """The fields a rule or a folder file may set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_format: Literal["docx", "xlsx", "pptx"] | None = None
+    language: str | None = None
+    engine: str | None = None
+    on_success: Literal["keep", "delete", "archive"] | None = None
+
+    def given(self) -> dict[str, str]:
+        """The fields this source sets."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Rule(RouteFields):
+    """One ``[[rules]]`` entry: a glob on the relative path and the fields it sets."""
+
+    match: str
+
+
+@dataclass(frozen=True)
+class Route:
+    """The settings one file is converted with, and where they came from."""
+
+    engine: str
+    language: str
+    output_format: str
+    on_success: str
+    source: str  # e.g. "rules[2] invoices/**", "folder letters/.ldx-hotfolder.toml"
+
+
+@lru_cache(maxsize=256)
+def glob_regex(pattern: str) -> re.Pattern[str]:
+    """A regex for a path glob: ``*`` and ``?`` stay in one folder, ``**`` spans folders."""
+    out = []
+    i = 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z", re.IGNORECASE)
+
+
+def first_rule(rules: Sequence[Rule], rel_path: str) -> tuple[int, Rule] | None:
+    """The first rule whose glob matches ``rel_path`` (1-based index), or None."""
+    for index, rule in enumerate(rules, start=1):
+        if glob_regex(rule.match).match(rel_path):
+            return index, rule
+    return None
+
+
+def folder_files_for(rel_path: str) -> list[str]:
+    """Folder-file paths that may apply to ``rel_path``, nearest first."""
+    parts = rel_path.split("/")[:-1]
+    return ["/".join([*parts[:n], FOLDER_FILE]) for n in range(len(parts), -1, -1)]
+
+
+def route(
+    rel_path: str,
+    rules: Sequence[Rule],
+    folder_fields: Callable[[str], RouteFields | None],
+    defaults: dict[str, str],
+) -> Route:
+    """Merge rule, nearest folder file and defaults for ``rel_path``."""
+    merged = dict(defaults)
+    sources = []
+    folder = next(
+        ((p, f) for p in folder_files_for(rel_path) if (f := folder_fields(p)) is not None),
+        None,
+    )
+    if folder is not None:
+        merged.update(folder[1].given())
+        sources.append(f"folder {folder[0]}")
+    matched = first_rule(rules, rel_path)
+    if matched is not None:
+        index, rule = matched
+        merged.update(rule.given())
+        sources.insert(0, f"rules[{index}] {rule.match}")
+    return Route(
+        engine=merged["engine"],
+        language=merged["language"],
+        output_format=merged["output_format"],
+        on_success=merged["on_success"],
+        source=" + ".join(sources) or "defaults",
+    )
+
+
+class FolderFileError(Exception):
+    """A folder file cannot be read or holds an invalid value."""
+
+
+def parse_folder_file(text: str, where: str) -> RouteFields:
+    """Parse a ``.ldx-hotfolder.toml``; FolderFileError names the problem."""
+    try:
+        data: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise FolderFileError(f"{where} is not valid TOML: {exc}") from None
+    try:
+        return RouteFields(**data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise FolderFileError(f"{where}: {problems}") from None
+
+
+def read_folder_file(inbox: Path, rel: str) -> RouteFields | None:
+    """The folder file at ``inbox/rel``, None when there is none; FolderFileError if bad."""
+    path = inbox / rel
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FolderFileError(f"{rel} cannot be read: {exc}") from None
+    return parse_folder_file(text, rel)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What the hub offers: engine id → (languages, output formats)."""
+
+    engines: dict[str, tuple[frozenset[str], frozenset[str]]]
+
+    def problems(self, engine: str, language: str, output_format: str) -> list[str]:
+        """What in (engine, language, format) the hub does not offer, with the choices."""
+        if engine not in self.engines:
+            return [f"engine {engine!r} is not offered (valid: {_list(self.engines)})"]
+        languages, formats = self.engines[engine]
+        found = []
+        if language not in languages:
+            found.append(
+                f"language {language!r} is not offered by {engine} (valid: {_list(languages)})"
+            )
+        if output_format not in formats:
+            found.append(
+                f"output format {output_format!r} is not offered by {engine} "
+                f"(valid: {_list(formats)})"
+            )
+        return found
+
+
+def _list(values: Iterable[str]) -> str:
+    return ", ".join(sorted(values))
+
+
+def check_rules(rules: Sequence[Rule], defaults: dict[str, str], offer: Offer) -> list[str]:
+    """Every problem of the defaults and the rules against what the hub offers."""
+    found = [
+        f"[hub]: {p}"
+        for p in offer.problems(defaults["engine"], defaults["language"], defaults["output_format"])
+    ]
+    for index, rule in enumerate(rules, start=1):
+        merged = {**defaults, **rule.given()}
+        for problem in offer.problems(
+            merged["engine"], merged["language"], merged["output_format"]
+        ):
+            found.append(f"rules[{index}] (match {rule.match!r}): {problem}")
+    return found

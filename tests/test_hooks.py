@@ -1,0 +1,161 @@
+"""Completion hooks: commands with the job's environment, timeouts, and retried webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+
+from daemon.hooks import HookEvent, Hooks, HookSettings
+from tests.helpers import wait_for
+
+
+def event(status: str = "completed", job_id: int = 7) -> HookEvent:
+    return HookEvent(
+        job_id=job_id,
+        status=status,
+        input_path=Path("/in/a/scan.pdf"),
+        input_rel="a/scan.pdf",
+        output_path=Path("/out/a/scan.docx") if status == "completed" else None,
+        output_rel="a/scan.docx" if status == "completed" else None,
+        remote_job_id="r" * 32,
+        error_code="invalid_input" if status == "failed" else None,
+        error_message="broken" if status == "failed" else None,
+        rule="rules[1] a/**",
+    )
+
+
+DUMP_ENV = (
+    "import json, os, sys; "
+    "json.dump({k: v for k, v in os.environ.items() if k.startswith('LDX_')}, "
+    "open(sys.argv[1], 'w'))"
+)
+
+
+def run_hooks(settings: HookSettings, *events: HookEvent) -> list[tuple[int, str]]:
+    failures: list[tuple[int, str]] = []
+
+    async def scenario() -> None:
+        hooks = Hooks(settings, lambda job, msg: failures.append((job, msg)))
+        for e in events:
+            hooks.fire(e)
+        await hooks.drain(30)
+
+    asyncio.run(scenario())
+    return failures
+
+
+def test_success_and_failure_hooks_get_the_environment(tmp_path: Path) -> None:
+    """on_completed and on_failed receive paths, job id, status and the error."""
+    done, failed = tmp_path / "done.json", tmp_path / "failed.json"
+    settings = HookSettings(
+        on_completed=(sys.executable, "-c", DUMP_ENV, str(done)),
+        on_failed=(sys.executable, "-c", DUMP_ENV, str(failed)),
+    )
+    assert run_hooks(settings, event("completed"), event("failed", job_id=8)) == []
+    ok = json.loads(done.read_text())
+    assert ok["LDX_STATUS"] == "completed"
+    assert ok["LDX_OUTPUT"] == "/out/a/scan.docx"
+    assert ok["LDX_INPUT_REL"] == "a/scan.pdf"
+    assert ok["LDX_JOB_ID"] == "7"
+    bad = json.loads(failed.read_text())
+    assert (bad["LDX_STATUS"], bad["LDX_ERROR_CODE"], bad["LDX_ERROR_MESSAGE"]) == (
+        "failed",
+        "invalid_input",
+        "broken",
+    )
+    assert bad["LDX_JOB_ID"] == "8"
+
+
+def test_hanging_hook_is_killed_at_timeout(tmp_path: Path) -> None:
+    """A hook that never ends is killed (children too) and reported, not waited for."""
+    child = tmp_path / "child.py"
+    child.write_text("import time\ntime.sleep(60)\n", encoding="utf-8")
+    parent = tmp_path / "parent.py"
+    parent.write_text(
+        "import subprocess, sys, time\n"
+        f"child = subprocess.Popen([sys.executable, {str(child)!r}])\n"
+        f"open({str(tmp_path / 'child.pid')!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(60)\n",
+        encoding="utf-8",
+    )
+    settings = HookSettings(on_completed=(sys.executable, str(parent)), timeout=1.0)
+    failures = run_hooks(settings, event())
+    assert failures == [(7, f"hook {sys.executable!r} was killed after 1 s")]
+    child_pid = int((tmp_path / "child.pid").read_text())
+    wait_for(lambda: not _alive(child_pid), 5, "the hook's child to be gone")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.split(") ", 1)[1][0] != "Z"  # a zombie waiting for init counts as gone
+
+
+def test_failing_and_missing_hooks_are_reported() -> None:
+    """A non-zero exit and a command that does not exist are failures, not crashes."""
+    failing = HookSettings(on_completed=(sys.executable, "-c", "raise SystemExit(3)"))
+    assert run_hooks(failing, event())[0][1].endswith("exited with status 3")
+    missing = HookSettings(on_completed=("/nonexistent/hook",))
+    assert "could not start" in run_hooks(missing, event())[0][1]
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    answers: ClassVar[list[int]]
+    bodies: ClassVar[list[dict[str, Any]]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length", 0))
+        type(self).bodies.append(json.loads(self.rfile.read(length)))
+        status = type(self).answers.pop(0) if type(self).answers else 200
+        self.send_response(status)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
+    """A real HTTP server on loopback that records webhook bodies."""
+    handler = type("Receiver", (_Receiver,), {"answers": [], "bodies": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_webhook_retried_after_500(receiver: tuple[str, type[_Receiver]]) -> None:
+    """A 500 from the receiver is retried; the JSON describes the job."""
+    url, handler = receiver
+    handler.answers[:] = [500, 200]
+    assert run_hooks(HookSettings(webhook_url=url), event()) == []
+    assert len(handler.bodies) == 2
+    body = handler.bodies[-1]
+    assert body["event"] == "job.completed"
+    assert body["output"] == "a/scan.docx"
+    assert body["error"] is None
+
+
+def test_webhook_gives_up_and_reports(receiver: tuple[str, type[_Receiver]]) -> None:
+    """A receiver that keeps failing is given up after the configured attempts."""
+    url, handler = receiver
+    handler.answers[:] = [503, 503, 503]
+    failures = run_hooks(HookSettings(webhook_url=url, webhook_attempts=3), event("failed"))
+    assert len(handler.bodies) == 3
+    assert "failed after 3 attempt(s): HTTP 503" in failures[0][1]
+    assert handler.bodies[0]["error"] == {"code": "invalid_input", "message": "broken"}

@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from daemon.errors import ConfigError
 from daemon.logs import register_secret
 from daemon.permissions import parse_mode
+from daemon.rules import Rule
 
 ENV_PREFIX = "LDX_HOTFOLDER_"
 CONFIG_ENV = "LDX_HOTFOLDER_CONFIG"
@@ -64,6 +65,18 @@ class HubSettings(BaseModel):
         # The vendor's clients strip trailing slashes; a doubled slash would 404 at the gateway.
         object.__setattr__(self, "base_url", self.base_url.rstrip("/"))
         return self
+
+
+class HookSettings(BaseModel):
+    """Commands and a webhook told when a job completes or fails."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    on_completed: tuple[str, ...] = ()
+    on_failed: tuple[str, ...] = ()
+    timeout: float = Field(default=30.0, gt=0, description="seconds before a hook is killed")
+    webhook_url: str | None = None
+    webhook_attempts: int = Field(default=5, ge=1)
 
 
 class Settings(BaseSettings):
@@ -108,6 +121,8 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(default=5.0, gt=0, description="seconds between checks")
     stall_timeout: float = Field(default=60.0, gt=0, description="seconds unhealthy before exit")
     hub: HubSettings = HubSettings()
+    hooks: HookSettings = HookSettings()
+    rules: tuple[Rule, ...] = ()
 
     @classmethod
     def settings_customise_sources(
@@ -206,14 +221,17 @@ def _default_state_db(env: Mapping[str, str]) -> str:
 
 def _reject_unknown_env(env: Mapping[str, str]) -> None:
     known_top = {name.upper() for name in Settings.model_fields}
-    known_hub = {name.upper() for name in HubSettings.model_fields}
+    tables = {
+        "HUB": {name.upper() for name in HubSettings.model_fields},
+        "HOOKS": {name.upper() for name in HookSettings.model_fields},
+    }
     for name in env:
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in _RESERVED_ENV:
             continue
         key = upper[len(ENV_PREFIX) :]
         top, _, sub = key.partition("__")
-        ok = top in known_top and (not sub or (top == "HUB" and sub in known_hub))
+        ok = top in known_top and (not sub or sub in tables.get(top, set()))
         if not ok:
             raise ConfigError(
                 f"unknown environment variable {name}: no such setting "

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from daemon.backoff import retry_delay
+from daemon.config import HookSettings
 from daemon.logs import get_logger
 
 log = get_logger(component="hooks")
@@ -78,17 +79,6 @@ class HookEvent:
             ),
             "rule": self.rule,
         }
-
-
-@dataclass(frozen=True)
-class HookSettings:
-    """The hook part of the configuration."""
-
-    on_completed: tuple[str, ...] = ()
-    on_failed: tuple[str, ...] = ()
-    timeout: float = 30.0
-    webhook_url: str | None = None
-    webhook_attempts: int = 5
 
 
 class Hooks:

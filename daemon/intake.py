@@ -42,6 +42,7 @@ from daemon.layout import output_candidates
 from daemon.logs import get_logger
 from daemon.names import fs_path, stored_path
 from daemon.permissions import OutputPermissions
+from daemon.rules import Router
 from daemon.stability import (
     Patience,
     Sighting,
@@ -149,6 +150,10 @@ class Intake:
         self.inbox = settings.inbox.absolute()
         self.outbox = settings.outbox.absolute()
         self.settings = settings
+        hub = settings.hub
+        defaults = {"engine": hub.engine, "language": hub.language,
+                    "output_format": hub.output_format, "on_success": settings.on_success}
+        self.router = Router(self.inbox, settings.rules, defaults)
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.filter = NameFilter.with_extra(settings.ignore)
         self.db = db
@@ -315,7 +320,12 @@ class Intake:
 
     async def _record(self, records: list[Record]) -> None:
         """Insert the rows of a batch in one call of the writer thread."""
-        news = [(self._new_job(rel, found), refused) for rel, found, refused in records]
+        news = []
+        for index, (rel, found, refused) in enumerate(records):
+            new, route_problem = self._new_job(rel, found)
+            if refused is None and route_problem is not None:
+                records[index] = (rel, found, ("bad_folder_settings", route_problem))
+            news.append((new, records[index][2]))
         jobs = await self.db.call(self._store_jobs, news, self.clock())
         queued = False
         for (rel, found, refused), job in zip(records, jobs, strict=True):
@@ -333,17 +343,21 @@ class Intake:
         if queued:
             self._on_enqueued()
 
-    def _new_job(self, rel: str, found: Inspection) -> NewJob:
-        return NewJob(
+    def _new_job(self, rel: str, found: Inspection) -> tuple[NewJob, str | None]:
+        chosen, problem = self.router.route(rel)
+        new = NewJob(
             path=rel,
             size=found.signature.size,
             mtime_ns=found.signature.mtime_ns,
             inode=found.signature.inode,
             input_format=found.input_format.value if found.input_format else None,
-            engine=self.settings.hub.engine,
-            language=self.settings.hub.language,
-            output_format=self.settings.hub.output_format,
+            engine=chosen.engine,
+            language=chosen.language,
+            output_format=chosen.output_format,
+            on_success=chosen.on_success,
+            rule=chosen.source,
         )
+        return new, problem
 
     def _store_jobs(
         self, news: list[tuple[NewJob, tuple[str, str] | None]], now: float

@@ -199,3 +199,60 @@ def check_rules(rules: Sequence[Rule], defaults: dict[str, str], offer: Offer) -
         ):
             found.append(f"rules[{index}] (match {rule.match!r}): {problem}")
     return found
+
+
+class Router:
+    """Routes inbox paths: rules, cached folder files, defaults, checked against the hub."""
+
+    def __init__(self, inbox: Path, rules: Sequence[Rule], defaults: dict[str, str]) -> None:
+        self.inbox = inbox
+        self.rules = tuple(rules)
+        self.defaults = dict(defaults)
+        self.offer: Offer | None = None  # set once the hub's engine list is known
+        self._folder_cache: dict[str, tuple[int, RouteFields | None]] = {}
+
+    def route(self, rel_path: str) -> tuple[Route, str | None]:
+        """The route of ``rel_path`` and, when its folder file is bad, why."""
+        problem: list[str] = []
+
+        def folder(rel: str) -> RouteFields | None:
+            try:
+                return self._folder_file(rel)
+            except FolderFileError as exc:
+                problem.append(str(exc))
+                return None
+
+        chosen = route(rel_path, self.rules, folder, self.defaults)
+        if problem:
+            return chosen, problem[0]
+        if self.offer is not None and chosen.source.startswith("folder"):
+            found = self.offer.problems(chosen.engine, chosen.language, chosen.output_format)
+            if found:
+                return chosen, f"{chosen.source}: {'; '.join(found)}"
+        return chosen, None
+
+    def _folder_file(self, rel: str) -> RouteFields | None:
+        try:
+            mtime = (self.inbox / rel).lstat().st_mtime_ns
+        except OSError:
+            self._folder_cache.pop(rel, None)
+            return None
+        cached = self._folder_cache.get(rel)
+        if cached is not None and cached[0] == mtime:
+            return cached[1]
+        fields = read_folder_file(self.inbox, rel)
+        self._folder_cache[rel] = (mtime, fields)
+        return fields
+
+
+def offer_from_engines(engines: Iterable[Any]) -> Offer:
+    """An ``Offer`` from the client's engine models."""
+    return Offer(
+        {
+            engine.id: (
+                frozenset(lang.code for lang in engine.supported_languages),
+                frozenset(conv.to for conv in engine.supported_conversions),
+            )
+            for engine in engines
+        }
+    )

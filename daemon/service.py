@@ -21,13 +21,15 @@ from daemon.client import HubClient
 from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_key
 from daemon.db import Db
 from daemon.diskspace import DiskMonitor
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, LdxError
 from daemon.health import Liveness
+from daemon.hooks import Hooks
 from daemon.intake import Intake
 from daemon.logs import get_logger
 from daemon.permissions import OutputPermissions
 from daemon.permissions import check as check_permissions
 from daemon.progress import ProgressBar, follow
+from daemon.rules import check_rules, offer_from_engines
 from daemon.store import Status, Store
 from daemon.supervise import Supervisor, Unhealthy
 from daemon.watcher import Watcher
@@ -116,12 +118,30 @@ class Service:
             self._disk_changed,
         )
         self.pipeline.on_disk_full = self.disk.check_now
+        self.pipeline.hooks = Hooks(settings.hooks, self._hook_failed)
         self.watcher: Watcher | None = None
         self.supervisor = (
             None
             if once
             else Supervisor(settings, self.db, self.liveness, self.client, reload_settings)
         )
+
+    def _hook_failed(self, job_id: int, message: str) -> None:
+        record = self.db.call(self.db.store.record_hook_error, job_id, message)
+        asyncio.get_running_loop().create_task(record)
+
+    async def _check_routes(self) -> None:
+        """Check [hub] and the rules against the hub's engine list; ConfigError if wrong."""
+        try:
+            engines = await self.client.engines()
+        except LdxError as exc:
+            log.warning("cannot check the settings against the hub now", error=exc.message)
+            return
+        offer = offer_from_engines(engines)
+        problems = check_rules(self.settings.rules, self.intake.router.defaults, offer)
+        if problems:
+            raise ConfigError("the hub does not offer what is configured: " + "; ".join(problems))
+        self.intake.router.offer = offer
 
     def _disk_changed(self, low: bool) -> None:
         self.pipeline.disk_low = low
@@ -170,6 +190,7 @@ class Service:
             await self._close()
 
     async def _run(self, loop: asyncio.AbstractEventLoop) -> Outcome | None:
+        await self._check_routes()
         await asyncio.to_thread(reconcile.sweep, self.settings.outbox.absolute())
         self.disk.check()
         await self.intake.load_known()
@@ -195,6 +216,8 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stopping()
         await self.pipeline.shutdown(STOP_GRACE_SECONDS)
+        if self.pipeline.hooks is not None:
+            await self.pipeline.hooks.drain(STOP_GRACE_SECONDS)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

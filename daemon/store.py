@@ -95,6 +95,9 @@ jobs_table = Table(
     Column("engine", String(100), nullable=False),
     Column("language", String(40), nullable=False),
     Column("output_format", String(8), nullable=False),
+    Column("on_success", String(16)),
+    Column("rule", Text),
+    Column("hook_error", Text),
     Column("output", Text),
     Column("remote_file_id", String(64)),
     Column("remote_job_id", String(64)),
@@ -155,6 +158,9 @@ class Job:
     engine: str
     language: str
     output_format: str
+    on_success: str | None
+    rule: str | None
+    hook_error: str | None
     output: str | None
     remote_file_id: str | None
     remote_job_id: str | None
@@ -193,6 +199,8 @@ class NewJob:
     engine: str
     language: str
     output_format: str
+    on_success: str | None = None
+    rule: str | None = None
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
@@ -318,6 +326,24 @@ class Store:
         )
         with self._read() as conn:
             return {row.output for row in conn.execute(query)}
+
+    def record_hook_error(self, job_id: int, message: str) -> None:
+        """Remember that a job's hook failed (the job itself is not affected)."""
+        with self._write() as conn:
+            conn.execute(
+                update(jobs_table).where(jobs_table.c.id == job_id).values(hook_error=message)
+            )
+
+    def hook_failures(self, limit: int) -> list[Job]:
+        """Jobs whose hook failed, newest first."""
+        query = (
+            select(jobs_table)
+            .where(jobs_table.c.hook_error.is_not(None))
+            .order_by(jobs_table.c.id.desc())
+            .limit(limit)
+        )
+        with self._read() as conn:
+            return [Job.from_row(r) for r in conn.execute(query)]
 
     def outputs_of_path(self, path: str) -> set[str]:
         """Output names that earlier jobs of the same input path claimed."""

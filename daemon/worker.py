@@ -43,6 +43,7 @@ from daemon.errors import (
     RetryLater,
 )
 from daemon.formats import InputFormat
+from daemon.hooks import HookEvent, Hooks
 from daemon.inputs import (
     MIME_TYPES,
     HashingReader,
@@ -120,6 +121,7 @@ class Pipeline:
         self.polling: set[int] = set()  # jobs only waiting on the hub: safe to cancel at once
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.breaker = Breaker()
+        self.hooks: Hooks | None = None  # set by the service when hooks are configured
         self.disk_low = False  # set by the service's free-space monitor
         self.on_disk_full: Callable[[], None] = lambda: None
         # InputChanged handling: intake looks at a withdrawn job's input again.
@@ -250,6 +252,7 @@ class Pipeline:
                     stages=timer.summary(),
                     remote_job_id=job.remote_job_id,
                 )
+                self._tell_hooks(job)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -387,6 +390,26 @@ class Pipeline:
             reason=exc.message,
             stages=metrics.stage_summary(),
             remote_job_id=failed.remote_job_id,
+        )
+        self._tell_hooks(failed)
+
+    def _tell_hooks(self, job: Job) -> None:
+        if self.hooks is None or not self.hooks.enabled:
+            return
+        output = self.outbox / job.output if job.output and job.stage is Stage.DONE else None
+        self.hooks.fire(
+            HookEvent(
+                job_id=job.id,
+                status=job.status.value,
+                input_path=self.inbox / job.path,
+                input_rel=job.path,
+                output_path=output,
+                output_rel=job.output if output is not None else None,
+                remote_job_id=job.remote_job_id,
+                error_code=job.error_code,
+                error_message=job.error_message,
+                rule=job.rule,
+            )
         )
 
     async def _withdraw(self, job: Job, exc: InputChanged) -> None:
@@ -637,7 +660,7 @@ class Pipeline:
 
     async def _finish_input(self, job: Job) -> Job:
         failpoints.hit("after-commit")
-        policy = self.settings.on_success
+        policy = job.on_success or self.settings.on_success
         if policy == "delete":
             expected = Signature(job.size, job.mtime_ns, job.inode)
             await asyncio.to_thread(outbox.delete_input, self.inbox, job.path, expected)

@@ -13,7 +13,8 @@ from typing import Any, ClassVar
 
 import pytest
 
-from daemon.hooks import HookEvent, Hooks, HookSettings
+from daemon.config import HookSettings
+from daemon.hooks import HookEvent, Hooks
 from tests.helpers import wait_for
 
 

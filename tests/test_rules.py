@@ -9,8 +9,8 @@ import pytest
 from daemon.rules import (
     FolderFileError,
     Offer,
-    Rule,
     RouteFields,
+    Rule,
     check_rules,
     first_rule,
     folder_files_for,

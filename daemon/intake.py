@@ -151,8 +151,12 @@ class Intake:
         self.outbox = settings.outbox.absolute()
         self.settings = settings
         hub = settings.hub
-        defaults = {"engine": hub.engine, "language": hub.language,
-                    "output_format": hub.output_format, "on_success": settings.on_success}
+        defaults = {
+            "engine": hub.engine,
+            "language": hub.language,
+            "output_format": hub.output_format,
+            "on_success": settings.on_success,
+        }
         self.router = Router(self.inbox, settings.rules, defaults)
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.filter = NameFilter.with_extra(settings.ignore)

@@ -447,9 +447,7 @@ class Store:
 
     def next_due(self) -> float | None:
         """The earliest ``next_attempt_at`` of a deferred unfinished job."""
-        query = select(func.min(jobs_table.c.next_attempt_at)).where(
-            _unfinished()
-        )
+        query = select(func.min(jobs_table.c.next_attempt_at)).where(_unfinished())
         with self._read() as conn:
             value = conn.execute(query).scalar()
         return float(value) if value is not None else None
@@ -479,9 +477,7 @@ class Store:
 
     def unfinished_count(self) -> int:
         """How many jobs are not finished (their input may still need handling)."""
-        query = select(func.count()).where(
-            _unfinished()
-        )
+        query = select(func.count()).where(_unfinished())
         with self._read() as conn:
             return int(conn.execute(query).scalar() or 0)
 
@@ -544,9 +540,7 @@ class Store:
 
     def oldest_unfinished(self) -> float | None:
         """When the oldest job that is still queued or processing was queued."""
-        query = select(func.min(jobs_table.c.created_at)).where(
-            _unfinished()
-        )
+        query = select(func.min(jobs_table.c.created_at)).where(_unfinished())
         with self._read() as conn:
             value = conn.execute(query).scalar()
         return float(value) if value is not None else None

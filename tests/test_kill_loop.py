@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench.kill_loop import run
 
 
+@pytest.mark.timeout(400)  # 30 restarts of a real process; slow on a loaded 2-core machine
 def test_kill_loop_loses_nothing_and_repeats_nothing(tmp_path: Path) -> None:
     """100 files, 30 SIGKILLs: one byte-identical output each, remote jobs <= files + kills."""
     result = run(tmp_path, files=100, kills=30, seed=7)

@@ -231,13 +231,18 @@ def inotify_watches() -> int | None:
 
 
 def folders_under(root: Path) -> int:
-    """``root`` and every real folder below it (links are not followed): what inotify
-    must watch."""
+    """``root`` and every real, readable folder below it (links are not followed): what
+    inotify must watch."""
     count = 1
     for parent, dirs, _ in os.walk(root, onerror=lambda _: None):
-        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(parent, d))]
+        dirs[:] = [d for d in dirs if _watchable(os.path.join(parent, d))]
         count += len(dirs)
     return count
+
+
+def _watchable(path: str) -> bool:
+    # inotify cannot watch a folder it may not read; a link is never followed.
+    return not os.path.islink(path) and os.access(path, os.R_OK)
 
 
 def _check_coverage(folder: Path) -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from daemon.duplicates import Action, decide
 from daemon.explain import Facts, Rules, explain, locate
 from daemon.filters import NameFilter
-from daemon.formats import InputFormat, completeness, looks_unwritten, sniff
+from daemon.formats import InputFormat, Reader, completeness, looks_unwritten, sniff
 from daemon.inputs import Inspection
 from daemon.intake import refusal
 from daemon.layout import output_candidates
@@ -47,7 +47,7 @@ JUNK = (
 )
 
 
-def reader(data: bytes):  # type: ignore[no-untyped-def]
+def reader(data: bytes) -> Reader:
     """A completeness reader over bytes."""
     return lambda offset, length: data[offset : offset + length]
 

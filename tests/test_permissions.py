@@ -70,7 +70,7 @@ def test_settings_take_mode_and_group_from_file_and_environment(
     assert OutputPermissions.of(0o640, "0").gid == 0
 
 
-@pytest.mark.parametrize("umask", [0o000, 0o077])
+@pytest.mark.parametrize("umask", [0o000, 0o077], ids=["umask-000", "umask-077"])
 def test_outputs_get_the_configured_mode_and_group(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, umask: int
 ) -> None:

@@ -62,7 +62,8 @@ def test_lost_events_are_recovered_by_the_rescan(
     capsys: pytest.CaptureFixture[str],
     use_polling: bool,
 ) -> None:
-    """With every filesystem event dropped, files still convert, found by the rescan."""
+    """With every filesystem event dropped, files still convert, found by the rescan;
+    later rescans find nothing new."""
     monkeypatch.setattr(Intake, "hint", lambda self, path, is_dir: None)  # events lost
     config = daemon_config(
         tmp_path, folders, emulator.url, rescan_interval=1.0, use_polling=use_polling
@@ -74,6 +75,9 @@ def test_lost_events_are_recovered_by_the_rescan(
         for i in range(3):
             (folders["inbox"] / "lost" / f"s{i}.png").write_bytes(make_scan("png", i))
         await until(lambda: len(done(db)) == 3, 30, "the rescan to find the files")
+        for _ in range(2):  # known versions: no candidate, so nothing is read or queued
+            assert await service.intake.scan() == 0
+            assert service.intake.sightings == {}
 
     in_process(load_settings(config), scenario)
     captured = capsys.readouterr()

@@ -128,6 +128,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts = store.counts()
         oldest = store.oldest_unfinished()
         failures = store.jobs(Status.FAILED, limit=args.failures)
+        hook_failures = store.hook_failures(limit=args.failures)
         stalled = store.waiting()
     finally:
         store.close()
@@ -141,6 +142,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         stall_timeout=settings.stall_timeout,
         hub_url=settings.hub.base_url,
         hub=hub,
+        hook_failures=hook_failures,
     )
     if args.json:
         payload = report.to_json(job_json)

@@ -97,6 +97,7 @@ class StatusReport:
     stall_timeout: float
     hub_url: str
     hub: HubCheck
+    hook_failures: Sequence[Job] = ()
 
     def daemon(self) -> tuple[bool, list[str]]:
         """Whether the daemon runs and is healthy, and the notes."""
@@ -123,6 +124,10 @@ class StatusReport:
                 "paused": beat.paused if beat else None,
                 "in_flight": beat.in_flight if beat else None,
             },
+            "hook_failures": [
+                {"id": job.id, "path": job.path, "hook_error": job.hook_error}
+                for job in self.hook_failures
+            ],
             "hub": {
                 "url": self.hub_url,
                 "reachable": self.hub.reachable,
@@ -172,4 +177,7 @@ def render_status(report: StatusReport) -> str:
             lines.append(
                 f"  #{job.id} {job.path}: {job.error_message} [{job.error_code}] ({ago} ago)"
             )
+    if report.hook_failures:
+        lines += ["", "hooks that failed (the conversions are not affected):"]
+        lines += [f"  #{job.id} {job.path}: {job.hook_error}" for job in report.hook_failures]
     return "\n".join(lines)

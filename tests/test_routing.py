@@ -113,7 +113,10 @@ DUMP = (
 
 
 def test_hooks_run_and_a_hanging_one_never_holds_up_work(
-    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Success and failure hooks get the job's facts; a hanging hook is killed, work goes on."""
     seen = tmp_path / "seen"
@@ -139,3 +142,7 @@ def test_hooks_run_and_a_hanging_one_never_holds_up_work(
     bad = next(r for r in job_rows(folders["state"] / "state.db") if r["path"] == "bad.pdf")
     assert bad["status"] == "failed"
     assert "killed after 1 s" in bad["hook_error"]
+    assert main(["status", "--no-hub", "-c", str(config)]) == 0
+    screen = capsys.readouterr().out
+    assert "hooks that failed" in screen
+    assert "bad.pdf: hook" in screen

@@ -406,7 +406,11 @@ def _completed(job: Job, rules: Rules, facts: Facts) -> list[str]:
         ]
     lines = [f"Completed on {when}: output {rules.outbox / job.output} (job #{job.id})."]
     if converted:
-        lines.append(f"Converted by the hub (hub job {job.remote_job_id}).")
+        lines.append(
+            f"Converted by the hub (hub job {job.remote_job_id}) with engine {job.engine}, "
+            f"language {job.language}, format {job.output_format}, chosen by "
+            f"{job.rule or 'the [hub] defaults'}."
+        )
     elif same is not None:
         lines.append(
             f"Its output is a copy of the output of {same.path} (job #{same.id}), which "

@@ -9,6 +9,7 @@ stop taking new work, give running steps a bounded time to reach a safe point, a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
 import time
@@ -36,6 +37,7 @@ from daemon.watcher import Watcher
 from daemon.worker import Pipeline
 
 log = get_logger(component="service")
+ENGINES_REFRESH_SECONDS = 3600.0  # the engine list checks folder files between restarts
 STOP_GRACE_SECONDS = 10.0  # uploads and downloads in progress get this long to finish
 
 
@@ -143,6 +145,20 @@ class Service:
             raise ConfigError("the hub does not offer what is configured: " + "; ".join(problems))
         self.intake.router.offer = offer
 
+    async def _refresh_engines(self) -> None:
+        """Keep the cached engine list (used for folder files) fresh while running."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), ENGINES_REFRESH_SECONDS)
+            if self.stop.is_set():
+                return
+            try:
+                engines = await self.client.engines()
+            except LdxError as exc:
+                log.warning("cannot refresh the hub's engine list", error=exc.message)
+                continue
+            self.intake.router.offer = offer_from_engines(engines)
+
     def _disk_changed(self, low: bool) -> None:
         self.pipeline.disk_low = low
         self.intake.paused = low
@@ -203,6 +219,7 @@ class Service:
             asyncio.create_task(self.intake.run(self.stop), name="intake"),
             asyncio.create_task(self.pipeline.run(self.stop), name="pipeline"),
             asyncio.create_task(self.disk.run(self.stop), name="diskspace"),
+            asyncio.create_task(self._refresh_engines(), name="engines"),
         ]
         self.tasks = {task.get_name(): task for task in tasks}
         if self.supervisor is not None:

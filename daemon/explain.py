@@ -20,6 +20,7 @@ from pathlib import Path
 from daemon.config import Settings
 from daemon.errors import JobFailed
 from daemon.filters import DEFAULT_IGNORE, NameFilter
+from daemon.health import age_text
 from daemon.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
 from daemon.layout import error_file_for
 from daemon.names import fs_path, is_escaped, stored_path
@@ -241,7 +242,7 @@ def explain(facts: Facts, rules: Rules, now: float) -> Explanation:
     shown = facts.rel if facts.rel else facts.given
     state, lines = _explain(facts, rules, now)
     if facts.waiting is not None and state in ("waiting", "incomplete", "empty"):
-        waited = _ago(now - facts.waiting.since)
+        waited = age_text(now - facts.waiting.since)
         lines.append(f"It shows as stalled in `status` (waiting for {waited}).")
         state = "stalled"
     return Explanation(shown, state, tuple(lines))
@@ -330,17 +331,17 @@ def _untaken(facts: Facts, rules: Rules, now: float) -> tuple[str, list[str]]:
         return "unreadable", [f"It cannot be read safely: {facts.unreadable}."]
     quiet = max(0.0, now - (facts.mtime or now))
     size = facts.signature.size if facts.signature else 0
-    changed = f"It last changed {_ago(quiet)} ago"
+    changed = f"It last changed {age_text(quiet)} ago"
     if size == 0:
         return "empty", [
             f"{changed} and is empty (0 bytes): a placeholder. It waits for content, and "
-            f"shows as stalled after {_ago(rules.stalled_after)}."
+            f"shows as stalled after {age_text(rules.stalled_after)}."
         ]
     found = facts.inspection
     if found is not None and found.problem is not None:
         return "incomplete", [
             f"{changed} and is not complete: {found.problem}. It waits for the rest and "
-            f"fails with that reason once unchanged for {_ago(rules.incomplete_timeout)}."
+            f"fails with that reason once unchanged for {age_text(rules.incomplete_timeout)}."
         ]
     if found is not None and found.input_format is None:
         return "will_fail", [
@@ -359,7 +360,7 @@ def _when_taken(changed: str, quiet: float, rules: Rules) -> str:
     return (
         f"{changed}, longer than the quiet period ({rules.quiet_period:g} s): a running "
         "daemon takes it within moments, or at the next full rescan (every "
-        f"{_ago(rules.rescan_interval)}) if its events were lost. Is the daemon running?"
+        f"{age_text(rules.rescan_interval)}) if its events were lost. Is the daemon running?"
     )
 
 
@@ -433,16 +434,6 @@ def _stamp(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _ago(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def explain_path(
     settings: Settings, store: Store, given: str, cwd: Path, now: float
 ) -> Explanation:
@@ -470,5 +461,5 @@ def stalled_lines(items: list[Waiting], now: float) -> list[str]:
         return []
     lines = ["", "stalled in the inbox (not taken yet):"]
     for item in items:
-        lines.append(f"  {item.path}: {item.reason} (waiting {_ago(now - item.since)})")
+        lines.append(f"  {item.path}: {item.reason} (waiting {age_text(now - item.since)})")
     return lines

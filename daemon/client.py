@@ -33,6 +33,7 @@ from daemon.errors import (
     LdxError,
     RemoteNotFound,
 )
+from daemon.transport import LeanTransport
 
 USER_AGENT = "ldx-hotfolder"
 CHUNK = 256 * 1024
@@ -196,14 +197,15 @@ class HubClient:
         self._api_key = api_key
         self._deadline = deadline
         self._min_rate = min_transfer_rate
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._http = httpx.AsyncClient(
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
+            limits=limits,
             headers={"User-Agent": USER_AGENT},
-            transport=transport,
+            transport=transport or LeanTransport(limits),
         )
 
     def set_api_key(self, api_key: str) -> None:

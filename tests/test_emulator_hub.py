@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
-from datetime import UTC, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -553,6 +553,8 @@ def test_ledger_records_uploads_jobs_downloads_and_resets(hub: Hub) -> None:
     assert upload["sha256"] == hashlib.sha256(data).hexdigest()
     assert upload["content_type"] is None
     assert STAMP.match(upload["received_at"])
+    finishes_at = ledger["jobs"][0].pop("finishes_at")  # the exact end, for benchmarks
+    assert finishes_at >= datetime.fromisoformat(job.to_json()["created_at"]).timestamp()
     assert ledger["jobs"] == [
         {
             "job_id": job.job_id,

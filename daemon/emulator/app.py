@@ -33,8 +33,10 @@ the backend errors are unknown.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import math
 import time
@@ -44,7 +46,8 @@ from contextlib import aclosing
 from datetime import UTC, datetime
 from email.utils import format_datetime, parsedate_to_datetime
 from http import HTTPStatus
-from typing import Any, cast
+from pathlib import Path
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import anyio
@@ -62,6 +65,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from daemon.emulator.hub import (
     Access,
+    Download,
     FileInfo,
     Hub,
     HubError,
@@ -83,6 +87,9 @@ _MULTIPART_OVERHEAD = 64 * 1024  # Content-Length slack for boundaries and part 
 _JSON_LIMIT = 1024 * 1024
 _JSON_SLACK = 4096  # room for the {"data": ...} around a base64 chunk
 _DOWNLOAD_CHUNK = 256 * 1024
+# Files up to this size are read and parsed on the event loop: cheaper than thread hops.
+_INLINE_BYTES = 1024 * 1024
+T = TypeVar("T")
 
 Handler = Callable[[Request], Awaitable[Response]]
 
@@ -91,12 +98,45 @@ class ServerHooks:
     """What a hosting server lends the app: a way to cut a connection and a stop flag.
 
     Without a server (``httpx.ASGITransport``) ``drop`` stays None and the app raises
-    the error a client would see instead.
+    the error a client would see instead. Long polls sleep in ``doze``, which ends early
+    on a ``nudge`` (the hub clock moved, from any thread) or when the server stops.
     """
 
     def __init__(self) -> None:
-        self.stopping = False
+        self._stopping = False
         self.drop: Callable[[Scope], bool] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wakeup: asyncio.Event | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the server is shutting down (long polls and stalls then end at once)."""
+        return self._stopping
+
+    @stopping.setter
+    def stopping(self, value: bool) -> None:
+        self._stopping = value
+        if value:
+            self.nudge()
+
+    async def doze(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; return early on a nudge."""
+        if self._wakeup is None or self._loop is not asyncio.get_running_loop():
+            self._loop, self._wakeup = asyncio.get_running_loop(), asyncio.Event()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+
+    def nudge(self) -> None:
+        """Wake every dozing long poll (safe from any thread)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._wake_all)
+
+    def _wake_all(self) -> None:
+        woken, self._wakeup = self._wakeup, asyncio.Event()
+        if woken is not None:
+            woken.set()
 
 
 def hooks_of(app: Starlette) -> ServerHooks:
@@ -144,6 +184,7 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
 def create_app(hub: Hub) -> Starlette:
     """Build the emulator's ASGI app over ``hub``."""
     api = _Api(hub, ServerHooks())
+    hub.clock.subscribe(api.hooks.nudge)
     app = Starlette(
         routes=api.routes(),
         middleware=[Middleware(_DropMiddleware, hooks=api.hooks)],
@@ -187,6 +228,19 @@ class _Api:
     def __init__(self, hub: Hub, hooks: ServerHooks) -> None:
         self.hub = hub
         self.hooks = hooks
+        # Padded outputs make rendering slow: then hub calls leave the event loop.
+        self._heavy = hub.settings.output_size > _INLINE_BYTES
+
+    async def _hub_call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a hub operation on the loop, or in a worker thread when it may be slow.
+
+        Hub operations are short (a lock, some dict work, at most a small document
+        rendered into the page cache), cheaper than the two thread switches of a worker
+        thread; only padded outputs or big inputs are worth a thread.
+        """
+        if self._heavy:
+            return await run_in_threadpool(fn, *args)
+        return fn(*args)
 
     def routes(self) -> list[Route]:
         return [
@@ -327,11 +381,11 @@ class _Api:
     # -- files --------------------------------------------------------------------------
 
     async def list_files(self, request: Request) -> Response:
-        files = await run_in_threadpool(self.hub.list_files)
+        files = await self._hub_call(self.hub.list_files)
         return JSONResponse({"data": [info.to_json() for info in files]})
 
     async def get_file(self, request: Request) -> Response:
-        info = await run_in_threadpool(self.hub.get_file, request.path_params["file_id"])
+        info = await self._hub_call(self.hub.get_file, request.path_params["file_id"])
         return JSONResponse(info.to_json())
 
     async def upload_file(self, request: Request) -> Response:
@@ -353,7 +407,7 @@ class _Api:
             with self.hub.receive_file() as incoming:
                 form = _MultipartFile(boundary, incoming)
                 await _feed(request, form)
-                info = await run_in_threadpool(form.commit)
+                info = await self._hub_call(form.commit)
         except HubError:
             # Read the rest so the client, busy sending, gets to see our answer.
             await _drain(request)
@@ -365,37 +419,36 @@ class _Api:
     async def download(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
         try:
-            item = await run_in_threadpool(self.hub.open_download, file_id)
-            handle = await anyio.open_file(item.path, "rb")
+            item = await self._hub_call(self.hub.open_download, file_id)
+            handle = await _open_for_download(item.path, item.size)
         except (NotFound, FileNotFoundError):  # unknown, expired, or expired just now
             self.hub.record_download(file_id, 0, 404)
             message = f"File {file_id!r} does not exist or has expired."
             raise NotFound("file_not_found", message) from None
         refusal = self._refuse_download(request, item.size, item.updated_at)
         if refusal is not None:
-            await handle.aclose()
+            if not isinstance(handle, bytes):
+                await handle.aclose()
             self.hub.record_download(file_id, 0, refusal.status_code)
             return refusal
         span = parse_range(request.headers.get("range"), item.size)
         start, end = span if span is not None else (0, item.size - 1)
         length, status = end - start + 1, 206 if span is not None else 200
-        headers = {
-            "Content-Type": item.media_type,
-            "Content-Length": str(length),
-            "Content-Disposition": _attachment(item.filename),
-            "Accept-Ranges": "bytes",
-            "Last-Modified": format_datetime(item.updated_at, usegmt=True),
-        }
-        if span is not None:
-            headers["Content-Range"] = f"bytes {start}-{end}/{item.size}"
+        headers = _download_headers(item, start, end, partial=span is not None)
         self.hub.record_download(file_id, length, status)
+        stall = self.hub.take_stall()
+        if isinstance(handle, bytes) and not stall:
+            # A small file is already in memory: one body message, no streaming task.
+            return Response(handle[start : end + 1], status, headers)
+        if isinstance(handle, bytes):
+            handle = await anyio.open_file(item.path, "rb")
         return _FileStream(
             handle,
             start=start,
             length=length,
             status=status,
             headers=headers,
-            stall=self.hub.take_stall(),
+            stall=stall,
             hooks=self.hooks,
         )
 
@@ -454,11 +507,17 @@ class _Api:
 
     async def create_job(self, request: Request) -> Response:
         body = await _json_body(request)
-        job = await run_in_threadpool(self.hub.create_job, body)
+        file_id = body.get("file_id") if isinstance(body, dict) else None
+        # Creating a job reads the input to sniff it: a big one goes to a worker thread.
+        big = isinstance(file_id, str) and self.hub.file_size(file_id) > _INLINE_BYTES
+        if big or self._heavy:
+            job = await run_in_threadpool(self.hub.create_job, body)
+        else:
+            job = self.hub.create_job(body)
         return JSONResponse(job.to_json(), status_code=202)
 
     async def list_jobs(self, request: Request) -> Response:
-        jobs = await run_in_threadpool(self.hub.list_jobs)
+        jobs = await self._hub_call(self.hub.list_jobs)
         return JSONResponse({"data": [job.to_json() for job in jobs]})
 
     async def get_job(self, request: Request) -> Response:
@@ -466,16 +525,17 @@ class _Api:
         wait = parse_wait(request.query_params.get("wait"))
         if wait > 0:
             await self._wait_for_end(job_id, wait)
-        job = await run_in_threadpool(self.hub.get_job, job_id)
+        job = await self._hub_call(self.hub.get_job, job_id)
         return JSONResponse(job.to_json())
 
     async def _wait_for_end(self, job_id: str, wait: float) -> None:
         """Sleep until the job's end on the hub clock, the wait's end, or server stop.
 
-        The end time is fixed at creation, so each step only reads the clock; the step is
-        short so that a clock advance from a test is noticed at once.
+        The end time is fixed at creation, so the poll sleeps until then (answering as
+        the job ends, not up to a polling step later); a clock advance or the server's
+        stop nudges it awake to look again.
         """
-        ends_at = await run_in_threadpool(self.hub.job_terminal_at, job_id)
+        ends_at = self.hub.job_terminal_at(job_id)
         if ends_at is None:
             return
         deadline = anyio.current_time() + wait
@@ -484,7 +544,7 @@ class _Api:
             remaining = deadline - anyio.current_time()
             if until_end <= 0 or remaining <= 0:
                 return
-            await anyio.sleep(min(POLL_STEP_SECONDS, until_end, remaining))
+            await self.hooks.doze(min(until_end, remaining))
 
     # -- admin --------------------------------------------------------------------------
 
@@ -709,6 +769,19 @@ def _content_length(request: Request) -> int | None:
         return None
 
 
+def _download_headers(item: Download, start: int, end: int, *, partial: bool) -> dict[str, str]:
+    headers = {
+        "Content-Type": item.media_type,
+        "Content-Length": str(end - start + 1),
+        "Content-Disposition": _attachment(item.filename),
+        "Accept-Ranges": "bytes",
+        "Last-Modified": format_datetime(item.updated_at, usegmt=True),
+    }
+    if partial:
+        headers["Content-Range"] = f"bytes {start}-{end}/{item.size}"
+    return headers
+
+
 def _attachment(filename: str) -> str:
     """Content-Disposition with an ASCII fallback and the exact UTF-8 name (RFC 6266)."""
     fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename)
@@ -729,7 +802,11 @@ def _modified_since(header: str | None, updated_at: datetime) -> bool:
 
 
 async def _feed(request: Request, form: _MultipartFile) -> None:
-    """Pass the request body to the parser thread in pieces of about a megabyte."""
+    """Pass the request body to the parser in pieces of about a megabyte.
+
+    Full pieces are parsed (and written) in a worker thread; the last, smaller one, which
+    is all of a typical scan, on the loop: a thread hop would cost more than the parsing.
+    """
     buffer = bytearray()
     async with aclosing(request.stream()) as stream:
         async for chunk in stream:
@@ -738,7 +815,15 @@ async def _feed(request: Request, form: _MultipartFile) -> None:
                 await run_in_threadpool(form.feed, bytes(buffer))
                 buffer.clear()
     if buffer:
-        await run_in_threadpool(form.feed, bytes(buffer))
+        form.feed(bytes(buffer))
+
+
+async def _open_for_download(path: Path, size: int) -> bytes | anyio.AsyncFile[bytes]:
+    """A small file's bytes (read at once from the page cache), else an async handle."""
+    if size <= _INLINE_BYTES:
+        with path.open("rb") as handle:
+            return handle.read()
+    return await anyio.open_file(path, "rb")
 
 
 async def _drain(request: Request) -> None:

@@ -77,6 +77,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         metavar="PER_MINUTE",
         help="requests per minute per key on /files; 0 = off (the real hub allows ~100)",
     )
+    add(
+        "--output-size",
+        type=int,
+        default=0,
+        metavar="BYTES",
+        help="pad every output to at least this many bytes, for benchmarks of big "
+        "downloads (a stored part of zeros; default: 0, no padding)",
+    )
     add("--seed", type=int, help="seed of the fault and timing draws, for reproducible runs")
     add(
         "--data-dir",
@@ -99,6 +107,7 @@ def _settings(args: argparse.Namespace) -> HubSettings:
         api_keys=tuple(args.api_keys or [DEFAULT_API_KEY]),
         processing_time=args.processing_time,
         queue_delay=args.queue_delay,
+        output_size=args.output_size,
         seed=args.seed,
         faults=faults,
     )

@@ -2,12 +2,13 @@
 
 Every deadline in the emulator (file and job expiry, queue and processing times, rate-limit
 windows) is measured on this clock, so a test fast-forwards a day with ``advance`` instead
-of waiting for it.
+of waiting for it. Listeners hear of every advance, so that long polls wake at once.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 
@@ -19,6 +20,7 @@ class Clock:
             raise ValueError("a clock offset cannot be negative")
         self._offset = timedelta(seconds=offset)
         self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
 
     def now(self) -> datetime:
         """Return the current emulated time, an aware datetime in UTC."""
@@ -32,6 +34,14 @@ class Clock:
             raise ValueError(f"the clock only moves forward, got {seconds!r} seconds")
         with self._lock:
             self._offset += timedelta(seconds=seconds)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` (from the advancing thread) after every ``advance``."""
+        with self._lock:
+            self._listeners.append(listener)
 
     @property
     def offset(self) -> float:

@@ -14,6 +14,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 OUTPUT_FORMATS = ("docx", "xlsx", "pptx")
 
@@ -562,6 +563,47 @@ def _zip(parts: Sequence[Part]) -> bytes:
             info.create_system = 0  # MS-DOS, as Office writes it, on every platform
             archive.writestr(info, text.encode("utf-8"))
     return buffer.getvalue()
+
+
+PADDING_PART = "customXml/ldx-padding.bin"
+"""The stored part that pads an output to the emulator's ``output_size``."""
+
+_PAD_CHUNK = 1024 * 1024
+
+
+def write_package(path: Path, document: bytes, size: int = 0) -> int:
+    """Write ``document`` to ``path``, padded to at least ``size`` bytes; return the size.
+
+    Padding (for benchmarks of big downloads) is one stored part of zeros, declared in
+    ``[Content_Types].xml`` so that the package stays valid; it is written in pieces, so
+    a 190 MB output costs no memory.
+    """
+    if size <= len(document):
+        path.write_bytes(document)
+        return len(document)
+    with zipfile.ZipFile(io.BytesIO(document)) as source, zipfile.ZipFile(path, "w") as out:
+        for info in source.infolist():
+            data = source.read(info)
+            if info.filename == "[Content_Types].xml":
+                data = data.replace(b"<Default ", _BIN_DEFAULT + b"<Default ", 1)
+            out.writestr(info, data)
+        _write_padding(out, size - path.stat().st_size - 256)
+    return path.stat().st_size
+
+
+_BIN_DEFAULT = b'<Default Extension="bin" ContentType="application/octet-stream"/>'
+
+
+def _write_padding(archive: zipfile.ZipFile, length: int) -> None:
+    info = zipfile.ZipInfo(PADDING_PART, date_time=_ZIP_DATE)
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = max(0, length)
+    zeros = bytes(_PAD_CHUNK)
+    with archive.open(info, "w", force_zip64=True) as part:
+        left = max(0, length)
+        while left > 0:
+            part.write(zeros[: min(left, _PAD_CHUNK)])
+            left -= _PAD_CHUNK
 
 
 def render_document(

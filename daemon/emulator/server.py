@@ -26,6 +26,7 @@ _START_TIMEOUT = 10.0
 _STOP_TIMEOUT = 15.0
 # Long polls and stalled downloads end at once on stop; this only bounds the unexpected.
 _GRACEFUL_SHUTDOWN = 5
+_KEEP_ALIVE_SECONDS = 60
 
 
 class _Server(uvicorn.Server):
@@ -65,6 +66,11 @@ def _build(hub: Hub, access_log: bool) -> _Server:
         lifespan="off",
         ws="none",
         server_header=False,
+        proxy_headers=False,  # loopback only: no proxy to trust, one middleware less
+        # Gateways keep idle connections for a minute or more. uvicorn's 5 s default equals
+        # httpx's own keep-alive expiry, so the server could hang up on a connection just
+        # as a client reused it ("Server disconnected without sending a response").
+        timeout_keep_alive=_KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
     )
     return _Server(config, hooks_of(app))

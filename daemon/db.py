@@ -40,6 +40,11 @@ def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
         future.set_exception(value)
 
 
+def _settle_all(calls: list[_Call]) -> None:
+    for call in calls:
+        _settle(call.future, *call.outcome)
+
+
 class Db:
     """Runs ``Store`` methods on one dedicated thread, awaitable from the event loop."""
 
@@ -89,9 +94,11 @@ class Db:
         except Exception as exc:  # the commit itself failed: nothing of the batch holds
             for call in batch:
                 call.outcome = (False, exc)
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
         for call in batch:
-            ok, value = call.outcome
-            call.loop.call_soon_threadsafe(_settle, call.future, ok, value)
+            by_loop.setdefault(call.loop, []).append(call)
+        for loop, calls in by_loop.items():
+            loop.call_soon_threadsafe(_settle_all, calls)  # one wake-up per batch, not per call
 
     def close(self) -> None:
         """Finish pending calls, then close the store."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import stat
 import time
@@ -60,8 +61,10 @@ log = get_logger(component="intake")
 Ready = tuple[str, Sighting, bool]  # (path, sighting, giving up)
 Record = tuple[str, Inspection, tuple[str, str] | None]  # (path, inspection, refusal)
 TICK_SECONDS = 0.25
+QUIET_MARGIN = 0.002  # look just after a quiet period ends, never just before
 WATCH_CHECK_SECONDS = 2.0
 CLAIM_CANDIDATES = 50
+FIRST_CANDIDATES = 2
 TAKE_BATCH = 200  # candidates inspected and inserted per call of the writer thread
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -176,6 +179,9 @@ class Intake:
         self.watcher: Watcher | None = None
         self._on_enqueued = on_enqueued
         self._rescan_soon = False
+        self._quiet_end = math.inf  # when the next candidate turns quiet
+        self._next_look = 0.0  # when the sleeping loop will look again
+        self._look_soon = asyncio.Event()
         self._folder_scans: dict[str, asyncio.Task[int]] = {}
         self._next_watch_check = 0.0
 
@@ -253,7 +259,21 @@ class Intake:
         signature = signature_of(st)
         if self.known.get(rel) == signature:
             return
-        self.sightings[rel] = observe(self.sightings.get(rel), signature, now)
+        sighting = observe(self.sightings.get(rel), signature, now)
+        self.sightings[rel] = sighting
+        self._expect(sighting.since + self.patience.quiet_period)
+
+    def _expect(self, quiet_end: float) -> None:
+        """A candidate turns quiet at ``quiet_end``: look then if that is before the next tick."""
+        self._quiet_end = min(self._quiet_end, quiet_end)
+        if quiet_end < self._next_look:
+            self._look_soon.set()
+
+    def _earliest_quiet_end(self, now: float) -> float:
+        """When the next still-changing candidate turns quiet (inf when none)."""
+        quiet = self.patience.quiet_period
+        ends = (s.since + quiet for s in self.sightings.values() if s.since + quiet > now)
+        return min(ends, default=math.inf)
 
     # -- the tick --------------------------------------------------------------------------
 
@@ -280,6 +300,7 @@ class Intake:
                 ready.append((rel, sighting, decision is Verdict.GIVE_UP))
         for start in range(0, len(ready), TAKE_BATCH):
             await self._take(ready[start : start + TAKE_BATCH])
+        self._quiet_end = self._earliest_quiet_end(now)
 
     def _lstat_all(self, rels: list[str]) -> list[os.stat_result | None]:
         results: list[os.stat_result | None] = []
@@ -384,14 +405,17 @@ class Intake:
         return store.enqueue(new, output, now)
 
     def _claim_output(self, store: Store, rel: str, output_format: str) -> str:
-        candidates = list(islice(output_candidates(rel, output_format), CLAIM_CANDIDATES))
-        taken = store.outputs_taken(candidates, except_path=rel)
         mine = store.outputs_of_path(rel)
-        for candidate in candidates:
-            if candidate in taken:
-                continue
-            if candidate in mine or not (self.outbox / candidate).exists():
-                return candidate
+        # The first candidates nearly always do: make (and look up) the long list only
+        # when they are taken, since every candidate costs a path join and a parameter.
+        for limit in (FIRST_CANDIDATES, CLAIM_CANDIDATES):
+            candidates = list(islice(output_candidates(rel, output_format), limit))
+            taken = store.outputs_taken(candidates, except_path=rel)
+            for candidate in candidates:
+                if candidate in taken:
+                    continue
+                if candidate in mine or not (self.outbox / candidate).exists():
+                    return candidate
         return candidates[-1]
 
     async def _write_error_file(self, job: Job, code: str, message: str) -> None:
@@ -479,19 +503,37 @@ class Intake:
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop``; rescan the whole inbox every ``rescan_interval``."""
         next_rescan = self.clock() + self.settings.rescan_interval
+        stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(lambda _: self._look_soon.set())  # a stop ends a doze
+        try:
+            while not stop.is_set():
+                await self.tick()
+                self._supervise()
+                if self._rescan_soon or self.clock() >= next_rescan:
+                    self._rescan_soon = False
+                    found = await self.scan()
+                    if found:
+                        log.info("rescan found files the watcher missed", count=found)
+                    await self._check_coverage()
+                    next_rescan = self.clock() + self.settings.rescan_interval
+                await self._doze(stop)
+        finally:
+            stopping.cancel()
+
+    async def _doze(self, stop: asyncio.Event) -> None:
+        """Sleep until the next tick, or until the first candidate's quiet period ends, so a
+        stable file is taken at once rather than up to a tick later."""
         while not stop.is_set():
-            await self.tick()
-            self._supervise()
-            if self._rescan_soon or self.clock() >= next_rescan:
-                self._rescan_soon = False
-                found = await self.scan()
-                if found:
-                    log.info("rescan found files the watcher missed", count=found)
-                await self._check_coverage()
-                next_rescan = self.clock() + self.settings.rescan_interval
-            await _wait(stop, TICK_SECONDS)
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), seconds)
+            self._look_soon.clear()
+            now = self.clock()
+            if self._quiet_end <= now:
+                # Due: look now, but only once, since a paused tick does not recompute it
+                # and returning at once again would spin the loop.
+                self._quiet_end = math.inf
+                return
+            self._next_look = min(now + TICK_SECONDS, self._quiet_end + QUIET_MARGIN)
+            try:
+                async with asyncio.timeout(self._next_look - now):
+                    await self._look_soon.wait()  # a new candidate may turn quiet sooner
+            except TimeoutError:
+                return

@@ -147,16 +147,22 @@ class Pipeline:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Start due jobs up to ``max_in_flight`` until ``stop`` is set."""
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                await self._start_due()
-                await self._rearm_cooled_down()
-                await self._sleep_until_needed(stop)
-            except SQLAlchemyError as exc:
-                # The state database is unwritable (disk full, I/O error): wait, retry.
-                log.error("the state database failed; retrying", error=str(exc).splitlines()[0])
-                await _wait(stop, DISK_RETRY_SECONDS)
+        stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(lambda _: self._wake.set())  # a stop ends any sleep
+        try:
+            while not stop.is_set():
+                self._wake.clear()
+                try:
+                    await self._start_due()
+                    await self._rearm_cooled_down()
+                    await self._sleep_until_needed()
+                except SQLAlchemyError as exc:
+                    # The state database is unwritable (disk full, I/O error): wait, retry.
+                    error = str(exc).splitlines()[0]
+                    log.error("the state database failed; retrying", error=error)
+                    await _wait(stop, DISK_RETRY_SECONDS)
+        finally:
+            stopping.cancel()
 
     def holding_back(self) -> str | None:
         """Why no new job may start now, or None."""
@@ -192,7 +198,7 @@ class Pipeline:
         for job in rearmed:
             log.info("failed job re-armed after its cool-down", job_id=job.id, path=job.path)
 
-    async def _sleep_until_needed(self, stop: asyncio.Event) -> None:
+    async def _sleep_until_needed(self) -> None:
         timeout = 5.0
         if self.settings.auto_retry_after > 0:
             timeout = min(timeout, max(0.0, self._next_rearm_check - self.clock()))
@@ -203,12 +209,10 @@ class Pipeline:
             due = await self.db.call(self.db.store.next_due)
             if due is not None:
                 timeout = min(timeout, max(0.0, due - self.clock()))
-        waiters = [asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stop.wait())]
-        _, pending = await asyncio.wait(
-            waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
-        for waiter in pending:
-            waiter.cancel()
+        # Runs once per finished job: no task per sleep, a stop sets _wake too (see run).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def idle(self) -> bool:
         """Whether no job is running or waiting (for ``once``)."""
@@ -338,7 +342,9 @@ class Pipeline:
         )
 
     async def _advance(self, job: Job, stage: Stage, **changes: object) -> Job:
-        return await self.db.call(self.db.store.advance, job.id, stage, self.clock(), **changes)
+        # The worker holds the row as it stands: the store builds the new one from it.
+        advance = self.db.store.advance
+        return await self.db.call(advance, job.id, stage, self.clock(), current=job, **changes)
 
     async def _defer(self, job: Job, exc: RetryLater) -> None:
         attempts = job.attempts + 1
@@ -639,8 +645,7 @@ class Pipeline:
         try:
             written = await self.client.download(job.output_file_id, tmp)
             failpoints.hit("mid-download")
-            await asyncio.to_thread(_verify, tmp, job.output_format)
-            await asyncio.to_thread(outbox.publish, tmp, final, self.perms)
+            await asyncio.to_thread(self._place_output, tmp, final, job)
             metrics.record_downloaded(written)
             failpoints.hit("after-publish")
         except RemoteNotFound:
@@ -653,10 +658,15 @@ class Pipeline:
         if self._disk_full_reported:
             self._disk_full_reported = False
             log.info("outputs are written again")
-        await asyncio.to_thread(outbox.remove_error_file, self.outbox, job.path)
         return await self._advance(
             job, Stage.PUBLISHED, attempts=0, error_code=None, error_message=None
         )
+
+    def _place_output(self, tmp: Path, final: Path, job: Job) -> None:
+        """Check the download, publish it, drop a stale error file (one worker-thread hop)."""
+        _verify(tmp, job.output_format)
+        outbox.publish(tmp, final, self.perms)
+        outbox.remove_error_file(self.outbox, job.path)
 
     async def _finish_input(self, job: Job) -> Job:
         failpoints.hit("after-commit")

@@ -55,6 +55,11 @@ def test_once_converts_nested_tree_exactly_once(
     assert len(ledger["jobs"]) == 50
     received = {u["sha256"] for u in ledger["uploads"]}
     assert received == {hashlib.sha256(d).hexdigest() for d in dropped.values()}
+    assert len(received) == 50  # 50 distinct files, so one upload each
+    # one job per uploaded file
+    assert sorted(j["file_id"] for j in ledger["jobs"]) == sorted(
+        u["file_id"] for u in ledger["uploads"]
+    )
     assert {j["output_format"] for j in ledger["jobs"]} == {"xlsx"}
     assert all(j["status"] == "completed" for j in jobs_json(config))
 
@@ -109,6 +114,8 @@ def test_kill_while_in_flight_does_not_pay_twice(tmp_path: Path, folders: dict[s
         wait_for(submitted, 60, "every job to be submitted")
         daemon.kill()
         uploads_before = len(hub.hub.ledger()["uploads"])
+        in_flight = [j for j in jobs_json(config) if j["status"] != "completed"]
+        assert in_flight, "the kill came too late: every job had already finished"
         daemon = Daemon(config, tmp_path / "daemon.log").start()
         try:
             wait_for(
@@ -132,7 +139,8 @@ def test_kill_while_in_flight_does_not_pay_twice(tmp_path: Path, folders: dict[s
 
 
 def test_wrong_key_pauses_then_resumes(tmp_path: Path, folders: dict[str, Path]) -> None:
-    """A rejected key: check says so, run pauses without failing, and resumes once fixed."""
+    """A rejected key: check says so; run logs one error and pauses, failing nothing, while
+    it keeps retrying the key; it resumes once the key file is fixed."""
     with EmulatorServer(EmulatorSettings(processing_time=0.1)) as hub:
         config = daemon_config(
             tmp_path, folders, hub.url, key="wrong-key", auth_recheck_interval=0.3
@@ -144,8 +152,18 @@ def test_wrong_key_pauses_then_resumes(tmp_path: Path, folders: dict[str, Path])
         daemon = Daemon(config, tmp_path / "daemon.log").start()
         try:
             wait_for(lambda: "rejected the API key" in daemon.log(), 30, "the pause message")
-            statuses = {j["status"] for j in jobs_json(config)}
-            assert "failed" not in statuses
+            checks = hub.hub.ledger()["requests"].get("GET /files", 0)
+            wait_for(
+                lambda: hub.hub.ledger()["requests"].get("GET /files", 0) >= checks + 3,
+                30,
+                "the paused daemon to try the key three more times",
+            )
+            paused = jobs_json(config)
+            assert len(paused) == 3
+            assert {j["status"] for j in paused} <= {"queued", "processing"}
+            errors = [line for line in daemon.log().splitlines() if '"level": "error"' in line]
+            assert len(errors) == 1, errors
+            assert "all work is paused" in errors[0]
             (tmp_path / "api-key").write_text("demo-key\n", encoding="utf-8")
             wait_for(
                 lambda: [j["status"] for j in jobs_json(config)] == ["completed"] * 3,

@@ -438,13 +438,17 @@ def build_parser() -> argparse.ArgumentParser:
     jobs.add_argument("--limit", type=int, default=None, help="at most this many jobs")
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
     retry = _add(sub, common, "retry", cmd_retry, "put failed jobs back in the queue")
-    retry.add_argument(
+    # Either named jobs or every failed one, as design.md writes it; never both at once.
+    retry.usage = "%(prog)s [-h] [-c PATH] [--json] (JOB_OR_PATH ... | --failed)"
+    which = retry.add_mutually_exclusive_group()
+    which.add_argument(
         "targets",
         nargs="*",
+        default=[],
         metavar="JOB_OR_PATH",
         help="job id or input path (relative to the inbox)",
     )
-    retry.add_argument("--failed", action="store_true", help="every failed job")
+    which.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--json", action="store_true", help="print the requeued jobs as JSON")
     purge = _add(
         sub,

@@ -24,6 +24,7 @@ SUBCOMMANDS = [
     "purge",
     "health",
     "engines",
+    "explain",
     "check",
     "emulator",
     "demo",
@@ -66,9 +67,9 @@ def base(folders: dict[str, Path]) -> dict[str, str]:
     ("change", "hub", "expected"),
     [
         ({"colour": "blue"}, {}, "colour: unknown key"),
-        ({"inbox": "/nonexistent/inbox"}, {"api_key": "k"}, "does not exist"),
-        ({"outbox": "INBOX/out"}, {"api_key": "k"}, "inside the inbox"),
-        ({}, {"output_format": "odt"}, "hub.output_format"),
+        ({"inbox": "/nonexistent/inbox"}, {"api_key": "k"}, "inbox /nonexistent/inbox does not"),
+        ({"outbox": "INBOX/out"}, {"api_key": "k"}, "/out is inside the inbox"),
+        ({}, {"output_format": "odt"}, "hub.output_format: Input should be 'docx', 'xlsx' or"),
     ],
 )
 @pytest.mark.parametrize("command", ["once", "run", "check"])
@@ -146,7 +147,8 @@ def test_status_text_lists_failures(
 def test_retry_by_path_id_and_failed(
     tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """retry re-queues a failed job by path or id; unknown targets are named, exit 1."""
+    """retry re-queues a failed job by path or id; unknown targets are named, exit 1;
+    naming jobs together with --failed is refused, exit 2."""
     seeded_store(folders).close()
     config = write_config(tmp_path / "c.toml", base(folders))
     code, out = run_main(["retry", "b.pdf", "-c", str(config)], capsys)
@@ -159,6 +161,10 @@ def test_retry_by_path_id_and_failed(
     assert "not found: nope.pdf" in out
     code, out = run_main(["retry", "-c", str(config)], capsys)
     assert code == 2
+    with pytest.raises(SystemExit) as both:  # named jobs or --failed, never both
+        main(["retry", "b.pdf", "--failed", "-c", str(config)])
+    assert both.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
     code, out = run_main(["retry", "--failed", "--json", "-c", str(config)], capsys)
     assert json.loads(out) == {"requeued": [], "not_found": []}
 

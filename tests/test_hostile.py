@@ -74,13 +74,23 @@ def odd_names(inbox: Path) -> dict[bytes, bytes]:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="device files need root (CI runs as root)")
-def test_hostile_inbox(tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer) -> None:
+@pytest.mark.parametrize("use_polling", [False, True], ids=["inotify", "polling"])
+def test_hostile_inbox(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, use_polling: bool
+) -> None:
     """Nothing behind a link or special file is read, odd names convert to safe outputs,
     junk is never uploaded, the daemon keeps running, and explain reports every case."""
     inbox, outside = folders["inbox"], tmp_path / "outside"
     outside.mkdir()
     before_outside = sorted(p.name for p in tmp_path.iterdir())
-    config = daemon_config(tmp_path, folders, emulator.url)
+    config = daemon_config(
+        tmp_path,
+        folders,
+        emulator.url,
+        rescan_interval=3600.0,  # the watcher alone (inotify or polling) must find the files
+        use_polling=use_polling,
+        polling_interval=0.5,
+    )
     db = folders["state"] / "state.db"
     with running(config, tmp_path / "daemon.log") as daemon:
         expected = plant_hostile(inbox, outside)

@@ -138,7 +138,10 @@ def test_folder_moved_in_as_a_whole(
     ]
 
 
-def test_thousand_files_copied_at_once(tmp_path: Path, folders: dict[str, Path]) -> None:
+@MODES
+def test_thousand_files_copied_at_once(
+    tmp_path: Path, folders: dict[str, Path], use_polling: bool
+) -> None:
     """cp -r of a 1,000-file tree: 1,000 outputs, each file uploaded and converted once."""
     tree = tmp_path / "tree"
     for i in range(1000):
@@ -146,7 +149,14 @@ def test_thousand_files_copied_at_once(tmp_path: Path, folders: dict[str, Path])
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"scan {i}.pdf").write_bytes(make_pdf(1, marker=f"n{i}"))
     with EmulatorServer(EmulatorSettings(processing_time=0.05, seed=3)) as hub:
-        config = daemon_config(tmp_path, folders, hub.url, rescan_interval=3600.0)
+        config = daemon_config(
+            tmp_path,
+            folders,
+            hub.url,
+            rescan_interval=3600.0,
+            use_polling=use_polling,
+            polling_interval=0.5,
+        )
         db = folders["state"] / "state.db"
         with running(config, tmp_path / "daemon.log"):
             subprocess.run(["cp", "-r", str(tree), str(folders["inbox"])], check=True)
@@ -194,9 +204,9 @@ def test_network_share_inbox_is_polled(
     polled with use_polling = "auto" and no other setting; files convert promptly."""
     backing, mount = share
     folders = {**folders, "inbox": mount}
-    config = daemon_config(
-        tmp_path, folders, emulator.url, rescan_interval=3600.0, polling_interval=0.5
-    )
+    # use_polling and polling_interval stay at their defaults; the rescan is pushed out
+    # of reach, so only polling can find the files.
+    config = daemon_config(tmp_path, folders, emulator.url, rescan_interval=3600.0)
     db = folders["state"] / "state.db"
     with running(config, tmp_path / "daemon.log") as daemon:
         assert '"polled": ["' + str(mount) in daemon.log()

@@ -18,6 +18,7 @@ from tests.scans import make_pdf, make_scan
 from tests.test_intake_pure import JUNK
 
 MARKER = b"TOP-SECRET-MARKER-7f3a"
+CONTROL = b"PLAIN-CONTROL-MARKER-91c2"  # in a normal input: shows the marker check can fail
 JUNK_FOLDERS = {"@eaDir", "#recycle", ".Trashes", "__MACOSX", ".@__thumb", ".stfolder"}
 
 
@@ -95,21 +96,24 @@ def test_hostile_inbox(
     with running(config, tmp_path / "daemon.log") as daemon:
         expected = plant_hostile(inbox, outside)
         names = odd_names(inbox)
-        for junk in JUNK:
+        for seed, junk in enumerate(JUNK, start=100):
             target = inbox / "junk" / junk
             target.parent.mkdir(exist_ok=True)
             if junk in JUNK_FOLDERS:  # put a scan inside
                 target.mkdir()
                 target = target / "scan.pdf"
-            target.write_bytes(make_scan("pdf", 30))
+            target.write_bytes(make_scan("pdf", seed))  # distinct: no duplicate reuse hides one
         (inbox / "fine.tif").write_bytes(make_scan("tiff", 31))
         wait_for(lambda: len(done(db)) == len(names) + 1, 60, "the good files to convert")
         wait_for(lambda: any(r["path"] == "hard.pdf" for r in rows(db)), 30, "hard.pdf refused")
-        (inbox / "later.pdf").write_bytes(make_scan("pdf", 32))  # still alive and watching
+        # still alive and watching
+        (inbox / "later.pdf").write_bytes(make_pdf(1, marker=CONTROL.decode()))
         wait_for(lambda: "later.pdf" in done(db), 30, "a file dropped afterwards to convert")
         assert daemon.proc is not None
         assert daemon.proc.poll() is None
     assert not emulator_holds(emulator, MARKER)
+    assert emulator_holds(emulator, CONTROL)
+    assert not [r["path"] for r in rows(db) if r["path"].startswith("junk/")]
     sent = uploads(emulator)
     assert not set(sent) & {"link.pdf", "hard.pdf", "scan.pdf", "device.pdf", "socket.pdf"}
     assert not any(name in sent for name in JUNK)

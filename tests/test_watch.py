@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -83,6 +84,36 @@ def test_lost_events_are_recovered_by_the_rescan(
     captured = capsys.readouterr()
     assert "rescan found files the watcher missed" in captured.out + captured.err
     assert uploads(emulator) == {"s0.png": 1, "s1.png": 1, "s2.png": 1}
+
+
+def test_inotify_overflow_rescans_at_once(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An inotify queue overflow (reported by watchdog only as a log line) makes the daemon
+    rescan at once: files whose events were lost convert long before the rescan interval."""
+    monkeypatch.setattr(Intake, "hint", lambda self, path, is_dir: None)  # events lost
+    config = daemon_config(
+        tmp_path, folders, emulator.url, rescan_interval=3600.0, use_polling=False
+    )
+    db = folders["state"] / "state.db"
+
+    async def scenario(service: Service) -> None:
+        (folders["inbox"] / "deep").mkdir()
+        (folders["inbox"] / "deep" / "lost.png").write_bytes(make_scan("png", 81))
+        # What watchdog's inotify reader logs when the kernel reports IN_Q_OVERFLOW.
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
+        await until(lambda: "deep/lost.png" in done(db), 30, "the rescan after the overflow")
+
+    in_process(load_settings(config), scenario)
+    captured = capsys.readouterr()
+    assert "inotify queue overflow" in captured.out + captured.err
+    assert uploads(emulator) == {"lost.png": 1}
 
 
 def test_dead_observer_is_noticed_and_restarted(

@@ -21,6 +21,7 @@ from daemon.emulator.server import EmulatorServer
 from daemon.layout import error_file_for
 from daemon.logs import configure
 from daemon.service import Outcome, run_service
+from daemon.store import Job, Status, Store
 
 # Sample scan -> where the demo drops it in the inbox.
 LAYOUT = {
@@ -73,10 +74,24 @@ def write_config(root: Path, settings: Settings) -> Path:
     return path
 
 
-def report(root: Path, outcome: Outcome, ledger: dict[str, object]) -> str:
+def job_table(settings: Settings) -> list[Job]:
+    """The demo's jobs from the state table, by input path."""
+    store = Store(settings.database_url)
+    try:
+        return sorted(store.jobs(), key=lambda job: job.path)
+    finally:
+        store.close()
+
+
+def report(root: Path, outcome: Outcome, ledger: dict[str, object], table: list[Job]) -> str:
     """What the demo shows at the end."""
     outbox = root / "outbox"
-    lines = ["", "Outbox (mirrors the inbox):"]
+    lines = ["", "Job table (what `ldx-hotfolder jobs` shows):"]
+    for job in table:
+        done = job.status is Status.COMPLETED
+        detail = f"-> {job.output}" if done else f"({job.error_code or job.stage.value})"
+        lines.append(f"  #{job.id:<3} {job.status.value:<10} {job.path}  {detail}")
+    lines += ["", "Outbox (mirrors the inbox):"]
     for path in sorted(p for p in outbox.rglob("*") if p.is_file()):
         lines.append(f"  {path.relative_to(outbox)}  ({path.stat().st_size:,} bytes)")
     lines.append("")
@@ -128,7 +143,7 @@ def _run_in(root: Path, *, keep: bool) -> int:
         settings = demo_settings(root, emulator.url)
         outcome = asyncio.run(run_service(settings, once=True))
         assert outcome is not None
-        print(report(root, outcome, emulator.hub.ledger()))
+        print(report(root, outcome, emulator.hub.ledger(), job_table(settings)))
     if keep:
         config = write_config(root, settings)
         print(f"\nThe folders are kept. Try: ldx-hotfolder jobs -c {config}")

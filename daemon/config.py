@@ -38,6 +38,10 @@ CREDENTIAL_NAME = "api-key"
 # Variables with our prefix that are not settings (so the unknown-key check skips them).
 _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 
+# How TOML or an environment variable may spell use_polling's true and false.
+_POLLING_WORDS = {"true": True, "yes": True, "on": True, "1": True}
+_POLLING_WORDS |= {"false": False, "no": False, "off": False, "0": False}
+
 OutputFormat = Literal["docx", "xlsx", "pptx"]
 OnSuccess = Literal["keep", "delete", "archive"]
 OnDuplicate = Literal["convert", "reuse", "skip"]
@@ -136,6 +140,19 @@ class Settings(BaseSettings):
         # Environment variables override the file, which arrives as init arguments.
         return (env_settings, init_settings)
 
+    @field_validator("use_polling", mode="before")
+    @classmethod
+    def _polling_mode(cls, value: object) -> object:
+        # One message naming the choices, instead of pydantic's one per member of the union.
+        if isinstance(value, bool):
+            return value
+        word = value.strip().lower() if isinstance(value, str) else None
+        if word == "auto":
+            return "auto"
+        if word in _POLLING_WORDS:
+            return _POLLING_WORDS[word]
+        raise ValueError('should be "auto", true or false')
+
     @field_validator("output_mode", mode="before")
     @classmethod
     def _parse_mode(cls, value: object) -> int:
@@ -197,7 +214,7 @@ def load_settings(path: Path | None) -> Settings:
     try:
         return Settings(**data)
     except ValidationError as exc:
-        raise ConfigError(_describe_validation(exc, path)) from None
+        raise ConfigError(_describe_validation(exc, path, os.environ)) from None
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -240,19 +257,24 @@ def _reject_unknown_env(env: Mapping[str, str]) -> None:
             )
 
 
-def _describe_validation(exc: ValidationError, path: Path | None) -> str:
+def _describe_validation(exc: ValidationError, path: Path | None, env: Mapping[str, str]) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
+    set_in_env = {name.upper() for name in env}
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        # A value from the environment is not in the file: say where it came from.
+        variable = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
+        source = f" (set by {variable})" if err["loc"] and variable in set_in_env else ""
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (not a setting of ldx-hotfolder)")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required but not set")
         else:
+            message = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"  {key}: {err['msg']}{shown}")
+            shown = "" if isinstance(got, dict) or repr(got) in message else f" (got {got!r})"
+            lines.append(f"  {key}: {message}{shown}{source}")
     return "\n".join(lines)
 
 

@@ -73,6 +73,30 @@ def test_invalid_value_lists_allowed(tmp_path: Path, folders: dict[str, Path]) -
     assert "'docx', 'xlsx' or 'pptx'" in info.value.message
 
 
+def test_bad_use_polling_is_one_clear_line(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """use_polling accepts "auto", true or false (also as words); anything else is one
+    message naming the choices, not one per member of the union."""
+    path = write_config(tmp_path / "c.toml", {**base(folders), "use_polling": "sometimes"})
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    lines = info.value.message.splitlines()[1:]
+    assert lines == ["  use_polling: should be \"auto\", true or false (got 'sometimes')"]
+    for spelled, meant in (("AUTO", "auto"), ("off", False), ("yes", True), (True, True)):
+        path = write_config(tmp_path / "c.toml", {**base(folders), "use_polling": spelled})
+        assert load_settings(path).use_polling == meant
+
+
+def test_bad_value_from_environment_names_the_variable(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bad value set by an environment variable names that variable, not only the key."""
+    monkeypatch.setenv("LDX_HOTFOLDER_HUB__OUTPUT_FORMAT", "odt")
+    with pytest.raises(ConfigError) as info:
+        load_settings(write_config(tmp_path / "c.toml", base(folders)))
+    assert "hub.output_format" in info.value.message
+    assert "(set by LDX_HOTFOLDER_HUB__OUTPUT_FORMAT)" in info.value.message
+
+
 def test_missing_file_and_bad_toml(tmp_path: Path) -> None:
     """An absent or malformed file gives a clear message."""
     with pytest.raises(ConfigError, match="does not exist"):

@@ -357,6 +357,8 @@ def check_folders(settings: Settings) -> list[str]:
     problems += _nesting_problems(inbox, "outbox", outbox)
     if settings.archive_dir is not None:
         problems += _nesting_problems(inbox, "archive_dir", settings.archive_dir.absolute())
+    problems += [_own_file_problem(inbox, name, path) for name, path in _own_files(settings)]
+    problems = [problem for problem in problems if problem]
     for name, folder in _writable_folders(settings):
         problem = _writable_problem(name, folder)
         if problem:
@@ -374,6 +376,25 @@ def _writable_folders(settings: Settings) -> list[tuple[str, Path]]:
     if url.startswith("sqlite:///"):
         folders.append(("state_db folder", Path(url.removeprefix("sqlite:///")).parent))
     return folders
+
+
+def _own_files(settings: Settings) -> list[tuple[str, Path]]:
+    """The daemon's own state files: the SQLite database (with its -wal), the heartbeat."""
+    files: list[tuple[str, Path]] = []
+    url = settings.database_url
+    if url.startswith("sqlite:///"):
+        files.append(("state_db", Path(url.removeprefix("sqlite:///"))))
+    if settings.heartbeat_file is not None:  # else it sits beside the database
+        files.append(("heartbeat_file", settings.heartbeat_file.absolute()))
+    return files
+
+
+def _own_file_problem(inbox: Path, name: str, path: Path) -> str:
+    # Inside the inbox they would be taken as inputs, refused and re-queued on every change.
+    inbox_r, folder_r = inbox.resolve(), path.absolute().parent.resolve()
+    if inbox_r == folder_r or inbox_r in folder_r.parents:
+        return f"{name} {path} is inside the inbox {inbox}; it would be taken as an input"
+    return ""
 
 
 def _nesting_problems(inbox: Path, name: str, other: Path) -> list[str]:

@@ -69,6 +69,7 @@ def base(folders: dict[str, Path]) -> dict[str, str]:
         ({"colour": "blue"}, {}, "colour: unknown key"),
         ({"inbox": "/nonexistent/inbox"}, {"api_key": "k"}, "inbox /nonexistent/inbox does not"),
         ({"outbox": "INBOX/out"}, {"api_key": "k"}, "/out is inside the inbox"),
+        ({"state_db": "INBOX/state.db"}, {"api_key": "k"}, "/state.db is inside the inbox"),
         ({}, {"output_format": "odt"}, "hub.output_format: Input should be 'docx', 'xlsx' or"),
     ],
 )
@@ -84,8 +85,8 @@ def test_configuration_errors_exit_2(
 ) -> None:
     """Unknown key, missing inbox, nested outbox, bad format: exit 2 naming the problem."""
     top = {**base(folders), **change}
-    if top["outbox"].startswith("INBOX"):
-        top["outbox"] = top["outbox"].replace("INBOX", str(folders["inbox"]))
+    for key in ("outbox", "state_db"):
+        top[key] = top[key].replace("INBOX", str(folders["inbox"]))
     config = write_config(tmp_path / "c.toml", top, hub)
     code, out = run_main([command, "-c", str(config)], capsys)
     assert code == 2

@@ -175,6 +175,19 @@ def test_folder_checks(tmp_path: Path, folders: dict[str, Path]) -> None:
     assert check_folders(load_settings(write_config(tmp_path / "c.toml", base(folders)))) == []
 
 
+def test_state_files_inside_the_inbox_are_refused(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """The database or heartbeat inside the inbox would be taken as inputs: refused."""
+    in_inbox = {**base(folders), "state_db": str(folders["inbox"] / "db" / "state.db")}
+    problems = check_folders(load_settings(write_config(tmp_path / "a.toml", in_inbox)))
+    assert problems == [
+        f"state_db {folders['inbox'] / 'db' / 'state.db'} is inside the inbox "
+        f"{folders['inbox']}; it would be taken as an input"
+    ]
+    beat = {**base(folders), "heartbeat_file": str(folders["inbox"] / "beat.json")}
+    problems = check_folders(load_settings(write_config(tmp_path / "b.toml", beat)))
+    assert [p.split(" ", 1)[0] for p in problems] == ["heartbeat_file"]
+
+
 def test_archive_requires_folder(tmp_path: Path, folders: dict[str, Path]) -> None:
     """on_success = archive without archive_dir is refused."""
     path = write_config(tmp_path / "a.toml", {**base(folders), "on_success": "archive"})

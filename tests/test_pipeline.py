@@ -6,6 +6,8 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
 from daemon.service import Outcome, run_service
@@ -75,6 +77,31 @@ def test_on_success_delete_and_archive(
     assert once(config).exit_code == 0
     assert (archive / "x" / "e.bmp").read_bytes() == make_scan("bmp", 7)
     assert (folders["outbox"] / "x" / "e.docx").exists()
+
+
+@pytest.mark.parametrize("on_success", ["delete", "archive"])
+def test_failed_inputs_are_never_deleted_or_moved(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, on_success: str
+) -> None:
+    """Whatever on_success says, a failed input (broken at the hub, or refused) stays put;
+    only the converted one is deleted or archived."""
+    inbox, archive = folders["inbox"], tmp_path / "archive"
+    broken_pdf = b"%PDF-1.3\nThis is not a valid PDF file\n%%EOF\n"
+    (inbox / "x").mkdir()
+    (inbox / "x" / "broken.pdf").write_bytes(broken_pdf)
+    (inbox / "x" / "notes.pdf").write_text("text named like a PDF\n", encoding="utf-8")
+    (inbox / "x" / "good.png").write_bytes(make_scan("png", 13))
+    config = daemon_config(
+        tmp_path, folders, emulator.url, on_success=on_success, archive_dir=str(archive)
+    )
+    outcome = once(config)
+    assert outcome.exit_code == 1
+    assert sorted(outcome.failed) == ["x/broken.pdf", "x/notes.pdf"]
+    assert (inbox / "x" / "broken.pdf").read_bytes() == broken_pdf
+    assert (inbox / "x" / "notes.pdf").exists()
+    assert not (inbox / "x" / "good.png").exists()
+    archived = sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*.*"))
+    assert archived == (["x/good.png"] if on_success == "archive" else [])
 
 
 def test_junk_and_partial_names_are_never_uploaded(

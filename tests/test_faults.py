@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from daemon.breaker import Breaker
-from daemon.config import load_settings
+from daemon.config import HubSettings, load_settings
+from daemon.emulator.app import STALL_EVENT
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.failpoints import POINTS
@@ -65,7 +65,10 @@ def test_http_faults_every_file_completes(
         assert counts["job_failure"] > 0
         assert counts["stall"] == 1
         check_retry_after_honoured(ledger["events"])
-        check_stall_abandoned_at_deadline(ledger["events"], deadline=3.0)
+        held, allowed = check_stall_abandoned_at_deadline(
+            ledger["events"], load_settings(config).hub
+        )
+        print(f"stalled download abandoned after {held:.2f} s (deadline {allowed:.2f} s)")
 
 
 def by_trace(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -88,18 +91,34 @@ def check_retry_after_honoured(events: list[dict[str, Any]]) -> None:
     assert checked > 0
 
 
-def check_stall_abandoned_at_deadline(events: list[dict[str, Any]], deadline: float) -> None:
-    """The stalled download is given up at the deadline and fetched again."""
-    for trail in by_trace(events).values():
-        downloads = [e for e in trail if e["route"] == "GET /files/{file_id}/content"]
-        if len(downloads) >= 2 and downloads[0]["status"] == 200:
-            gap = downloads[1]["at"] - downloads[0]["at"]
-            if gap >= deadline:
-                # The retry waits its backoff, and the circuit breaker's cooldown too when
-                # the drawn faults happen to cluster while it is due.
-                assert gap < deadline + 15 + Breaker().cooldown
-                return
-    raise AssertionError("no download was retried after the deadline")
+# How much later than its deadline the client may be seen to give up: the emulator notices
+# the closed connection on its own thread, and two busy cores can delay both loops. Without
+# the deadline the stall would last until httpx's read timeout (30 s in this test).
+STALL_NOTICE_SLACK = 2.0
+
+
+def check_stall_abandoned_at_deadline(
+    events: list[dict[str, Any]], hub: HubSettings
+) -> tuple[float, float]:
+    """The client hung up on the stalled download at its deadline, then fetched it again;
+    return how long it held on and its deadline."""
+    ends = [e for e in events if e["route"] == STALL_EVENT]
+    assert len(ends) == 1, ends
+    end = ends[0]
+    assert end["status"] == "client gave up", end
+    # The client's clock starts when the headers arrive (after ``held_from``) and allows
+    # the deadline plus the time the announced length takes at the minimum rate.
+    allowed = hub.deadline + end["length"] / hub.min_transfer_rate
+    held = end["at"] - end["held_from"]
+    assert allowed - 0.01 <= held <= allowed + STALL_NOTICE_SLACK, (held, allowed)
+    retries = [
+        e
+        for e in by_trace(events)[end["trace"]]
+        if e["route"] == "GET /files/{file_id}/content" and e["status"] == 200
+        if e["path"] == end["path"] and e["at"] > end["held_from"]
+    ]
+    assert retries, "the stalled download was fetched again"
+    return held, allowed
 
 
 @pytest.fixture(scope="module")

@@ -244,7 +244,7 @@ def _describe_validation(exc: ValidationError, path: Path | None) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = _key_name(err["loc"]) or "(top level)"
         if err["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key (not a setting of ldx-hotfolder)")
         elif err["type"] == "missing":
@@ -254,6 +254,18 @@ def _describe_validation(exc: ValidationError, path: Path | None) -> str:
             shown = "" if isinstance(got, dict) else f" (got {got!r})"
             lines.append(f"  {key}: {err['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _key_name(loc: tuple[int | str, ...]) -> str:
+    """A setting's name as the user wrote it: rules count from 1, as in every other
+    message about rules (``rules[2].language``, not pydantic's ``rules.1.language``)."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item + 1}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
 
 
 def failpoint_spec() -> str | None:

@@ -27,6 +27,12 @@ language = "eng"
 [[rules]]
 match = "slides/**"
 output_format = "pptx"
+language = "deu"
+
+[[rules]]
+match = "letters/**"
+output_format = "docx"
+language = "fra"
 """
 
 
@@ -43,46 +49,74 @@ def drop(inbox: Path, rel: str, seed: int) -> None:
 def test_rules_route_formats_and_languages(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """Three routed folders give xlsx, pptx and docx; the hub saw the routed parameters."""
-    for i, rel in enumerate(["invoices/2026/a.pdf", "slides/deck.pdf", "letters/b.pdf"]):
+    """Three rule-routed folders give xlsx, pptx and docx, a folder file and the defaults
+    route the rest; the hub's ledger shows each job's routed format and language."""
+    expected = {  # path: (output, format, language, the rule recorded on the row)
+        "invoices/2026/a.pdf": ("invoices/2026/a.xlsx", "xlsx", "eng", "rules[1] invoices/**"),
+        "slides/deck.pdf": ("slides/deck.pptx", "pptx", "deu", "rules[2] slides/**"),
+        "letters/b.pdf": ("letters/b.docx", "docx", "fra", "rules[3] letters/**"),
+        "memos/c.pdf": ("memos/c.docx", "docx", "Auto", "folder memos/.ldx-hotfolder.toml"),
+        "loose.pdf": ("loose.docx", "docx", "jpn", "defaults"),
+    }
+    for i, rel in enumerate(expected):
         drop(folders["inbox"], rel, i)
-    (folders["inbox"] / "letters" / ".ldx-hotfolder.toml").write_text(
+    (folders["inbox"] / "memos" / ".ldx-hotfolder.toml").write_text(
         'language = "Auto"\n', encoding="utf-8"
     )
     config = with_rules(daemon_config(tmp_path, folders, emulator.url), RULES)
     outcome = asyncio.run(run_service(load_settings(config), once=True))
     assert outcome is not None
     assert outcome.exit_code == 0
-    outbox = folders["outbox"]
-    verify_package(outbox / "invoices/2026/a.xlsx", "xlsx")
-    verify_package(outbox / "slides/deck.pptx", "pptx")
-    verify_package(outbox / "letters/b.docx", "docx")
-    sent = {(job["output_format"], job["languages"][0]) for job in emulator.hub.ledger()["jobs"]}
-    assert sent == {("xlsx", "eng"), ("pptx", "jpn"), ("docx", "Auto")}
-    rules = {row["path"]: row["rule"] for row in job_rows(folders["state"] / "state.db")}
-    assert rules == {
-        "invoices/2026/a.pdf": "rules[1] invoices/**",
-        "slides/deck.pdf": "rules[2] slides/**",
-        "letters/b.pdf": "folder letters/.ldx-hotfolder.toml",
-    }
+    assert sorted(outcome.completed) == sorted(expected)
+    created = {job["job_id"]: job for job in emulator.hub.ledger()["jobs"]}
+    assert len(created) == len(expected)
+    seen = {}
+    for row in job_rows(folders["state"] / "state.db"):
+        job = created[row["remote_job_id"]]
+        seen[row["path"]] = (row["output"], job["output_format"], job["languages"][0], row["rule"])
+        # The row records the settings it was converted with, as the hub got them.
+        assert (row["output_format"], row["language"]) == (
+            job["output_format"],
+            job["languages"][0],
+        )
+        verify_package(folders["outbox"] / row["output"], job["output_format"])
+    assert seen == expected
 
 
+@pytest.mark.parametrize(
+    ("field", "named"),
+    [
+        (
+            'language = "french"',
+            "rules[2] (match 'fr/**'): language 'french' is not offered by ki/ocr "
+            "(valid: Auto, deu, eng, fra, jpn, kor, spa, zho)",
+        ),
+        (
+            'engine = "tesseract"',
+            "rules[2] (match 'fr/**'): engine 'tesseract' is not offered (valid: ki/ocr)",
+        ),
+        (
+            'output_format = "pdf"',
+            "rules[2].output_format: Input should be 'docx', 'xlsx' or 'pptx' (got 'pdf')",
+        ),
+    ],
+)
 def test_invalid_rule_exits_2_naming_it(
     tmp_path: Path,
     folders: dict[str, Path],
     emulator: EmulatorServer,
     capsys: pytest.CaptureFixture[str],
+    field: str,
+    named: str,
 ) -> None:
-    """A language the hub does not offer stops the start, naming the rule and the choices."""
+    """A value the hub does not offer stops the start, naming the rule and the choices."""
+    drop(folders["inbox"], "fr/a.pdf", 1)
     config = with_rules(
         daemon_config(tmp_path, folders, emulator.url),
-        '\n[[rules]]\nmatch = "fr/**"\nlanguage = "french"\n',
+        f'\n[[rules]]\nmatch = "en/**"\nlanguage = "eng"\n\n[[rules]]\nmatch = "fr/**"\n{field}\n',
     )
     assert main(["once", "-c", str(config)]) == 2
-    err = capsys.readouterr().err
-    assert "rules[1] (match 'fr/**')" in err
-    assert "language 'french' is not offered" in err
-    assert "jpn" in err
+    assert named in capsys.readouterr().err
     assert emulator.hub.ledger()["uploads"] == []
 
 

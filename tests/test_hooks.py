@@ -15,7 +15,7 @@ import pytest
 
 from daemon.config import HookSettings
 from daemon.hooks import HookEvent, Hooks
-from tests.helpers import wait_for
+from tests.helpers import wait_async, wait_for
 
 
 def event(status: str = "completed", job_id: int = 7) -> HookEvent:
@@ -92,6 +92,26 @@ def test_hanging_hook_is_killed_at_timeout(tmp_path: Path) -> None:
     assert failures == [(7, f"hook {sys.executable!r} was killed after 1 s")]
     child_pid = int((tmp_path / "child.pid").read_text())
     wait_for(lambda: not _alive(child_pid), 5, "the hook's child to be gone")
+
+
+def test_a_hook_running_when_the_daemon_stops_is_killed(tmp_path: Path) -> None:
+    """A hook still running when drain gives up is killed with it, not left orphaned."""
+    pid_file = tmp_path / "hook.pid"
+    script = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    settings = HookSettings(on_completed=(sys.executable, "-c", script), timeout=60.0)
+    failures: list[tuple[int, str]] = []
+
+    async def scenario() -> None:
+        hooks = Hooks(settings, lambda job, msg: failures.append((job, msg)))
+        hooks.fire(event())
+        await wait_async(lambda: pid_file.exists() and pid_file.read_text(), 10, "the hook")
+        await hooks.drain(0.1)
+
+    asyncio.run(scenario())
+    assert not _alive(int(pid_file.read_text()))
+    assert failures == []  # the daemon stopping is not the hook's failure
 
 
 def _alive(pid: int) -> bool:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +18,7 @@ from daemon.ooxml import verify_package
 from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.faults import job_rows
+from tests.helpers import daemon_in_process, wait_async
 from tests.scans import make_scan
 
 RULES = """
@@ -139,43 +142,98 @@ def test_bad_folder_file_fails_only_its_files(
     assert "language 'martian' is not offered" in row["error_message"]
 
 
+# Hook commands: write the LDX_* variables (plus pid and start time) to a file in argv[1],
+# atomically, named by the hook's kind and job id; the failure hook then hangs.
 DUMP = (
-    "import json, os, sys; "
-    "json.dump({k: v for k, v in os.environ.items() if k.startswith('LDX_')}, "
-    "open(os.path.join(sys.argv[1], os.environ['LDX_JOB_ID'] + '.json'), 'w'))"
+    "import json, os, sys, time; "
+    "env = {k: v for k, v in os.environ.items() if k.startswith('LDX_')}; "
+    "env.update(pid=os.getpid(), started=time.monotonic()); "
+    "name = os.path.join(sys.argv[1], sys.argv[2] + '-' + env['LDX_JOB_ID']); "
+    "json.dump(env, open(name + '.tmp', 'w')); os.rename(name + '.tmp', name + '.json')"
 )
+HANG = DUMP + "; time.sleep(3600)"
+HANG_TIMEOUT = 6.0  # long enough for three files to convert while the hook hangs
 
 
-def test_hooks_run_and_a_hanging_one_never_holds_up_work(
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.split(") ", 1)[1][0] != "Z"
+
+
+def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
     tmp_path: Path,
     folders: dict[str, Path],
     emulator: EmulatorServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Success and failure hooks get the job's facts; a hanging hook is killed, work goes on."""
+    """Success and failure hooks get the job's facts; while a failure hook hangs, other
+    files convert; it is killed at its timeout, the job stays as it was, status shows it."""
     seen = tmp_path / "seen"
     seen.mkdir()
-    for i in range(3):
-        drop(folders["inbox"], f"ok/{i}.pdf", i)
-    (folders["inbox"] / "bad.pdf").write_bytes(b"%PDF-1.3\nnot a pdf\n%%EOF\n")
     hooks = (
         "\n[hooks]\n"
-        f"on_completed = {json.dumps([sys.executable, '-c', DUMP, str(seen)])}\n"
-        f"on_failed = {json.dumps([sys.executable, '-c', 'import time; time.sleep(60)'])}\n"
-        "timeout = 1.0\n"
+        f"on_completed = {json.dumps([sys.executable, '-c', DUMP, str(seen), 'ok'])}\n"
+        f"on_failed = {json.dumps([sys.executable, '-c', HANG, str(seen), 'failed'])}\n"
+        f"timeout = {HANG_TIMEOUT}\n"
     )
     config = with_rules(daemon_config(tmp_path, folders, emulator.url), hooks)
-    outcome = asyncio.run(run_service(load_settings(config), once=True))
-    assert outcome is not None
-    assert outcome.failed == ["bad.pdf"]
-    assert len(outcome.completed) == 3
-    envs = [json.loads(p.read_text()) for p in seen.glob("*.json")]
-    assert sorted(e["LDX_INPUT_REL"] for e in envs) == ["ok/0.pdf", "ok/1.pdf", "ok/2.pdf"]
-    assert all(e["LDX_STATUS"] == "completed" for e in envs)
-    assert all(Path(e["LDX_OUTPUT"]).exists() for e in envs)
-    bad = next(r for r in job_rows(folders["state"] / "state.db") if r["path"] == "bad.pdf")
+    db = folders["state"] / "state.db"
+
+    def row(path: str) -> dict[str, Any]:
+        return next(r for r in job_rows(db) if r["path"] == path)
+
+    def envs(kind: str) -> list[dict[str, Any]]:
+        return [json.loads(p.read_text()) for p in seen.glob(f"{kind}-*.json")]
+
+    async def scenario() -> dict[str, Any]:
+        async with daemon_in_process(load_settings(config)):
+            before_hook = time.monotonic()
+            (folders["inbox"] / "bad.pdf").write_bytes(b"%PDF-1.3\nnot a pdf\n%%EOF\n")
+            await wait_async(lambda: envs("failed"), 30, "the failure hook to start")
+            hung = envs("failed")[0]
+            for i in range(3):
+                drop(folders["inbox"], f"ok/{i}.pdf", i)
+            await wait_async(
+                lambda: len(envs("ok")) == 3,
+                HANG_TIMEOUT,
+                "three files to convert while the failure hook hangs",
+            )
+            assert _alive(hung["pid"]), "the hook was still hanging"
+            assert row("bad.pdf")["hook_error"] is None
+            await wait_async(lambda: row("bad.pdf")["hook_error"], 20, "the hook to be killed")
+            assert time.monotonic() - before_hook >= HANG_TIMEOUT, "not killed early"
+            await wait_async(lambda: not _alive(hung["pid"]), 5, "the hook to be gone")
+            return hung
+
+    hung = asyncio.run(scenario())
+    bad = row("bad.pdf")
     assert bad["status"] == "failed"
-    assert "killed after 1 s" in bad["hook_error"]
+    assert hung["LDX_JOB_ID"] == str(bad["id"])
+    assert hung["LDX_STATUS"] == "failed"
+    assert (hung["LDX_INPUT"], hung["LDX_INPUT_REL"]) == (
+        str(folders["inbox"] / "bad.pdf"),
+        "bad.pdf",
+    )
+    assert (hung["LDX_ERROR_CODE"], hung["LDX_ERROR_MESSAGE"]) == (
+        bad["error_code"],
+        bad["error_message"],
+    )
+    assert bad["error_code"]
+    assert hung["LDX_OUTPUT"] == ""
+    assert bad["hook_error"].endswith(f"was killed after {HANG_TIMEOUT:g} s")
+    for env in envs("ok"):
+        done = row(env["LDX_INPUT_REL"])
+        assert done["status"] == "completed"  # the kill changed no conversion
+        assert (env["LDX_JOB_ID"], env["LDX_STATUS"]) == (str(done["id"]), "completed")
+        assert env["LDX_OUTPUT"] == str(folders["outbox"] / done["output"])
+        assert env["LDX_OUTPUT_REL"] == done["output"]
+        assert env["LDX_REMOTE_JOB_ID"] == done["remote_job_id"]
+        assert (env["LDX_ERROR_CODE"], env["LDX_RULE"]) == ("", done["rule"])
+        assert done["hook_error"] is None
+    assert sorted(e["LDX_INPUT_REL"] for e in envs("ok")) == ["ok/0.pdf", "ok/1.pdf", "ok/2.pdf"]
     assert main(["status", "--no-hub", "-c", str(config)]) == 0
     screen = capsys.readouterr().out
     assert "hooks that failed" in screen

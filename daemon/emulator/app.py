@@ -300,6 +300,8 @@ class _Api:
         self.hub.record_event(
             {
                 "at": started,
+                # The answer exists from here on: a client sees it no sooner.
+                "answered": time.monotonic(),
                 "route": f"{request.method} {route}",
                 "path": request.url.path,
                 "trace": request.headers.get(TRACE_HEADER),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,35 @@ _SYSTEMD_VARS = (
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 )
+
+
+# What the fault-injection tests measured (faults injected, kills, crashes recovered): a
+# passing test's output is hidden, so these lines end every run's summary instead.
+_FAULT_COUNTS: dict[str, list[str]] = {}
+
+
+@pytest.fixture
+def fault_counts() -> Callable[[str, str], None]:
+    """Note one line of counts under a heading, for the summary at the end of the run."""
+
+    def note(heading: str, line: str) -> None:
+        _FAULT_COUNTS.setdefault(heading, []).append(line)
+
+    return note
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault-injection suite's counts after the test results."""
+    if not _FAULT_COUNTS:
+        return
+    terminalreporter.section("fault-injection counts")
+    for heading, lines in _FAULT_COUNTS.items():
+        if len(lines) == 1:
+            terminalreporter.write_line(f"{heading}: {lines[0]}")
+            continue
+        terminalreporter.write_line(f"{heading} ({len(lines)} cases):")
+        for line in lines:
+            terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from tests.scans import drop_scans
 
 
 def test_http_faults_every_file_completes(
-    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, folders: dict[str, Path], fault_counts: Callable[[str, str], None]
 ) -> None:
     """5xx, 429, drops, hub job failures and a stalled body: all files still complete."""
     faults = {
@@ -59,17 +59,22 @@ def test_http_faults_every_file_completes(
         ledger = server.hub.ledger()
         assert_exactly_once(inputs, folders["outbox"], folders["state"] / "state.db", server.hub)
         counts = ledger["faults"]
-        print(f"\nfaults injected: {counts}; jobs created: {len(ledger['jobs'])} for 40 files")
         assert counts["error"] > 0
         assert counts["rate_limit"] > 0
         assert counts["drop"] > 0
         assert counts["job_failure"] > 0
         assert counts["stall"] == 1
-        check_retry_after_honoured(ledger["events"])
+        retry_afters = check_retry_after_honoured(ledger["events"])
         held, allowed = check_stall_abandoned_at_deadline(
             ledger["events"], load_settings(config).hub
         )
-        print(f"stalled download abandoned after {held:.2f} s (deadline {allowed:.2f} s)")
+        injected = ", ".join(f"{counts[kind]} {kind}" for kind in sorted(counts) if counts[kind])
+        fault_counts(
+            "HTTP faults",
+            f"40 files completed, {len(ledger['jobs'])} remote jobs; injected {injected}; "
+            f"{retry_afters} retries after Retry-After, none early; stalled download "
+            f"abandoned after {held:.2f} s (deadline {allowed:.2f} s)",
+        )
 
 
 def by_trace(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -80,9 +85,10 @@ def by_trace(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     return grouped
 
 
-def check_retry_after_honoured(events: list[dict[str, Any]]) -> None:
+def check_retry_after_honoured(events: list[dict[str, Any]]) -> int:
     """After an answer with Retry-After (429), the same job's next request comes at least
-    that long after the answer was sent (the client cannot have seen it sooner)."""
+    that long after the answer was sent (the client cannot have seen it sooner); return
+    how many retries were checked."""
     checked = 0
     for trail in by_trace(events).values():
         requests = sorted((e for e in trail if "answered" in e), key=lambda e: e["at"])
@@ -94,6 +100,7 @@ def check_retry_after_honoured(events: list[dict[str, Any]]) -> None:
                 assert waited >= before["retry_after"] - 0.005, (before, after)
                 checked += 1
     assert checked > 0
+    return checked
 
 
 # How much later than its deadline the client may be seen to give up: the emulator notices
@@ -155,7 +162,12 @@ def archived(archive: Path) -> list[str]:
 @pytest.mark.parametrize("hit", [1, 2, 3])
 @pytest.mark.parametrize("point", POINTS)
 def test_crash_at_each_step_recovers(
-    tmp_path: Path, folders: dict[str, Path], shared_hub: EmulatorServer, point: str, hit: int
+    tmp_path: Path,
+    folders: dict[str, Path],
+    shared_hub: EmulatorServer,
+    fault_counts: Callable[[str, str], None],
+    point: str,
+    hit: int,
 ) -> None:
     """A crash at any step, at any of its first three hits, recovers to exactly one output
     each, adopting what the hub already has; a second start changes nothing."""
@@ -189,6 +201,11 @@ def test_crash_at_each_step_recovers(
     assert archived(tmp_path / "archive") == sorted(inputs)
     again = shared_hub.hub.ledger()
     assert (len(again["uploads"]), len(again["jobs"])) == (len(inputs), len(inputs))
+    fault_counts(
+        "failpoints",
+        f"crash at {point}:{hit} -> {len(inputs)} outputs, {len(again['uploads'])} uploads, "
+        f"{len(again['jobs'])} remote jobs; second start a no-op",
+    )
 
 
 def once_in_process(config: Path) -> int:
@@ -232,7 +249,11 @@ def fill(folder: Path, leave: int) -> Path:
 
 
 def test_full_disk_keeps_jobs_and_resumes(
-    tmp_path: Path, folders: dict[str, Path], small_outbox: Path, emulator: EmulatorServer
+    tmp_path: Path,
+    folders: dict[str, Path],
+    small_outbox: Path,
+    emulator: EmulatorServer,
+    fault_counts: Callable[[str, str], None],
 ) -> None:
     """ENOSPC on the outbox: no partial output, nothing failed, all done once space is back."""
     folders = {**folders, "outbox": small_outbox}
@@ -246,6 +267,7 @@ def test_full_disk_keeps_jobs_and_resumes(
         async with daemon_in_process(settings):
             await wait_async(lambda: any(r["error_code"] == "disk_full" for r in job_rows(db)))
             rows = job_rows(db)
+            held.extend(r for r in rows if r["error_code"] == "disk_full")
             assert not [r for r in rows if r["status"] == "failed"]
             for name in outbox_files(small_outbox):
                 if name == "filler.bin" or TEMP_MARKER in name:
@@ -254,8 +276,14 @@ def test_full_disk_keeps_jobs_and_resumes(
             filler.unlink()
             await wait_async(lambda: [r["status"] for r in job_rows(db)] == ["completed"] * 6, 40)
 
+    held: list[dict[str, Any]] = []
     asyncio.run(scenario())
     assert_exactly_once(inputs, small_outbox, db, emulator.hub)
+    fault_counts(
+        "full disk",
+        f"{len(inputs)} files on a 512 KiB tmpfs: {len(held)} held on ENOSPC, none failed, "
+        f"no partial output; all {len(inputs)} completed once space was freed",
+    )
 
 
 def test_low_space_pauses_intake_with_one_message(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -153,3 +154,21 @@ def test_a_metrics_port_in_use_is_a_configuration_error(
         result = cli(config, "run", timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "metrics_port" in result.stderr
+
+
+def test_healthz_is_503_with_the_reasons_when_unhealthy() -> None:
+    """/healthz answers 200 while the daemon is healthy and 503 with the reasons when not."""
+    state: dict[str, Any] = {"ok": True, "notes": []}
+    server = metrics.MetricsServer("127.0.0.1", 0, lambda: (state["ok"], dict(state))).start()
+    try:
+        host, port = server.address
+        assert host == "127.0.0.1"
+        healthy = httpx.get(f"http://{host}:{port}/healthz", timeout=5)
+        assert (healthy.status_code, healthy.json()["ok"]) == (200, True)
+        state.update(ok=False, notes=["the inbox watcher has stopped"])
+        sick = httpx.get(f"http://{host}:{port}/healthz", timeout=5)
+        assert sick.status_code == 503
+        assert sick.json()["notes"] == ["the inbox watcher has stopped"]
+        assert httpx.get(f"http://{host}:{port}/other", timeout=5).status_code == 404
+    finally:
+        server.stop()

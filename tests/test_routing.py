@@ -18,7 +18,7 @@ from daemon.ooxml import verify_package
 from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.faults import job_rows
-from tests.helpers import daemon_in_process, wait_async
+from tests.helpers import cli, daemon_in_process, jobs_json, wait_async
 from tests.scans import make_scan
 
 RULES = """
@@ -84,6 +84,22 @@ def test_rules_route_formats_and_languages(
         )
         verify_package(folders["outbox"] / row["output"], job["output_format"])
     assert seen == expected
+    # jobs and explain show the settings and the rule that chose them
+    listed = {j["path"]: j for j in jobs_json(config)}
+    assert (
+        listed["invoices/2026/a.pdf"]["output_format"],
+        listed["invoices/2026/a.pdf"]["rule"],
+    ) == (
+        "xlsx",
+        "rules[1] invoices/**",
+    )
+    assert listed["slides/deck.pdf"]["language"] == "deu"
+    assert listed["slides/deck.pdf"]["engine"] == "ki/ocr"
+    explained = cli(config, "explain", "slides/deck.pdf")
+    assert explained.returncode == 0, explained.stderr
+    assert "engine ki/ocr, language deu, format pptx, chosen by rules[2] slides/**" in (
+        " ".join(explained.stdout.split())
+    )
 
 
 @pytest.mark.parametrize(

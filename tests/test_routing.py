@@ -16,9 +16,9 @@ from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
 from daemon.ooxml import verify_package
 from daemon.service import run_service
-from tests.conftest import daemon_config
+from tests.conftest import WebhookReceiver, daemon_config
 from tests.faults import job_rows
-from tests.helpers import cli, daemon_in_process, jobs_json, wait_async
+from tests.helpers import alive, cli, daemon_in_process, jobs_json, wait_async
 from tests.scans import make_scan
 
 RULES = """
@@ -171,14 +171,6 @@ HANG = DUMP + "; time.sleep(3600)"
 HANG_TIMEOUT = 6.0  # long enough for three files to convert while the hook hangs
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.split(") ", 1)[1][0] != "Z"
-
-
 def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
     tmp_path: Path,
     folders: dict[str, Path],
@@ -217,11 +209,11 @@ def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
                 HANG_TIMEOUT,
                 "three files to convert while the failure hook hangs",
             )
-            assert _alive(hung["pid"]), "the hook was still hanging"
+            assert alive(hung["pid"]), "the hook was still hanging"
             assert row("bad.pdf")["hook_error"] is None
             await wait_async(lambda: row("bad.pdf")["hook_error"], 20, "the hook to be killed")
             assert time.monotonic() - before_hook >= HANG_TIMEOUT, "not killed early"
-            await wait_async(lambda: not _alive(hung["pid"]), 5, "the hook to be gone")
+            await wait_async(lambda: not alive(hung["pid"]), 5, "the hook to be gone")
             return hung
 
     hung = asyncio.run(scenario())
@@ -254,3 +246,37 @@ def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
     screen = capsys.readouterr().out
     assert "hooks that failed" in screen
     assert "bad.pdf: hook" in screen
+
+
+def test_webhook_retried_after_a_500_from_the_receiver(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    receiver: tuple[str, type[WebhookReceiver]],
+) -> None:
+    """The daemon's webhook is sent again after the receiver's 500; nothing is recorded
+    as a hook failure and the conversion is untouched."""
+    url, handler = receiver
+    handler.answers[:] = [500]
+    drop(folders["inbox"], "invoices/x.pdf", 3)
+    hooks = f'\n[hooks]\nwebhook_url = "{url}"\nwebhook_attempts = 3\n'
+    config = with_rules(daemon_config(tmp_path, folders, emulator.url), RULES + hooks)
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    assert outcome.completed == ["invoices/x.pdf"]
+    assert len(handler.bodies) == 2, "one 500, then the same body again"
+    assert handler.bodies[0] == handler.bodies[1]
+    (row,) = job_rows(folders["state"] / "state.db")
+    body = handler.bodies[1]
+    assert (body["event"], body["job_id"], body["path"], body["output"]) == (
+        "job.completed",
+        row["id"],
+        "invoices/x.pdf",
+        "invoices/x.xlsx",
+    )
+    assert (body["rule"], body["remote_job_id"], body["error"]) == (
+        "rules[1] invoices/**",
+        row["remote_job_id"],
+        None,
+    )
+    assert row["hook_error"] is None

@@ -168,7 +168,7 @@ DUMP = (
     "json.dump(env, open(name + '.tmp', 'w')); os.rename(name + '.tmp', name + '.json')"
 )
 HANG = DUMP + "; time.sleep(3600)"
-HANG_TIMEOUT = 6.0  # long enough for three files to convert while the hook hangs
+HANG_TIMEOUT = 8.0  # long enough for three files to convert while the hook hangs
 
 
 def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
@@ -205,12 +205,13 @@ def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
             for i in range(3):
                 drop(folders["inbox"], f"ok/{i}.pdf", i)
             await wait_async(
-                lambda: len(envs("ok")) == 3,
-                HANG_TIMEOUT,
+                lambda: [r["status"] for r in job_rows(db)].count("completed") == 3,
+                HANG_TIMEOUT - 2,
                 "three files to convert while the failure hook hangs",
             )
             assert alive(hung["pid"]), "the hook was still hanging"
             assert row("bad.pdf")["hook_error"] is None
+            await wait_async(lambda: len(envs("ok")) == 3, 20, "the three success hooks")
             await wait_async(lambda: row("bad.pdf")["hook_error"], 20, "the hook to be killed")
             assert time.monotonic() - before_hook >= HANG_TIMEOUT, "not killed early"
             await wait_async(lambda: not alive(hung["pid"]), 5, "the hook to be gone")

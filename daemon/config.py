@@ -262,7 +262,7 @@ def _describe_validation(exc: ValidationError, path: Path | None, env: Mapping[s
     lines = [f"invalid configuration{where}:"]
     set_in_env = {name.upper() for name in env}
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        key = _key_name(err["loc"]) or "(top level)"
         # A value from the environment is not in the file: say where it came from.
         variable = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
         source = f" (set by {variable})" if err["loc"] and variable in set_in_env else ""
@@ -276,6 +276,18 @@ def _describe_validation(exc: ValidationError, path: Path | None, env: Mapping[s
             shown = "" if isinstance(got, dict) or repr(got) in message else f" (got {got!r})"
             lines.append(f"  {key}: {message}{shown}{source}")
     return "\n".join(lines)
+
+
+def _key_name(loc: tuple[int | str, ...]) -> str:
+    """A setting's name as the user wrote it: rules count from 1, as in every other
+    message about rules (``rules[2].language``, not pydantic's ``rules.1.language``)."""
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int) and parts:
+            parts[-1] += f"[{item + 1}]"
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
 
 
 def failpoint_spec() -> str | None:

@@ -127,6 +127,8 @@ class Hooks:
         _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
         for task in pending:
             task.cancel()
+        if pending:  # let them kill their commands: no hook outlives the daemon
+            await asyncio.wait(pending)
 
     async def _run_command(self, argv: list[str], event: HookEvent) -> None:
         async with self._slots:
@@ -187,7 +189,9 @@ async def run_command(argv: list[str], env: dict[str, str], timeout: float) -> i
     try:
         return await asyncio.wait_for(proc.wait(), timeout)
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        await proc.wait()
         return None
+    finally:
+        if proc.returncode is None:  # timed out, or cancelled because the daemon stops
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -20,6 +23,35 @@ _SYSTEMD_VARS = (
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
 )
+
+
+# What the fault-injection tests measured (faults injected, kills, crashes recovered): a
+# passing test's output is hidden, so these lines end every run's summary instead.
+_FAULT_COUNTS: dict[str, list[str]] = {}
+
+
+@pytest.fixture
+def fault_counts() -> Callable[[str, str], None]:
+    """Note one line of counts under a heading, for the summary at the end of the run."""
+
+    def note(heading: str, line: str) -> None:
+        _FAULT_COUNTS.setdefault(heading, []).append(line)
+
+    return note
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Print the fault-injection suite's counts after the test results."""
+    if not _FAULT_COUNTS:
+        return
+    terminalreporter.section("fault-injection counts")
+    for heading, lines in _FAULT_COUNTS.items():
+        if len(lines) == 1:
+            terminalreporter.write_line(f"{heading}: {lines[0]}")
+            continue
+        terminalreporter.write_line(f"{heading} ({len(lines)} cases):")
+        for line in lines:
+            terminalreporter.write_line(f"  {line}")
 
 
 @pytest.fixture(autouse=True)
@@ -89,3 +121,35 @@ def daemon_config(
     }
     hub_settings = {"base_url": base_url, "api_key_file": str(key_file), "poll_interval": 1.0}
     return write_config(tmp_path / "config.toml", settings, {**hub_settings, **(hub or {})})
+
+
+class WebhookReceiver(BaseHTTPRequestHandler):
+    """Records webhook bodies; answers with the statuses in ``answers``, then 200."""
+
+    answers: ClassVar[list[int]]
+    bodies: ClassVar[list[dict[str, Any]]]
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("content-length", 0))
+        type(self).bodies.append(json.loads(self.rfile.read(length)))
+        status = type(self).answers.pop(0) if type(self).answers else 200
+        self.send_response(status)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def receiver() -> Iterator[tuple[str, type[WebhookReceiver]]]:
+    """A real HTTP server on loopback that records webhook bodies: its URL and handler."""
+    handler = type("Receiver", (WebhookReceiver,), {"answers": [], "bodies": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -119,3 +119,12 @@ async def daemon_in_process(settings: Settings) -> AsyncIterator[Service]:
     finally:
         service.request_stop()
         await runner
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.split(") ", 1)[1][0] != "Z"

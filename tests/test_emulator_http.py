@@ -20,7 +20,7 @@ import anyio
 import httpx
 import pytest
 
-from daemon.emulator.app import create_app, parse_wait
+from daemon.emulator.app import STALL_EVENT, create_app, parse_wait
 from daemon.emulator.cli import configure_parser
 from daemon.emulator.hub import Faults, Hub, HubSettings
 from daemon.emulator.server import EmulatorServer
@@ -295,7 +295,8 @@ def test_uploads_over_the_cap_get_413(emulator: EmulatorServer, client: httpx.Cl
 def test_stalled_download_sends_half_then_hangs(
     emulator: EmulatorServer, client: httpx.Client
 ) -> None:
-    """A stalled download delivers half the body, then nothing until the client gives up."""
+    """A stalled download delivers half the body, then nothing until the client gives up;
+    the ledger tells when it gave up."""
     data = b"%PDF" + bytes(39_996)
     url = f"/files/{upload(client, data)['file_id']}/content"
     client.post("/_emulator/faults", json={"stall_downloads": 1})
@@ -307,9 +308,23 @@ def test_stalled_download_sends_half_then_hangs(
             for chunk in response.iter_raw():
                 received.extend(chunk)
 
+    asked = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
         read_until_the_client_gives_up()
     assert len(received) == len(data) // 2
+    ends = wait_for(
+        lambda: [e for e in emulator.hub.ledger()["events"] if e["route"] == STALL_EVENT],
+        10,
+        "the stall's end in the ledger",
+    )
+    assert len(ends) == 1
+    assert (ends[0]["status"], ends[0]["path"], ends[0]["length"]) == (
+        "client gave up",
+        url,
+        len(data),
+    )
+    # The client's 0.5 s read timeout starts at the half body, after ``held_from``.
+    assert asked <= ends[0]["held_from"] <= ends[0]["at"] - 0.5
     assert client.get(url).content == data  # the next download is whole again
     assert emulator.hub.ledger()["faults"]["stall"] == 1
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, ClassVar
-
-import pytest
 
 from daemon.config import HookSettings
 from daemon.hooks import HookEvent, Hooks
-from tests.helpers import wait_for
+from tests.conftest import WebhookReceiver
+from tests.helpers import alive, wait_async, wait_for
 
 
 def event(status: str = "completed", job_id: int = 7) -> HookEvent:
@@ -91,15 +86,27 @@ def test_hanging_hook_is_killed_at_timeout(tmp_path: Path) -> None:
     failures = run_hooks(settings, event())
     assert failures == [(7, f"hook {sys.executable!r} was killed after 1 s")]
     child_pid = int((tmp_path / "child.pid").read_text())
-    wait_for(lambda: not _alive(child_pid), 5, "the hook's child to be gone")
+    wait_for(lambda: not alive(child_pid), 5, "the hook's child to be gone")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.split(") ", 1)[1][0] != "Z"  # a zombie waiting for init counts as gone
+def test_a_hook_running_when_the_daemon_stops_is_killed(tmp_path: Path) -> None:
+    """A hook still running when drain gives up is killed with it, not left orphaned."""
+    pid_file = tmp_path / "hook.pid"
+    script = (
+        f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    )
+    settings = HookSettings(on_completed=(sys.executable, "-c", script), timeout=60.0)
+    failures: list[tuple[int, str]] = []
+
+    async def scenario() -> None:
+        hooks = Hooks(settings, lambda job, msg: failures.append((job, msg)))
+        hooks.fire(event())
+        await wait_async(lambda: pid_file.exists() and pid_file.read_text(), 10, "the hook")
+        await hooks.drain(0.1)
+
+    asyncio.run(scenario())
+    assert not alive(int(pid_file.read_text()))
+    assert failures == []  # the daemon stopping is not the hook's failure
 
 
 def test_failing_and_missing_hooks_are_reported() -> None:
@@ -110,37 +117,7 @@ def test_failing_and_missing_hooks_are_reported() -> None:
     assert "could not start" in run_hooks(missing, event())[0][1]
 
 
-class _Receiver(BaseHTTPRequestHandler):
-    answers: ClassVar[list[int]]
-    bodies: ClassVar[list[dict[str, Any]]]
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        type(self).bodies.append(json.loads(self.rfile.read(length)))
-        status = type(self).answers.pop(0) if type(self).answers else 200
-        self.send_response(status)
-        self.send_header("content-length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        return
-
-
-@pytest.fixture
-def receiver() -> Iterator[tuple[str, type[_Receiver]]]:
-    """A real HTTP server on loopback that records webhook bodies."""
-    handler = type("Receiver", (_Receiver,), {"answers": [], "bodies": []})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def test_webhook_retried_after_500(receiver: tuple[str, type[_Receiver]]) -> None:
+def test_webhook_retried_after_500(receiver: tuple[str, type[WebhookReceiver]]) -> None:
     """A 500 from the receiver is retried; the JSON describes the job."""
     url, handler = receiver
     handler.answers[:] = [500, 200]
@@ -152,7 +129,7 @@ def test_webhook_retried_after_500(receiver: tuple[str, type[_Receiver]]) -> Non
     assert body["error"] is None
 
 
-def test_webhook_gives_up_and_reports(receiver: tuple[str, type[_Receiver]]) -> None:
+def test_webhook_gives_up_and_reports(receiver: tuple[str, type[WebhookReceiver]]) -> None:
     """A receiver that keeps failing is given up after the configured attempts."""
     url, handler = receiver
     handler.answers[:] = [503, 503, 503]

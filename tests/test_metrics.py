@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -75,8 +76,18 @@ def test_running_daemon_serves_metrics_and_health(
     )
     daemon = Daemon(config, tmp_path / "daemon.log").start()
     base = f"http://127.0.0.1:{port}"
+
+    def scrape() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        return samples(httpx.get(f"{base}/metrics", timeout=5).text)
+
+    def waiting() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
+        page = scrape()
+        return page if value(page, "ldx_hotfolder_oldest_waiting_age_seconds") > 0.5 else None
+
     try:
         wait_for(lambda: "step will be retried" in daemon.log(), 30, "a retry")
+        # While the hub fails every request the files wait, and the gauges say so.
+        held = wait_for(waiting, 30, "the oldest file's age to grow")
         emulator.hub.update_faults({"error_rate": 0.0})
         wait_for(
             lambda: (
@@ -87,7 +98,7 @@ def test_running_daemon_serves_metrics_and_health(
         )
 
         def scraped() -> dict[tuple[str, tuple[tuple[str, str], ...]], float] | None:
-            page = samples(httpx.get(f"{base}/metrics", timeout=5).text)
+            page = scrape()
             return page if value(page, "ldx_hotfolder_jobs", status="completed") == 3 else None
 
         page = wait_for(scraped, 30, "the queue gauges to catch up")
@@ -95,9 +106,12 @@ def test_running_daemon_serves_metrics_and_health(
         checked = cli(config, "health")
     finally:
         assert daemon.stop() == 0
+    unfinished = [value(held, "ldx_hotfolder_jobs", status=s) for s in ("queued", "processing")]
+    assert sum(unfinished) >= 3, "the held files show in the queue gauges"
     assert value(page, "ldx_hotfolder_jobs", status="failed") == 1
-    assert value(page, "ldx_hotfolder_jobs", status="queued") == 0
-    assert value(page, "ldx_hotfolder_oldest_waiting_age_seconds") == 0
+    # present and zero, not merely absent (value() reads a missing sample as 0)
+    assert page[("ldx_hotfolder_jobs", (("status", "queued"),))] == 0
+    assert page[("ldx_hotfolder_oldest_waiting_age_seconds", ())] == 0
     for stage in ("upload", "submit", "convert", "download", "finish"):
         assert value(page, "ldx_hotfolder_stage_seconds_count", stage=stage) >= 3, stage
     assert value(page, "ldx_hotfolder_errors_total", code="invalid_input", action="fail") == 1
@@ -140,3 +154,21 @@ def test_a_metrics_port_in_use_is_a_configuration_error(
         result = cli(config, "run", timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert "metrics_port" in result.stderr
+
+
+def test_healthz_is_503_with_the_reasons_when_unhealthy() -> None:
+    """/healthz answers 200 while the daemon is healthy and 503 with the reasons when not."""
+    state: dict[str, Any] = {"ok": True, "notes": []}
+    server = metrics.MetricsServer("127.0.0.1", 0, lambda: (state["ok"], dict(state))).start()
+    try:
+        host, port = server.address
+        assert host == "127.0.0.1"
+        healthy = httpx.get(f"http://{host}:{port}/healthz", timeout=5)
+        assert (healthy.status_code, healthy.json()["ok"]) == (200, True)
+        state.update(ok=False, notes=["the inbox watcher has stopped"])
+        sick = httpx.get(f"http://{host}:{port}/healthz", timeout=5)
+        assert sick.status_code == 503
+        assert sick.json()["notes"] == ["the inbox watcher has stopped"]
+        assert httpx.get(f"http://{host}:{port}/other", timeout=5).status_code == 404
+    finally:
+        server.stop()

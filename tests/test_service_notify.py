@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
 import signal
 import socket
 import uuid
@@ -96,8 +98,14 @@ def test_daemon_talks_to_systemd(
     try:
         wait_for(lambda: any("READY=1" in m for m in drain(sock, got)), 30, "READY=1")
         ready = next(m for m in got if "READY=1" in m)
-        assert "queued" in ready
-        assert "processing" in ready
+        counts = re.findall(r"\d+ (queued|processing|completed|failed)", ready)
+        assert counts == ["queued", "processing", "completed", "failed"], ready
+        # READY goes out after the first scan (which found the file), then "ready" is logged.
+        wait_for(lambda: '"event": "ready"' in daemon.log(), 10, "the ready log line")
+        events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
+        order = [e["event"] for e in events if e["event"] in ("start-up scan done", "ready")]
+        assert order == ["start-up scan done", "ready"]
+        assert next(e for e in events if e["event"] == "start-up scan done")["new_files"] == 1
         wait_for(
             lambda: any("1 completed" in m for m in drain(sock, got)), 30, "STATUS with 1 completed"
         )

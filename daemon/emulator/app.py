@@ -220,6 +220,8 @@ class _DropMiddleware:
 
 # The daemon names the job a request belongs to in this header (any client may omit it).
 TRACE_HEADER = "x-ldx-hotfolder-job"
+# The event that tells when a stalled download ended, and how (for the deadline tests).
+STALL_EVENT = "stalled download ended"
 
 
 class _Api:
@@ -298,6 +300,8 @@ class _Api:
         self.hub.record_event(
             {
                 "at": started,
+                # The answer exists from here on: a client sees it no sooner.
+                "answered": time.monotonic(),
                 "route": f"{request.method} {route}",
                 "path": request.url.path,
                 "trace": request.headers.get(TRACE_HEADER),
@@ -450,7 +454,27 @@ class _Api:
             headers=headers,
             stall=stall,
             hooks=self.hooks,
+            on_stall_end=self._stall_recorder(request, length) if stall else None,
         )
+
+    def _stall_recorder(self, request: Request, length: int) -> StallEnd:
+        """Log when a stalled download ended: the moment a client's deadline shows."""
+
+        def record(held_from: float, ended: float, how: str) -> None:
+            self.hub.record_event(
+                {
+                    "at": ended,
+                    "held_from": held_from,  # just before the headers went out
+                    "route": STALL_EVENT,
+                    "path": request.url.path,
+                    "trace": request.headers.get(TRACE_HEADER),
+                    "status": how,
+                    "retry_after": None,
+                    "length": length,
+                }
+            )
+
+        return record
 
     def _refuse_download(
         self, request: Request, size: int, updated_at: datetime
@@ -583,10 +607,16 @@ class _Api:
         return JSONResponse(self.hub.ledger())
 
 
+# Called with the time just before a stalled response's headers went out, the time it
+# ended and how: "client gave up" (it disconnected) or "server stopped".
+StallEnd = Callable[[float, float, str], None]
+
+
 class _FileStream(Response):
     """A file body streamed from disk; a stalled one sends half, then waits.
 
-    A stall lasts until the client gives up (disconnects) or the server stops.
+    A stall lasts until the client gives up (disconnects) or the server stops; then
+    ``on_stall_end`` hears when and how.
     """
 
     def __init__(
@@ -599,6 +629,7 @@ class _FileStream(Response):
         headers: Mapping[str, str],
         stall: bool,
         hooks: ServerHooks,
+        on_stall_end: StallEnd | None = None,
     ) -> None:
         self.status_code = status
         self.background = None
@@ -608,10 +639,14 @@ class _FileStream(Response):
         self._length = length
         self._stall = stall
         self._hooks = hooks
+        self._on_stall_end = on_stall_end
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async with self._handle:
             start = {"type": "http.response.start", "status": self.status_code}
+            # Taken before the client can see the headers, so no client deadline counted
+            # from their arrival can end before ``held_from`` + that deadline.
+            held_from = time.monotonic()
             await send({**start, "headers": self.raw_headers})
             if scope["method"] == "HEAD":
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -624,6 +659,9 @@ class _FileStream(Response):
                 group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
                 await self._send_body(scope, send)
                 group.cancel_scope.cancel()
+            if self._on_stall_end is not None:
+                how = "server stopped" if self._hooks.stopping else "client gave up"
+                self._on_stall_end(held_from, time.monotonic(), how)
 
     async def _send_body(self, scope: Scope, send: Send) -> None:
         if not self._stall:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import re
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,9 @@ import pytest
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
+from tests import postgres
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 _SYSTEMD_VARS = (
     "CREDENTIALS_DIRECTORY",
@@ -89,3 +94,32 @@ def daemon_config(
     }
     hub_settings = {"base_url": base_url, "api_key_file": str(key_file), "poll_interval": 1.0}
     return write_config(tmp_path / "config.toml", settings, {**hub_settings, **(hub or {})})
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    """A real PostgreSQL 15 server for the session (initdb + pg_ctl, loopback port)."""
+    try:
+        server = postgres.start()
+    except postgres.PostgresUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"CI must run the PostgreSQL tests, but: {exc}")
+        pytest.skip(f"PostgreSQL cannot be started here (install postgresql-15): {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: postgres.PostgresServer, request: pytest.FixtureRequest) -> str:
+    """The URL of a new, empty database of its own on the session's PostgreSQL server."""
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return postgres_server.new_database(f"{name}_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty state database: an SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -233,7 +233,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         detail = job.output if job.status is Status.COMPLETED else (job.error_message or "")
         held_by = holder(job, now)
         where = f"  [held by {held_by}]" if held_by is not None else ""
-        print(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}".rstrip())
+        print(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}")
     return EXIT_OK
 
 

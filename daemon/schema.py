@@ -163,7 +163,7 @@ def upgrade(engine: Engine) -> tuple[int, int]:
             step(conn)
         if before < HEAD:
             _set_version(conn, HEAD)
-    if before < HEAD:
+    if 0 < before < HEAD:  # creating an empty database is not news (and CLI output stays clean)
         log.info("state database upgraded", schema_from=before, schema_to=HEAD)
     return before, HEAD
 

@@ -470,11 +470,6 @@ class Store:
             raise
         self._insert_job = _insert_once(self.engine.dialect.name)
 
-    @property
-    def is_sqlite(self) -> bool:
-        """Whether the database is an SQLite file (one machine, one daemon)."""
-        return self.engine.dialect.name == "sqlite"
-
     def close(self) -> None:
         """Release every connection."""
         self.engine.dispose()
@@ -707,31 +702,6 @@ class Store:
         with self._read() as conn:
             return {str(owner): int(count) for owner, count in conn.execute(query)}
 
-    # -- instances -------------------------------------------------------------------
-
-    def instance(self, instance_id: str) -> Instance | None:
-        """The row of one instance."""
-        query = select(instances_table).where(instances_table.c.id == instance_id)
-        with self._read() as conn:
-            row = conn.execute(query).first()
-        return Instance(**dict(row._mapping)) if row is not None else None
-
-    def instances(self) -> list[Instance]:
-        """Every instance that ever used the database, the most recently seen first."""
-        query = select(instances_table).order_by(instances_table.c.seen_at.desc())
-        with self._read() as conn:
-            return [Instance(**dict(row._mapping)) for row in conn.execute(query)]
-
-    def register_instance(self, instance_id: str, host: str, pid: int, now: float) -> None:
-        """Record that this instance started (or restarted)."""
-        with self._write() as conn:
-            conn.execute(delete(instances_table).where(instances_table.c.id == instance_id))
-            conn.execute(
-                insert(instances_table).values(
-                    id=instance_id, host=host, pid=pid, started_at=now, seen_at=now
-                )
-            )
-
     def advance(
         self,
         job_id: int,
@@ -787,6 +757,31 @@ class Store:
         query = select(func.count()).where(_unfinished())
         with self._read() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+    # -- instances -------------------------------------------------------------------
+
+    def instance(self, instance_id: str) -> Instance | None:
+        """The row of one instance."""
+        query = select(instances_table).where(instances_table.c.id == instance_id)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return Instance(**dict(row._mapping)) if row is not None else None
+
+    def instances(self) -> list[Instance]:
+        """Every instance that ever used the database, the most recently seen first."""
+        query = select(instances_table).order_by(instances_table.c.seen_at.desc())
+        with self._read() as conn:
+            return [Instance(**dict(row._mapping)) for row in conn.execute(query)]
+
+    def register_instance(self, instance_id: str, host: str, pid: int, now: float) -> None:
+        """Record that this instance started (or restarted)."""
+        with self._write() as conn:
+            conn.execute(delete(instances_table).where(instances_table.c.id == instance_id))
+            conn.execute(
+                insert(instances_table).values(
+                    id=instance_id, host=host, pid=pid, started_at=now, seen_at=now
+                )
+            )
 
     # -- operator views ------------------------------------------------------------------
 

@@ -81,6 +81,11 @@ def _kill_mid_run(cluster: Cluster, victim: int, name: str) -> dict[int, float]:
     return _in_flight(cluster.rows(), name)
 
 
+def _remote_ids(rows: list[dict[str, Any]], ids: Any) -> dict[int, str]:
+    """The remote job ids already known for ``ids``."""
+    return {r["id"]: r["remote_job_id"] for r in rows if r["id"] in ids and r["remote_job_id"]}
+
+
 @pytest.mark.timeout(180)
 def test_three_instances_one_killed_convert_every_file_exactly_once(
     tmp_path: Path, pg_url: str
@@ -93,14 +98,19 @@ def test_three_instances_one_killed_convert_every_file_exactly_once(
         cluster.start(["node-1", "node-2", "node-3"], **SETTINGS)
         inputs = drop_scans(cluster.inbox, FILES, seed=5, folders=4)
         held = _kill_mid_run(cluster, 2, "node-3")
+        submitted = _remote_ids(cluster.rows(), held)
         wait_until(lambda: cluster.completed() >= FILES, 90, "every job completed")
         assert cluster.stop() == [0, 0]
         rows = cluster.rows()
         _assert_each_output_once(inputs, rows, cluster.outbox, hub)
-        remote_jobs = len(hub.hub.ledger()["jobs"])
+        ledger = hub.hub.ledger()
+        remote_jobs, uploads = len(ledger["jobs"]), len(ledger["uploads"])
     by_id = {row["id"]: row for row in rows}
     assert held, "the killed instance had jobs in flight"
     assert remote_jobs <= FILES + len(held), f"{remote_jobs} remote jobs > {FILES} + {len(held)}"
+    assert uploads <= FILES + len(held)
+    # A job whose remote id was known resumed by polling it: same remote job, no new one.
+    assert {job_id: by_id[job_id]["remote_job_id"] for job_id in submitted} == submitted
     takeovers = {}
     for daemon in cluster.daemons[:2]:
         for record in _events(daemon.log(), "took over a job whose lease expired"):
@@ -118,7 +128,8 @@ def test_three_instances_one_killed_convert_every_file_exactly_once(
         assert shares[name] >= 0.2 * FILES, f"fair share: {shares}"
     print(
         f"\nscale-out: {FILES} files, {remote_jobs} remote jobs (bound {FILES + len(held)}), "
-        f"{len(held)} jobs taken over from node-3; completed per instance {shares}"
+        f"{uploads} uploads, {len(held)} jobs taken over from node-3 ({len(submitted)} "
+        f"already submitted, resumed by polling); completed per instance {shares}"
     )
 
 

@@ -5,16 +5,20 @@ Every test that takes ``db_url`` runs on an SQLite file and on a real PostgreSQL
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from daemon import metrics, reconcile, schema
+from daemon.db import Db
 from daemon.errors import LeaseLost
 from daemon.schema import SchemaMismatch
 from daemon.service import instance_conflict
@@ -322,3 +326,33 @@ def test_every_metric_sample_carries_the_instance_label() -> None:
     found = [s for f in text_string_to_metric_families(page) for s in f.samples]
     assert found
     assert all(sample.labels.get("instance_id") == "node-3" for sample in found)
+
+
+def test_a_failing_call_does_not_take_its_batch_down(db_url: str) -> None:
+    """Group commit: a call that fails in the database (which aborts the whole
+    transaction on PostgreSQL) fails alone; the calls batched with it are committed."""
+    db = Db(Store(db_url))
+
+    def slow() -> None:  # holds the writer so that the next calls queue up as one batch
+        time.sleep(0.3)
+
+    def broken() -> None:
+        with db.store._write() as conn:
+            conn.execute(text("SELECT * FROM no_such_table"))
+
+    async def calls() -> list[object]:
+        first = asyncio.ensure_future(db.call(slow))
+        await asyncio.sleep(0.05)
+        batch = [
+            db.call(db.store.enqueue, new("a.pdf"), "a.docx", 1.0),
+            db.call(broken),
+            db.call(db.store.enqueue, new("b.pdf"), "b.docx", 1.0),
+        ]
+        return [await first, *await asyncio.gather(*batch, return_exceptions=True)]
+
+    try:
+        results = asyncio.run(calls())
+        assert isinstance(results[2], DBAPIError)
+        assert {job.path for job in db.store.jobs()} == {"a.pdf", "b.pdf"}
+    finally:
+        db.close()

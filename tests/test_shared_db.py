@@ -356,3 +356,34 @@ def test_a_failing_call_does_not_take_its_batch_down(db_url: str) -> None:
         assert {job.path for job in db.store.jobs()} == {"a.pdf", "b.pdf"}
     finally:
         db.close()
+
+
+def test_output_names_are_claimed_one_instance_at_a_time(db_url: str) -> None:
+    """Two instances queueing scan.pdf and scan.png of one folder at the same moment:
+    under intake's lock the second sees the first's claim, so the outputs differ."""
+    stores = [Store(db_url), Store(db_url)]
+    barrier = threading.Barrier(2)
+    candidates = ["scan.docx", "scan.png.docx", "scan.pdf.docx"]
+
+    def queue(store: Store, path: str) -> None:
+        barrier.wait()
+        with store.batch():
+            store.lock_intake()
+            taken = store.outputs_taken(candidates, except_path=path)
+            name = next(c for c in candidates if c not in taken)
+            time.sleep(0.2)  # a slow claim: without the lock the other would pick it too
+            store.enqueue(new(path), name, now=1.0)
+
+    threads = [
+        threading.Thread(target=queue, args=(store, path))
+        for store, path in zip(stores, ["scan.pdf", "scan.png"], strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    outputs = [job.output for job in stores[0].jobs()]
+    for store in stores:
+        store.close()
+    assert len(outputs) == 2
+    assert len(set(outputs)) == 2, outputs

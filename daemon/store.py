@@ -882,6 +882,13 @@ class Store:
             result = conn.execute(delete(jobs_table).where(jobs_table.c.id.in_(list(job_ids))))
             return int(result.rowcount)
 
+    def withdraw(self, job_id: int, owner: str) -> None:
+        """Delete a job that ``owner`` still holds (LeaseLost when it does not)."""
+        query = delete(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.owner == owner)
+        with self._write() as conn:
+            if conn.execute(query).rowcount != 1:
+                raise self._gone(job_id, guarded=True)
+
     def requeue(self, job_ids: Iterable[int], now: float) -> list[Job]:
         """Put failed jobs back in the queue, resuming from what the hub still has."""
         requeued: list[Job] = []

@@ -490,7 +490,7 @@ class Pipeline:
         """The input changed or vanished before its upload counted: drop the job (nothing
         was converted, so nothing is lost) and let intake take the file again once stable;
         the new version then converts once, as a new job."""
-        await self.db.call(self.db.store.delete, [job.id])
+        await self.db.call(self.db.store.withdraw, job.id, self.instance)
         log.info(
             "input changed before it was converted; job withdrawn, the file is taken again "
             "once it is stable",

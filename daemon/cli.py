@@ -27,11 +27,14 @@ from daemon.report import (
     HubCheck,
     StatusReport,
     filter_jobs,
+    holder,
+    instance_lines,
+    instances_json,
     parse_duration,
     purge_plan,
     render_status,
 )
-from daemon.store import Job, Status, Store
+from daemon.store import Job, Status, Store, make_engine
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 HUB_CHECK_TIMEOUT = 5.0  # seconds ``status`` waits for the hub
@@ -46,8 +49,9 @@ def iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def job_json(job: Job) -> dict[str, Any]:
-    """The ``jobs --json`` shape of one job."""
+def job_json(job: Job, now: float | None = None) -> dict[str, Any]:
+    """The ``jobs --json`` shape of one job (``instance``: the one holding it now, or
+    that last held it; ``held``: whether its lease is current)."""
     error = None
     if job.status is Status.FAILED or job.error_code:
         error = {"code": job.error_code, "message": job.error_message}
@@ -68,6 +72,9 @@ def job_json(job: Job) -> dict[str, Any]:
         "rule": job.rule,
         "hook_error": job.hook_error,
         "attempts": job.attempts,
+        "instance": job.owner,
+        "held": holder(job, _now() if now is None else now) is not None,
+        "lease_until": iso(job.lease_until),
         "created_at": iso(job.created_at),
         "updated_at": iso(job.updated_at),
         "finished_at": iso(job.finished_at),
@@ -130,6 +137,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         failures = store.jobs(Status.FAILED, limit=args.failures)
         hook_failures = store.hook_failures(limit=args.failures)
         stalled = store.waiting()
+        instances = store.instances()
+        held = store.held(_now())
     finally:
         store.close()
     hub = HubCheck(None, None, "skipped (--no-hub)") if args.no_hub else _hub_check(settings)
@@ -147,10 +156,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         payload = report.to_json(job_json)
         payload["stalled"] = [explain.waiting_json(item) for item in stalled]
+        lease = settings.lease_seconds
+        payload["instances"] = instances_json(instances, held, report.now, lease)
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         print(render_status(report))
         for line in explain.stalled_lines(stalled, report.now):
+            print(line)
+        for line in instance_lines(instances, held, report.now, settings.lease_seconds):
             print(line)
     return EXIT_OK
 
@@ -214,11 +227,40 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         store.close()
     jobs = filter_jobs(found, args.path, args.limit)
     if args.json:
-        print(json.dumps([job_json(j) for j in jobs], indent=2, ensure_ascii=False))
+        print(json.dumps([job_json(j, now) for j in jobs], indent=2, ensure_ascii=False))
         return EXIT_OK
     for job in jobs:
         detail = job.output if job.status is Status.COMPLETED else (job.error_message or "")
-        print(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}")
+        held_by = holder(job, now)
+        where = f"  [held by {held_by}]" if held_by is not None else ""
+        print(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}")
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """``db upgrade``: bring the state database's schema to this version's; ``db
+    version``: show it."""
+    from daemon import schema
+
+    settings = _settings(args)
+    if args.action == "version":
+        store = _store(settings)
+        try:
+            print(
+                f"schema version {schema.current(store.engine)} (this ldx-hotfolder: {schema.HEAD})"
+            )
+        finally:
+            store.close()
+        return EXIT_OK
+    engine = make_engine(settings.database_url)
+    try:
+        before, after = schema.upgrade(engine)
+    finally:
+        engine.dispose()
+    if before == after:
+        print(f"the state database is up to date (schema version {after})")
+    else:
+        print(f"upgraded the state database from schema version {before} to {after}")
     return EXIT_OK
 
 
@@ -487,6 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
         "paths", nargs="+", metavar="PATH", help="a file or folder (in the inbox or relative to it)"
     )
     explained.add_argument("--json", action="store_true", help="print a JSON array")
+    db = _add(
+        sub,
+        common,
+        "db",
+        cmd_db,
+        "the state database's schema: upgrade it to this version's, or show its version",
+    )
+    db.add_argument("action", choices=["upgrade", "version"])
     _add(
         sub,
         common,

@@ -9,6 +9,8 @@ silently ignored.
 from __future__ import annotations
 
 import os
+import re
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -41,6 +43,15 @@ _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 # How TOML or an environment variable may spell use_polling's true and false.
 _POLLING_WORDS = {"true": True, "yes": True, "on": True, "1": True}
 _POLLING_WORDS |= {"false": False, "no": False, "off": False, "0": False}
+INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def default_instance_id() -> str:
+    """The host name, made a valid instance id: stable across restarts of one daemon,
+    different between machines and containers."""
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()).strip("-._")[:100]
+    return name or "ldx-hotfolder"
+
 
 OutputFormat = Literal["docx", "xlsx", "pptx"]
 OnSuccess = Literal["keep", "delete", "archive"]
@@ -97,6 +108,14 @@ class Settings(BaseSettings):
     inbox: Path
     outbox: Path
     state_db: str = ""
+    instance_id: str = Field(
+        default_factory=default_instance_id,
+        pattern=INSTANCE_ID_PATTERN,
+        description="this daemon's name among those sharing the state database",
+    )
+    lease_seconds: float = Field(
+        default=30.0, ge=1.0, le=3600.0, description="a claimed job's lease, renewed while held"
+    )
     archive_dir: Path | None = None
     on_success: OnSuccess = "keep"
     quiet_period: float = Field(default=2.0, ge=0.0, description="seconds a file must not change")

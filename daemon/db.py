@@ -5,6 +5,11 @@ unsafe on older libraries; funnelling every call through one thread also keeps t
 event loop free while a commit waits for fsync. Calls that queue up while a commit is
 under way are run together in the next transaction (group commit): one fsync for many
 small state changes. A caller's await returns only after its change is committed.
+
+PostgreSQL aborts a whole transaction at the first failed statement, where SQLite only
+fails that statement; so when a call of a batch fails in the database, the batch is
+rolled back and its calls run again one transaction each, and one call's error never
+takes the others' changes with it.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy.exc import DBAPIError
 
 from daemon.store import Store
 
@@ -29,6 +36,10 @@ class _Call:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Any]
     outcome: tuple[bool, Any] = field(default=(False, None))
+
+
+class _RollBack(Exception):
+    """Internal: undo a batch in which a call failed in the database."""
 
 
 def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
@@ -84,21 +95,34 @@ class Db:
         return batch, False
 
     def _run(self, batch: list[_Call]) -> None:
-        try:
-            with self.store.batch():
-                for call in batch:
-                    try:
-                        call.outcome = (True, call.fn())
-                    except Exception as exc:
-                        call.outcome = (False, exc)
-        except Exception as exc:  # the commit itself failed: nothing of the batch holds
+        if not self._run_together(batch) and len(batch) > 1:
             for call in batch:
-                call.outcome = (False, exc)
+                self._run_together([call])
         by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
         for call in batch:
             by_loop.setdefault(call.loop, []).append(call)
         for loop, calls in by_loop.items():
             loop.call_soon_threadsafe(_settle_all, calls)  # one wake-up per batch, not per call
+
+    def _run_together(self, batch: list[_Call]) -> bool:
+        """Run ``batch`` in one transaction; False when it was rolled back because a
+        call failed in the database (the calls are then to be run again one by one)."""
+        try:
+            with self.store.batch():
+                for call in batch:
+                    try:
+                        call.outcome = (True, call.fn())
+                    except DBAPIError as exc:
+                        call.outcome = (False, exc)
+                        raise _RollBack from exc
+                    except Exception as exc:
+                        call.outcome = (False, exc)
+        except _RollBack:
+            return False
+        except Exception as exc:  # the commit itself failed: nothing of the batch holds
+            for call in batch:
+                call.outcome = (False, exc)
+        return True
 
     def close(self) -> None:
         """Finish pending calls, then close the store."""

@@ -60,6 +60,7 @@ def copy_output(
     *,
     job_id: int,
     perms: OutputPermissions | None = None,
+    instance: str | None = None,
 ) -> bool:
     """Copy the output ``source`` to ``target`` (both relative to the outbox) atomically.
 
@@ -70,7 +71,7 @@ def copy_output(
     if source == target:
         return _valid(final, output_format)
     make_dirs(outbox_root, final.parent, perms)
-    tmp = outbox.temp_path_for(final, job_id)
+    tmp = outbox.temp_path_for(final, job_id, instance)
     try:
         with (
             open_input(outbox_root, source) as fd,

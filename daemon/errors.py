@@ -77,3 +77,9 @@ class ConfigError(OperatorAction):
     """The configuration is invalid; the message names the key and the fix."""
 
     code = "config_error"
+
+
+class LeaseLost(LdxError):
+    """Another instance took a job over (this one's lease expired): leave it alone."""
+
+    code = "lease_lost"

@@ -358,7 +358,8 @@ class Intake:
             self.known[rel] = found.signature
             await self._clear_stall(rel)
             if job is None:
-                continue  # the table already has this version
+                queued = True  # another instance queued this version: ours to claim too
+                continue
             if refused is None:
                 log.info("queued", path=rel, job_id=job.id)
                 queued = True
@@ -387,7 +388,13 @@ class Intake:
     def _store_jobs(
         self, news: list[tuple[NewJob, tuple[str, str] | None]], now: float
     ) -> list[Job | None]:
-        """Claim output names and insert rows (runs on the writer thread)."""
+        """Claim output names and insert rows (runs on the writer thread).
+
+        Intake's lock row is held until the batch commits, so several instances seeing
+        the same files claim output names one after the other; the unique version key
+        inserts each version once whatever happens.
+        """
+        self.db.store.lock_intake()
         return [self._store_job(new, refused, now) for new, refused in news]
 
     def _store_job(self, new: NewJob, refused: tuple[str, str] | None, now: float) -> Job | None:

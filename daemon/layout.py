@@ -51,6 +51,11 @@ def fit_name(stem: str, suffix: str, limit: int = NAME_MAX_BYTES) -> str:
     return cut + suffix
 
 
-def temp_name(final_name: str, job_id: int) -> str:
-    """A hidden temporary name beside ``final_name``; never taken for a final output."""
-    return fit_name(f".{final_name}", f"{TEMP_MARKER}{job_id}")
+def temp_name(final_name: str, job_id: int, instance: str | None = None) -> str:
+    """A hidden temporary name beside ``final_name``; never taken for a final output.
+
+    With ``instance``, the name says whose it is (``.scan.docx.ldx-part-node1-42``): in
+    a shared outbox an instance removes its own leftovers, never another's work.
+    """
+    owner = f"{instance}-" if instance else ""
+    return fit_name(f".{final_name}", f"{TEMP_MARKER}{owner}{job_id}")

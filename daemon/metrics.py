@@ -5,7 +5,9 @@ happens at its existing points (a stage took so long, a step will be retried, a 
 failed with this code, bytes went up or down); the monitor refreshes the queue gauges
 from the state table. ``MetricsServer`` serves ``/metrics`` (Prometheus text format)
 and ``/healthz`` from a background thread, on loopback unless configured otherwise; it
-answers even when the event loop is stuck, and ``/healthz`` then says so.
+answers even when the event loop is stuck, and ``/healthz`` then says so. Every sample
+carries the label ``instance_id`` (``set_instance``), so that the series of several
+instances sharing one database stay apart whatever the scrape configuration.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import Metric
 
 from daemon.store import Stage
 
@@ -147,9 +150,38 @@ def record_downloaded(size: int) -> None:
     DOWNLOADED_BYTES.inc(max(0, size))
 
 
+INSTANCE_LABEL = "instance_id"
+_instance: str | None = None
+
+
+def set_instance(instance_id: str | None) -> None:
+    """Label every sample with this instance's id from now on (None: no label)."""
+    global _instance  # noqa: PLW0603 - one process, one instance id
+    _instance = instance_id
+
+
+class _Labelled:
+    """The registry's metrics with the instance label added to every sample."""
+
+    def __init__(self, registry: CollectorRegistry, instance: str) -> None:
+        self._registry = registry
+        self._instance = instance
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            labelled.samples = [
+                sample._replace(labels={**sample.labels, INSTANCE_LABEL: self._instance})
+                for sample in family.samples
+            ]
+            yield labelled
+
+
 def render() -> bytes:
     """The metrics in Prometheus text format."""
-    return generate_latest(REGISTRY)
+    if _instance is None:
+        return generate_latest(REGISTRY)
+    return generate_latest(_Labelled(REGISTRY, _instance))
 
 
 # -- the HTTP endpoint -----------------------------------------------------------------

@@ -21,9 +21,9 @@ from daemon.permissions import OutputPermissions, make_dirs
 from daemon.stability import Signature
 
 
-def temp_path_for(final: Path, job_id: int) -> Path:
-    """The temporary download path of ``final`` for one job."""
-    return final.parent / temp_name(final.name, job_id)
+def temp_path_for(final: Path, job_id: int, instance: str | None = None) -> Path:
+    """The temporary download path of ``final`` for one job (of one instance)."""
+    return final.parent / temp_name(final.name, job_id, instance)
 
 
 def fsync_dir(folder: Path) -> None:

@@ -15,7 +15,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from daemon.health import Heartbeat, age_text, verdict
-from daemon.store import Job
+from daemon.store import Instance, Job
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
@@ -181,3 +181,43 @@ def render_status(report: StatusReport) -> str:
         lines += ["", "hooks that failed (the conversions are not affected):"]
         lines += [f"  #{job.id} {job.path}: {job.hook_error}" for job in report.hook_failures]
     return "\n".join(lines)
+
+
+def holder(job: Job, now: float) -> str | None:
+    """The instance that holds ``job`` now (its lease is current), or None."""
+    if job.owner is None or job.lease_until is None or job.lease_until < now:
+        return None
+    return job.owner
+
+
+def instances_json(
+    instances: Sequence[Instance], held: dict[str, int], now: float, lease: float
+) -> list[dict[str, Any]]:
+    """The instances sharing the database, for ``status --json``."""
+    return [
+        {
+            "id": item.id,
+            "host": item.host,
+            "pid": item.pid,
+            "alive": now - item.seen_at <= lease,
+            "seen_seconds_ago": round(max(0.0, now - item.seen_at), 1),
+            "jobs_held": held.get(item.id, 0),
+        }
+        for item in instances
+    ]
+
+
+def instance_lines(
+    instances: Sequence[Instance], held: dict[str, int], now: float, lease: float
+) -> list[str]:
+    """The ``status`` lines naming each instance and the jobs it holds."""
+    if not instances:
+        return []
+    lines = ["", "instances:"]
+    for item in instances_json(instances, held, now, lease):
+        state = "alive" if item["alive"] else "not seen within its lease"
+        lines.append(
+            f"  {item['id']} (pid {item['pid']} on {item['host']}): {state}, seen "
+            f"{age_text(item['seen_seconds_ago'])} ago; holds {item['jobs_held']} job(s)"
+        )
+    return lines

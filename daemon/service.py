@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import failpoints, reconcile
+from daemon import failpoints, metrics, reconcile
 from daemon.client import HubClient
 from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_key
 from daemon.db import Db
@@ -31,7 +33,7 @@ from daemon.permissions import OutputPermissions
 from daemon.permissions import check as check_permissions
 from daemon.progress import ProgressBar, follow
 from daemon.rules import check_rules, offer_from_engines
-from daemon.store import Status, Store
+from daemon.store import Instance, Status, Store
 from daemon.supervise import Supervisor, Unhealthy
 from daemon.watcher import Watcher
 from daemon.worker import Pipeline
@@ -96,7 +98,11 @@ class Service:
         self.started_at = time.time()
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the watcher runs and the start-up scan is done
-        store = Store(settings.database_url)
+        # An SQLite file belongs to this one daemon, which upgrades its schema itself; a
+        # shared database is upgraded by the operator (``db upgrade``).
+        url = settings.database_url
+        store = Store(url, upgrade=url.startswith("sqlite"))
+        metrics.set_instance(settings.instance_id)
         if not store.integrity_ok():
             raise ConfigError(f"the state database {settings.state_db} failed its integrity check")
         self.db = Db(store)
@@ -197,6 +203,7 @@ class Service:
             outbox=str(self.settings.outbox),
             hub=self.settings.hub.base_url,
             sqlite=sqlite3.sqlite_version,
+            instance=self.settings.instance_id,
         )
         try:
             return await self._run(loop)
@@ -205,9 +212,29 @@ class Service:
                 loop.remove_signal_handler(sig)
             await self._close()
 
+    async def _register(self) -> None:
+        """Enter this instance in the shared table; ConfigError when a live instance
+        already runs under the same id."""
+        me, host, pid, now = (
+            self.settings.instance_id,
+            socket.gethostname(),
+            os.getpid(),
+            time.time(),
+        )
+        store = self.db.store
+        existing = await self.db.call(store.instance, me)
+        problem = instance_conflict(existing, host, pid, now, self.settings.lease_seconds)
+        if problem is not None:
+            raise ConfigError(problem)
+        await self.db.call(store.register_instance, me, host, pid, now)
+
     async def _run(self, loop: asyncio.AbstractEventLoop) -> Outcome | None:
+        await self._register()
         await self._check_routes()
-        await asyncio.to_thread(reconcile.sweep, self.settings.outbox.absolute())
+        outbox_root = self.settings.outbox.absolute()
+        await asyncio.to_thread(
+            reconcile.sweep, outbox_root, self.settings.instance_id, time.time()
+        )
         self.disk.check()
         await self.intake.load_known()
         if not self.once:
@@ -218,6 +245,7 @@ class Service:
         tasks = [
             asyncio.create_task(self.intake.run(self.stop), name="intake"),
             asyncio.create_task(self.pipeline.run(self.stop), name="pipeline"),
+            asyncio.create_task(self.pipeline.keep_leases(self.stop), name="leases"),
             asyncio.create_task(self.disk.run(self.stop), name="diskspace"),
             asyncio.create_task(self._refresh_engines(), name="engines"),
         ]
@@ -269,6 +297,42 @@ class Service:
             self.watcher.stop()
         await self.client.aclose()
         self.db.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def instance_conflict(
+    existing: Instance | None,
+    host: str,
+    pid: int,
+    now: float,
+    lease: float,
+    *,
+    alive: Callable[[int], bool] = _pid_alive,
+) -> str | None:
+    """Why this daemon must not start under ``existing``'s id, or None.
+
+    An instance seen within one lease, on another host or as another live process of
+    this host, would hold the same jobs as this one; an older row is this instance's own
+    earlier run (a crash or a restart).
+    """
+    if existing is None or now - existing.seen_at > lease:
+        return None
+    if existing.host == host and (existing.pid == pid or not alive(existing.pid)):
+        return None
+    where = f"pid {existing.pid} on {existing.host}"
+    return (
+        f"another instance runs under instance_id {existing.id!r} ({where}, seen "
+        f"{now - existing.seen_at:.0f} s ago); give each instance its own instance_id"
+    )
 
 
 def _state_folder(settings: Settings) -> Path:

@@ -1,9 +1,16 @@
 """State store: the jobs table, the single source of truth and the queue.
 
 SQLAlchemy Core over SQLite (WAL, ``synchronous=FULL``, busy timeout, ``BEGIN
-IMMEDIATE``) by default; nothing SQLite-specific is used outside engine setup, so the
-same code runs on PostgreSQL. Every method is one short transaction. Callers run them
-from a single thread (the daemon's writer), which keeps SQLite to one writer.
+IMMEDIATE``) by default, or PostgreSQL (psycopg 3) when several instances share one
+database; nothing SQLite-specific is used outside engine setup, so the same code runs on
+both. Every method is one short transaction. A daemon calls them from a single thread
+(its writer), which keeps SQLite to one writer.
+
+Several instances: a job is worked on only by the instance that claimed it. A claim
+locks the due rows (``FOR UPDATE SKIP LOCKED`` on PostgreSQL; SQLite's write lock does
+the same for its one writer) and writes ``owner`` and a lease expiry; the holder renews
+the lease while it works, every change it makes is conditional on still being the owner,
+and once a lease expires any instance may claim the job and resume it from its stage.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from sqlalchemy import (
     Column,
     Engine,
     Float,
+    Index,
     Integer,
     MetaData,
     Select,
@@ -30,6 +38,7 @@ from sqlalchemy import (
     Text,
     Update,
     bindparam,
+    case,
     create_engine,
     delete,
     event,
@@ -40,10 +49,15 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import NoResultFound
 from sqlalchemy.pool import ConnectionPoolEntry
+from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import ColumnElement
+
+from daemon import schema
+from daemon.errors import LeaseLost
 
 
 class Status(enum.StrEnum):
@@ -117,6 +131,12 @@ jobs_table = Table(
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
     Column("finished_at", Float),
+    # Which instance holds the job (or last held it), and until when: a claim is a lease
+    # that the holder renews; once it expires another instance takes the job over.
+    Column("owner", String(200), index=True),
+    Column("lease_until", Float),
+    # One row per version of an input: intake on several instances inserts it once.
+    Index("uq_jobs_version", "path", "size", "mtime_ns", "inode", unique=True),
 )
 
 # Inputs intake has waited on for too long (an empty placeholder, an incomplete file):
@@ -130,6 +150,58 @@ waiting_table = Table(
     Column("since", Float, nullable=False),
     Column("noted_at", Float, nullable=False),
 )
+
+
+# Rows locked to serialise intake's output-name claims across instances (one row,
+# "intake"); SQLite's write lock does the same for a single instance.
+locks_table = Table("locks", metadata, Column("name", String(32), primary_key=True))
+
+# The instances sharing the database: who they are and when they were last alive.
+instances_table = Table(
+    "instances",
+    metadata,
+    Column("id", String(200), primary_key=True),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("seen_at", Float, nullable=False),
+)
+
+schema_version_table = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+)
+
+
+@dataclass(frozen=True)
+class Instance:
+    """A daemon sharing the state database (a row of ``instances``)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    seen_at: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A job an instance just claimed, and who held it before (a takeover when that
+    was another instance whose lease had expired)."""
+
+    job: Job
+    previous_owner: str | None
+    previous_lease: float | None
+
+    @property
+    def taken_over(self) -> bool:
+        """Whether the job came from another instance whose lease expired."""
+        return (
+            self.previous_owner is not None
+            and self.previous_owner != self.job.owner
+            and self.previous_lease is not None
+        )
 
 
 @dataclass(frozen=True)
@@ -184,6 +256,8 @@ class Job:
     created_at: float
     updated_at: float
     finished_at: float | None
+    owner: str | None = None
+    lease_until: float | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> Job:
@@ -207,20 +281,46 @@ _STAGES = {stage.value: stage for stage in Stage}
 
 
 @functools.lru_cache(maxsize=128)
-def _advance_statement(columns: frozenset[str], returning: bool) -> Update:
+def _advance_statement(columns: frozenset[str], returning: bool, guarded: bool) -> Update:
     """The UPDATE of one job's ``columns``, built once per set of columns.
 
     SQLAlchemy caches compiled SQL, but still derives a cache key from every new
     statement object; reusing one object per shape skips that (half an advance's cost).
+    ``guarded``: only while the job is still held by ``owner`` (a lease taken over by
+    another instance changes nothing).
     """
     values: dict[str, Any] = {name: bindparam(f"new_{name}") for name in sorted(columns)}
     statement = update(jobs_table).where(jobs_table.c.id == bindparam("job_id")).values(values)
+    if guarded:
+        statement = statement.where(jobs_table.c.owner == bindparam("holder"))
     return statement.returning(jobs_table) if returning else statement
 
 
 # The daemon's frequent queries, built once (see _advance_statement); values are bound
 # at execution.
-_INSERT = insert(jobs_table).returning(jobs_table)
+_VERSION_KEY = ("path", "size", "mtime_ns", "inode")
+
+
+def _insert_once(dialect: str) -> ReturningInsert[Any]:
+    """INSERT of a job that does nothing when its input version is already there (another
+    instance's intake won): ``ON CONFLICT DO NOTHING``, which both back ends speak."""
+    if dialect == "postgresql":
+        pg = postgresql.insert(jobs_table).on_conflict_do_nothing(index_elements=_VERSION_KEY)
+        return pg.returning(jobs_table)
+    lite = sqlite.insert(jobs_table).on_conflict_do_nothing(index_elements=_VERSION_KEY)
+    return lite.returning(jobs_table)
+
+
+def _claimable() -> ColumnElement[bool]:
+    # Not held, held by an instance whose lease expired, or held by this instance (from
+    # before a restart; its running jobs are excluded by id).
+    return or_(
+        jobs_table.c.lease_until.is_(None),
+        jobs_table.c.lease_until < bindparam("now"),
+        jobs_table.c.owner == bindparam("me"),
+    )
+
+
 _LATEST_FOR_PATH = (
     select(jobs_table)
     .where(jobs_table.c.path == bindparam("path"))
@@ -247,7 +347,38 @@ _RUNNABLE = (
     .order_by(jobs_table.c.id)
     .limit(bindparam("limit"))
 )
-_NEXT_DUE = select(func.min(jobs_table.c.next_attempt_at)).where(_unfinished())
+_CLAIM = (
+    select(jobs_table.c.id, jobs_table.c.owner, jobs_table.c.lease_until)
+    .where(
+        _unfinished(),
+        or_(
+            jobs_table.c.next_attempt_at.is_(None),
+            jobs_table.c.next_attempt_at <= bindparam("now"),
+        ),
+        _claimable(),
+        jobs_table.c.id.not_in(bindparam("exclude", expanding=True)),
+    )
+    .order_by(jobs_table.c.id)
+    .limit(bindparam("limit"))
+    .with_for_update(skip_locked=True)  # SQLite: nothing; its write lock is held anyway
+)
+_TAKE = (
+    update(jobs_table)
+    .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)), _claimable())
+    .values(owner=bindparam("me"), lease_until=bindparam("until"))
+    .returning(jobs_table)
+)
+_NEXT_DUE = select(
+    func.min(jobs_table.c.next_attempt_at),
+    # Another instance's lease: when it expires, its job may be ours to take over.
+    func.min(
+        case(
+            (jobs_table.c.owner != bindparam("me"), jobs_table.c.lease_until),
+            else_=None,
+        )
+    ),
+).where(_unfinished())
+_LOCK_INTAKE = select(locks_table.c.name).where(locks_table.c.name == "intake").with_for_update()
 
 
 def _converted_before_query() -> Select[Any]:
@@ -327,10 +458,17 @@ def make_engine(url: str) -> Engine:
 class Store:
     """The jobs table and the queries the daemon and the CLI need."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, upgrade: bool = False) -> None:
+        """Open the database at ``url``; an empty one gets the schema, an older one is
+        upgraded when ``upgrade`` (else SchemaMismatch, as for a newer one)."""
         self.engine = make_engine(url)
         self._local = threading.local()  # the writer thread's open batch, if any
-        metadata.create_all(self.engine)
+        try:
+            schema.ensure(self.engine, upgrade_older=upgrade)
+        except BaseException:
+            self.engine.dispose()
+            raise
+        self._insert_job = _insert_once(self.engine.dialect.name)
 
     def close(self) -> None:
         """Release every connection."""
@@ -387,18 +525,25 @@ class Store:
         with self._read() as conn:
             return {row.path: (row.size, row.mtime_ns) for row in conn.execute(query)}
 
-    def enqueue(self, new: NewJob, output: str, now: float) -> Job:
-        """Insert a queued job whose output name is ``output``."""
+    def lock_intake(self) -> None:
+        """Hold intake's lock row until the transaction ends: output-name claims of
+        several instances then happen one after the other."""
+        with self._write() as conn:
+            conn.execute(_LOCK_INTAKE).all()
+
+    def enqueue(self, new: NewJob, output: str, now: float) -> Job | None:
+        """Insert a queued job whose output name is ``output`` (None: the table already
+        has this version of the input, inserted by another instance)."""
         values = {**new.__dict__, "output": output}
         return self._insert(values, Stage.PENDING, now)
 
-    def reject(self, new: NewJob, output: str, code: str, message: str, now: float) -> Job:
+    def reject(self, new: NewJob, output: str, code: str, message: str, now: float) -> Job | None:
         """Insert a job that failed before anything was sent (bad input)."""
         values = {**new.__dict__, "output": output, "error_code": code, "error_message": message}
         values["finished_at"] = now
         return self._insert(values, Stage.FAILED, now)
 
-    def _insert(self, values: dict[str, Any], stage: Stage, now: float) -> Job:
+    def _insert(self, values: dict[str, Any], stage: Stage, now: float) -> Job | None:
         row = {
             **values,
             "stage": stage.value,
@@ -410,7 +555,8 @@ class Store:
             "updated_at": now,
         }
         with self._write() as conn:
-            return Job.from_row(conn.execute(_INSERT, row).one())
+            found = conn.execute(self._insert_job, row).first()
+        return Job.from_row(found) if found is not None else None
 
     def outputs_taken(self, candidates: Sequence[str], except_path: str) -> set[str]:
         """Which of ``candidates`` another input's job already claims."""
@@ -501,19 +647,76 @@ class Store:
         with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(_RUNNABLE, params)]
 
-    def next_due(self) -> float | None:
-        """The earliest ``next_attempt_at`` of a deferred unfinished job."""
+    def claim(
+        self, now: float, limit: int, exclude: Iterable[int], owner: str, lease: float
+    ) -> list[Claim]:
+        """Claim up to ``limit`` due jobs for ``owner`` until ``now + lease``, oldest
+        first: those nobody holds, and those whose holder's lease expired."""
+        params = {"now": now, "exclude": list(exclude), "limit": limit, "me": owner}
+        with self._write() as conn:
+            before = {row.id: (row.owner, row.lease_until) for row in conn.execute(_CLAIM, params)}
+            if not before:
+                return []
+            taken = conn.execute(_TAKE, {**params, "ids": list(before), "until": now + lease})
+            jobs = sorted((Job.from_row(row) for row in taken), key=lambda job: job.id)
+        return [Claim(job, *before[job.id]) for job in jobs]
+
+    def renew(self, owner: str, job_ids: Sequence[int], until: float, now: float) -> set[int]:
+        """Extend ``owner``'s leases of ``job_ids`` and note that it is alive; return
+        the ids it no longer holds (taken over by another instance, or withdrawn)."""
+        seen = update(instances_table).where(instances_table.c.id == owner).values(seen_at=now)
+        with self._write() as conn:
+            conn.execute(seen)
+            if not job_ids:
+                return set()
+            held = jobs_table.c.id.in_(list(job_ids)), jobs_table.c.owner == owner
+            conn.execute(update(jobs_table).where(*held, _unfinished()).values(lease_until=until))
+            still = conn.execute(select(jobs_table.c.id).where(*held)).scalars().all()
+        return set(job_ids) - set(still)
+
+    def release(self, owner: str) -> int:
+        """Give up every lease of ``owner`` (a clean stop): others may take its jobs now."""
+        query = (
+            update(jobs_table)
+            .where(jobs_table.c.owner == owner, jobs_table.c.lease_until.is_not(None))
+            .values(lease_until=None)
+        )
+        with self._write() as conn:
+            return int(conn.execute(query).rowcount)
+
+    def next_due(self, owner: str = "") -> float | None:
+        """When a job may next become runnable for ``owner``: the earliest
+        ``next_attempt_at`` of a deferred job, or another instance's lease expiry."""
         with self._read() as conn:
-            value = conn.execute(_NEXT_DUE).scalar()
-        return float(value) if value is not None else None
+            row = conn.execute(_NEXT_DUE, {"me": owner}).one()
+        found = [float(value) for value in row if value is not None]
+        return min(found) if found else None
+
+    def held(self, now: float) -> dict[str, int]:
+        """Unfinished jobs per instance whose lease is current."""
+        query = (
+            select(jobs_table.c.owner, func.count())
+            .where(_unfinished(), jobs_table.c.lease_until >= now)
+            .group_by(jobs_table.c.owner)
+        )
+        with self._read() as conn:
+            return {str(owner): int(count) for owner, count in conn.execute(query)}
 
     def advance(
-        self, job_id: int, stage: Stage, now: float, *, current: Job | None = None, **changes: Any
+        self,
+        job_id: int,
+        stage: Stage,
+        now: float,
+        *,
+        current: Job | None = None,
+        owner: str | None = None,
+        **changes: Any,
     ) -> Job:
         """Move a job to ``stage`` and record ``changes`` (remote ids, errors...).
 
         A caller that holds the row as it stands (``current``, as the worker does) gets
-        the new row built from it instead of read back, which halves the cost.
+        the new row built from it instead of read back, which halves the cost. With
+        ``owner``, nothing changes unless that instance still holds the job (LeaseLost).
         """
         unknown = set(changes) - _JOB_FIELDS
         if unknown:
@@ -527,22 +730,58 @@ class Store:
         if stage in FINAL_STAGES:
             values.setdefault("finished_at", now)
             values.setdefault("next_attempt_at", None)
-        statement = _advance_statement(frozenset(values), returning=current is None)
+        guarded = owner is not None
+        statement = _advance_statement(frozenset(values), current is None, guarded)
         params = {f"new_{name}": value for name, value in values.items()}
+        params |= {"job_id": job_id, "holder": owner} if guarded else {"job_id": job_id}
         with self._write() as conn:
-            result = conn.execute(statement, {"job_id": job_id, **params})
+            result = conn.execute(statement, params)
             if current is None:
-                return Job.from_row(result.one())
+                row = result.first()
+                if row is None:
+                    raise self._gone(job_id, guarded)
+                return Job.from_row(row)
         if result.rowcount != 1:
-            raise NoResultFound(f"job {job_id} is no longer in the table")
+            raise self._gone(job_id, guarded)
         values |= {"stage": stage, "status": status_of(stage)}
         return dataclasses.replace(current, **values)
+
+    @staticmethod
+    def _gone(job_id: int, guarded: bool) -> Exception:
+        if guarded:
+            return LeaseLost(f"job {job_id} is held by another instance now")
+        return NoResultFound(f"job {job_id} is no longer in the table")
 
     def unfinished_count(self) -> int:
         """How many jobs are not finished (their input may still need handling)."""
         query = select(func.count()).where(_unfinished())
         with self._read() as conn:
             return int(conn.execute(query).scalar() or 0)
+
+    # -- instances -------------------------------------------------------------------
+
+    def instance(self, instance_id: str) -> Instance | None:
+        """The row of one instance."""
+        query = select(instances_table).where(instances_table.c.id == instance_id)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return Instance(**dict(row._mapping)) if row is not None else None
+
+    def instances(self) -> list[Instance]:
+        """Every instance that ever used the database, the most recently seen first."""
+        query = select(instances_table).order_by(instances_table.c.seen_at.desc())
+        with self._read() as conn:
+            return [Instance(**dict(row._mapping)) for row in conn.execute(query)]
+
+    def register_instance(self, instance_id: str, host: str, pid: int, now: float) -> None:
+        """Record that this instance started (or restarted)."""
+        with self._write() as conn:
+            conn.execute(delete(instances_table).where(instances_table.c.id == instance_id))
+            conn.execute(
+                insert(instances_table).values(
+                    id=instance_id, host=host, pid=pid, started_at=now, seen_at=now
+                )
+            )
 
     # -- operator views ------------------------------------------------------------------
 
@@ -642,6 +881,13 @@ class Store:
         with self._write() as conn:
             result = conn.execute(delete(jobs_table).where(jobs_table.c.id.in_(list(job_ids))))
             return int(result.rowcount)
+
+    def withdraw(self, job_id: int, owner: str) -> None:
+        """Delete a job that ``owner`` still holds (LeaseLost when it does not)."""
+        query = delete(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.owner == owner)
+        with self._write() as conn:
+            if conn.execute(query).rowcount != 1:
+                raise self._gone(job_id, guarded=True)
 
     def requeue(self, job_ids: Iterable[int], now: float) -> list[Job]:
         """Put failed jobs back in the queue, resuming from what the hub still has."""

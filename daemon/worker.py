@@ -11,6 +11,12 @@ where the job stopped:
 Faults are handled by class: ``RetryLater`` defers the step with jittered backoff,
 ``JobFailed`` fails the job with its reason, ``AuthRejected`` pauses all work without
 failing anything until the key is accepted again.
+
+Jobs are claimed with a lease (``Store.claim``) so that several instances can share one
+database: the leases of the jobs in flight are renewed every third of
+``lease_seconds``, every change is written only while this instance still holds the job
+(``LeaseLost`` otherwise: another instance took it over, and this one lets go), and a
+deferred or finished job is let go at once.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from daemon.errors import (
     ConfigError,
     HubUnavailable,
     JobFailed,
+    LeaseLost,
     RemoteNotFound,
     RetryLater,
 )
@@ -117,6 +124,9 @@ class Pipeline:
         self.clock = clock
         self.rng = rng or random.Random()
         self.active: dict[int, asyncio.Task[None]] = {}
+        self.instance = settings.instance_id
+        self.lease = settings.lease_seconds
+        self.taken_over: dict[int, str] = {}  # job id -> the instance whose lease expired
         self.paused: str | None = None
         self.polling: set[int] = set()  # jobs only waiting on the hub: safe to cancel at once
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
@@ -178,9 +188,45 @@ class Pipeline:
         free = self.settings.max_in_flight - len(self.active)
         if free <= 0 or self.holding_back() is not None:
             return
-        jobs = await self.db.call(self.db.store.runnable, self.clock(), free, list(self.active))
-        for job in jobs:
+        now = self.clock()
+        store = self.db.store
+        claims = await self.db.call(
+            store.claim, now, free, list(self.active), self.instance, self.lease
+        )
+        for claim in claims:
+            job = claim.job
+            if claim.taken_over and claim.previous_owner is not None:
+                self.taken_over[job.id] = claim.previous_owner
+                log.warning(
+                    "took over a job whose lease expired",
+                    job_id=job.id,
+                    path=job.path,
+                    stage=job.stage.value,
+                    previous_instance=claim.previous_owner,
+                    lease_expired_at=claim.previous_lease,
+                )
             self.active[job.id] = asyncio.create_task(self._drive(job), name=f"job-{job.id}")
+
+    async def keep_leases(self, stop: asyncio.Event) -> None:
+        """Renew the leases of the jobs in flight (and this instance's heartbeat row)
+        until ``stop``; a job another instance took over meanwhile is let go."""
+        while not stop.is_set():
+            await _wait(stop, self.lease / 3)
+            if stop.is_set():
+                return
+            now = self.clock()
+            try:
+                lost = await self.db.call(
+                    self.db.store.renew, self.instance, list(self.active), now + self.lease, now
+                )
+            except SQLAlchemyError as exc:
+                log.error("cannot renew the leases", error=str(exc).splitlines()[0][:200])
+                continue
+            for job_id in lost:
+                task = self.active.get(job_id)
+                if task is not None:
+                    log.warning("another instance took this job over; letting go", job_id=job_id)
+                    task.cancel()
 
     async def _rearm_cooled_down(self) -> None:
         settings = self.settings
@@ -206,7 +252,7 @@ class Pipeline:
         if reopen is not None and reopen > self.clock():
             timeout = min(timeout, reopen - self.clock())
         elif self.holding_back() is None and len(self.active) < self.settings.max_in_flight:
-            due = await self.db.call(self.db.store.next_due)
+            due = await self.db.call(self.db.store.next_due, self.instance)
             if due is not None:
                 timeout = min(timeout, max(0.0, due - self.clock()))
         # Runs once per finished job: no task per sleep, a stop sets _wake too (see run).
@@ -234,6 +280,10 @@ class Pipeline:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5)
+        try:  # let the other instances take what is left at once, not after the lease
+            await self.db.call(self.db.store.release, self.instance)
+        except SQLAlchemyError as exc:
+            log.error("cannot release the leases", error=str(exc).splitlines()[0][:200])
 
     # -- one job ---------------------------------------------------------------------
 
@@ -263,18 +313,30 @@ class Pipeline:
             await self._handle(job, exc)
         finally:
             self.active.pop(job.id, None)
+            self.taken_over.pop(job.id, None)
             self.wake()
 
     async def _handle(self, job: Job, exc: Exception) -> None:
         """Deal with what stopped a job's step, by the exception's class."""
         try:
             await self._dispatch(job, exc)
+        except LeaseLost:
+            self._let_go(job)
         except SQLAlchemyError as db_exc:
             # Cannot even record the outcome; the row keeps its stage and is redone later.
             log.error("cannot record a job's outcome", job_id=job.id, error=str(db_exc)[:200])
 
+    def _let_go(self, job: Job) -> None:
+        log.warning(
+            "another instance took this job over (this one's lease expired); letting go",
+            job_id=job.id,
+            path=job.path,
+        )
+
     async def _dispatch(self, job: Job, exc: Exception) -> None:
-        if isinstance(exc, AuthRejected):
+        if isinstance(exc, LeaseLost):
+            self._let_go(job)
+        elif isinstance(exc, AuthRejected):
             await self._pause(exc)
         elif isinstance(exc, _Requeue):
             await self._requeue(job, exc)
@@ -343,8 +405,14 @@ class Pipeline:
 
     async def _advance(self, job: Job, stage: Stage, **changes: object) -> Job:
         # The worker holds the row as it stands: the store builds the new one from it.
+        # Every change renews the lease; a deferred or final job is let go.
+        now = self.clock()
+        let_go = stage in FINAL_STAGES or changes.get("next_attempt_at") is not None
+        changes["lease_until"] = None if let_go else now + self.lease
         advance = self.db.store.advance
-        return await self.db.call(advance, job.id, stage, self.clock(), current=job, **changes)
+        return await self.db.call(
+            advance, job.id, stage, now, current=job, owner=self.instance, **changes
+        )
 
     async def _defer(self, job: Job, exc: RetryLater) -> None:
         attempts = job.attempts + 1
@@ -422,7 +490,7 @@ class Pipeline:
         """The input changed or vanished before its upload counted: drop the job (nothing
         was converted, so nothing is lost) and let intake take the file again once stable;
         the new version then converts once, as a new job."""
-        await self.db.call(self.db.store.delete, [job.id])
+        await self.db.call(self.db.store.withdraw, job.id, self.instance)
         log.info(
             "input changed before it was converted; job withdrawn, the file is taken again "
             "once it is stable",
@@ -545,6 +613,7 @@ class Pipeline:
             job.output_format,
             job_id=job.id,
             perms=self.perms,
+            instance=self.instance,
         )
 
     async def _resume_upload(self, job: Job) -> Job:
@@ -641,7 +710,10 @@ class Pipeline:
             return await self._advance(job, Stage.PENDING)
         final = self.outbox / job.output
         make_dirs(self.outbox, final.parent, self.perms)
-        tmp = outbox.temp_path_for(final, job.id)
+        tmp = outbox.temp_path_for(final, job.id, self.instance)
+        previous = self.taken_over.get(job.id)
+        if previous is not None:  # the partial download of the instance that died
+            outbox.discard(outbox.temp_path_for(final, job.id, previous))
         try:
             written = await self.client.download(job.output_file_id, tmp)
             failpoints.hit("mid-download")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -15,6 +17,9 @@ import pytest
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
+from tests import postgres
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
 
 _SYSTEMD_VARS = (
     "CREDENTIALS_DIRECTORY",
@@ -153,3 +158,32 @@ def receiver() -> Iterator[tuple[str, type[WebhookReceiver]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.PostgresServer]:
+    """A real PostgreSQL 15 server for the session (initdb + pg_ctl, loopback port)."""
+    try:
+        server = postgres.start()
+    except postgres.PostgresUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"CI must run the PostgreSQL tests, but: {exc}")
+        pytest.skip(f"PostgreSQL cannot be started here (install postgresql-15): {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres_server: postgres.PostgresServer, request: pytest.FixtureRequest) -> str:
+    """The URL of a new, empty database of its own on the session's PostgreSQL server."""
+    name = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower())[:40]
+    return postgres_server.new_database(f"{name}_{uuid.uuid4().hex[:8]}")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A new, empty state database: an SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("pg_url")
+    return url

@@ -162,3 +162,29 @@ def test_compose_example_is_locked_down() -> None:
     targets = {volume.split(":")[1] for volume in service["volumes"]}
     assert targets == VOLUMES
     assert service["build"]["args"]["UID"] == "10001"
+
+
+def test_scale_out_compose_shares_inbox_outbox_and_database_only() -> None:
+    """compose.scale.yaml: two locked-down instances with their own ids and local state,
+    one inbox, outbox and PostgreSQL database, the schema upgraded before they start."""
+    compose = yaml.safe_load((REPO / "compose.scale.yaml").read_text(encoding="utf-8"))
+    services = compose["services"]
+    instances = [services["ldx-hotfolder-1"], services["ldx-hotfolder-2"]]
+    ids = {s["environment"]["LDX_HOTFOLDER_INSTANCE_ID"] for s in instances}
+    assert ids == {"node-1", "node-2"}
+    for service in instances:
+        env = service["environment"]
+        assert env["LDX_HOTFOLDER_STATE_DB"].startswith("postgresql+psycopg://")
+        assert ":" not in env["LDX_HOTFOLDER_STATE_DB"].split("//")[1].split("@")[0], "no password"
+        assert service["read_only"] is True
+        assert service["cap_drop"] == ["ALL"]
+        assert "no-new-privileges:true" in service["security_opt"]
+        targets = {volume.split(":")[1] for volume in service["volumes"]}
+        assert targets == {"/srv/inbox", "/srv/outbox"}, "only the folders are shared"
+        local = {mount.split(":")[0] for mount in service["tmpfs"]}
+        assert local == {"/tmp", "/var/lib/ldx-hotfolder"}, "temporary files stay local"
+        assert service["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert instances[0]["volumes"] == instances[1]["volumes"]
+    assert services["migrate"]["command"] == ["db", "upgrade"]
+    assert services["postgres"]["image"].startswith("postgres:15")
+    assert compose["networks"]["db"]["internal"] is True

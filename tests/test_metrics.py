@@ -22,11 +22,13 @@ BROKEN_PDF = b"%PDF-1.3\nThis is not a valid PDF file\n%%EOF\n"
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of a Prometheus text page: (name, sorted labels) -> value."""
+    """Every sample of a Prometheus text page: (name, sorted labels) -> value; the
+    ``instance_id`` label that a running daemon puts on every sample is left out."""
     found = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+            labels = {k: v for k, v in sample.labels.items() if k != "instance_id"}
+            found[(sample.name, tuple(sorted(labels.items())))] = sample.value
     return found
 
 

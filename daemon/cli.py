@@ -536,7 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_db,
         "the state database's schema: upgrade it to this version's, or show its version",
     )
-    db.add_argument("action", choices=["upgrade", "version"])
+    db.add_argument(
+        "action",
+        choices=["upgrade", "version"],
+        help="upgrade: bring the schema up to this version's (one transaction); "
+        "version: print the database's schema version and the program's",
+    )
     _add(
         sub,
         common,

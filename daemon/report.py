@@ -199,7 +199,8 @@ def instances_json(
             "id": item.id,
             "host": item.host,
             "pid": item.pid,
-            "alive": now - item.seen_at <= lease,
+            "alive": item.stopped_at is None and now - item.seen_at <= lease,
+            "stopped": item.stopped_at is not None,
             "seen_seconds_ago": round(max(0.0, now - item.seen_at), 1),
             "jobs_held": held.get(item.id, 0),
         }
@@ -216,6 +217,8 @@ def instance_lines(
     lines = ["", "instances:"]
     for item in instances_json(instances, held, now, lease):
         state = "alive" if item["alive"] else "not seen within its lease"
+        if item["stopped"]:
+            state = "stopped"
         lines.append(
             f"  {item['id']} (pid {item['pid']} on {item['host']}): {state}, seen "
             f"{age_text(item['seen_seconds_ago'])} ago; holds {item['jobs_held']} job(s)"

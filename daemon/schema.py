@@ -124,6 +124,7 @@ def _to_v2(conn: Connection) -> None:
         Column("pid", Integer, nullable=False),
         Column("started_at", Float, nullable=False),
         Column("seen_at", Float, nullable=False),
+        Column("stopped_at", Float),
     )
     Table(
         "schema_version",

@@ -321,11 +321,11 @@ def instance_conflict(
     """Why this daemon must not start under ``existing``'s id, or None.
 
     An instance seen within one lease, on another host or as another live process of
-    this host, would hold the same jobs as this one; an older row is this instance's own
-    earlier run (a crash or a restart).
+    this host, would hold the same jobs as this one; an older row, or one that stopped
+    cleanly, is this instance's own earlier run (a crash or a restart).
     """
-    if existing is None or now - existing.seen_at > lease:
-        return None
+    if existing is None or existing.stopped_at is not None or now - existing.seen_at > lease:
+        return None  # never there, stopped cleanly, or dead for a lease
     if existing.host == host and (existing.pid == pid or not alive(existing.pid)):
         return None
     where = f"pid {existing.pid} on {existing.host}"

@@ -165,6 +165,8 @@ instances_table = Table(
     Column("pid", Integer, nullable=False),
     Column("started_at", Float, nullable=False),
     Column("seen_at", Float, nullable=False),
+    # Set by a clean stop: the id is free at once, and status says "stopped", not "alive".
+    Column("stopped_at", Float),
 )
 
 schema_version_table = Table(
@@ -183,6 +185,7 @@ class Instance:
     pid: int
     started_at: float
     seen_at: float
+    stopped_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -674,15 +677,20 @@ class Store:
             still = conn.execute(select(jobs_table.c.id).where(*held)).scalars().all()
         return set(job_ids) - set(still)
 
-    def release(self, owner: str) -> int:
-        """Give up every lease of ``owner`` (a clean stop): others may take its jobs now."""
+    def release(self, owner: str, now: float | None = None) -> int:
+        """Give up every lease of ``owner`` (a clean stop): others may take its jobs now.
+        With ``now``, also note that the instance stopped then (its id is free)."""
         query = (
             update(jobs_table)
             .where(jobs_table.c.owner == owner, jobs_table.c.lease_until.is_not(None))
             .values(lease_until=None)
         )
+        stopped = update(instances_table).where(instances_table.c.id == owner)
         with self._write() as conn:
-            return int(conn.execute(query).rowcount)
+            released = int(conn.execute(query).rowcount)
+            if now is not None:
+                conn.execute(stopped.values(stopped_at=now))
+        return released
 
     def next_due(self, owner: str = "") -> float | None:
         """When a job may next become runnable for ``owner``: the earliest

@@ -273,15 +273,14 @@ class Pipeline:
         """
         for job_id in self.polling & set(self.active):
             self.active[job_id].cancel()
-        if not self.active:
-            return
-        _, pending = await asyncio.wait(list(self.active.values()), timeout=grace)
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.wait(pending, timeout=5)
+        if self.active:
+            _, pending = await asyncio.wait(list(self.active.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
         try:  # let the other instances take what is left at once, not after the lease
-            await self.db.call(self.db.store.release, self.instance)
+            await self.db.call(self.db.store.release, self.instance, self.clock())
         except SQLAlchemyError as exc:
             log.error("cannot release the leases", error=str(exc).splitlines()[0][:200])
 

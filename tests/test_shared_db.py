@@ -303,6 +303,35 @@ def test_instance_ids_in_use_are_refused() -> None:
         instance_conflict(row, "host-a", 200, 55.0, 30.0, alive=alive)
     )
     assert instance_conflict(row, "host-b", 100, 55.0, 30.0, alive=alive) is not None
+    stopped = Instance("n1", "host-a", 100, started_at=0.0, seen_at=50.0, stopped_at=51.0)
+    assert instance_conflict(stopped, "host-b", 100, 55.0, 30.0, alive=alive) is None
+
+
+def test_a_clean_stop_frees_the_id_and_shows_as_stopped(
+    tmp_path: Path, folders: dict[str, Path], db_url: str
+) -> None:
+    """Releasing at a clean stop records it: the id is free and ``status`` says
+    "stopped", not "alive", even within the lease."""
+    store = Store(db_url)
+    try:
+        store.register_instance("node-7", "host-a", 4242, now=9e9)
+        store.release("node-7", now=9e9 + 1)
+        row = store.instance("node-7")
+        assert row is not None
+        assert row.stopped_at == 9e9 + 1
+        assert instance_conflict(row, "host-b", 1, 9e9 + 2, 30.0) is None
+        store.register_instance("node-7", "host-b", 1, now=9e9 + 3)  # started again
+        again = store.instance("node-7")
+        assert again is not None
+        assert again.stopped_at is None
+        store.release("node-7", now=9e9 + 4)
+    finally:
+        store.close()
+    config = daemon_config(tmp_path, folders, "http://127.0.0.1:9", state_db=db_url)
+    payload = json.loads(cli(config, "status", "--no-hub", "--json").stdout)
+    assert payload["instances"][0]["stopped"]
+    assert not payload["instances"][0]["alive"]
+    assert "node-7 (pid 1 on host-b): stopped" in cli(config, "status", "--no-hub").stdout
 
 
 def test_start_up_sweep_leaves_other_instances_downloads_alone() -> None:

@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import create_engine, select
 
-from daemon.emulator.hub import DEFAULT_API_KEY
+from bench.harness import Folders, write_config
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.store import jobs_table
@@ -53,26 +53,20 @@ class Cluster:
 
     def config(self, name: str, **settings: Any) -> Path:
         """Write the configuration of instance ``name``; each keeps its own heartbeat."""
-        key = self.root / "api-key"
-        key.write_text(DEFAULT_API_KEY + "\n", encoding="utf-8")
-        local = self.root / name
-        local.mkdir(parents=True, exist_ok=True)
-        values: dict[str, Any] = {
-            "inbox": str(self.inbox),
-            "outbox": str(self.outbox),
-            "state_db": self.db_url,
-            "instance_id": name,
-            "heartbeat_file": str(local / "heartbeat.json"),
-            "quiet_period": 0.2,
-            "log_format": "json",
+        local = Folders(self.root / name)
+        local.root.mkdir(parents=True, exist_ok=True)
+        return write_config(
+            local,
+            self.hub_url,
+            {"poll_interval": 1.0},
+            inbox=str(self.inbox),
+            outbox=str(self.outbox),
+            state_db=self.db_url,
+            instance_id=name,
+            heartbeat_file=str(local.root / "heartbeat.json"),
+            quiet_period=0.2,
             **settings,
-        }
-        lines = [f"{k} = {_toml(v)}" for k, v in values.items()]
-        lines += ["[hub]", f'base_url = "{self.hub_url}"', f'api_key_file = "{key}"']
-        lines.append("poll_interval = 1.0")
-        path = local / "config.toml"
-        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        return path
+        )
 
     def start(self, names: list[str], **settings: Any) -> list[Daemon]:
         """Start one ``ldx-hotfolder run`` per name; wait until each is ready."""
@@ -104,14 +98,6 @@ class Cluster:
     def stop(self) -> list[int]:
         """SIGTERM every daemon still running; their exit codes."""
         return [d.stop() for d in self.daemons if d.proc is not None and d.proc.poll() is None]
-
-
-def _toml(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:

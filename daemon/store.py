@@ -337,19 +337,6 @@ _OUTPUTS_TAKEN = select(jobs_table.c.output).where(
 _OUTPUTS_OF_PATH = select(jobs_table.c.output).where(
     jobs_table.c.path == bindparam("path"), jobs_table.c.output.is_not(None)
 )
-_RUNNABLE = (
-    select(jobs_table)
-    .where(
-        _unfinished(),
-        or_(
-            jobs_table.c.next_attempt_at.is_(None),
-            jobs_table.c.next_attempt_at <= bindparam("now"),
-        ),
-        jobs_table.c.id.not_in(bindparam("exclude", expanding=True)),
-    )
-    .order_by(jobs_table.c.id)
-    .limit(bindparam("limit"))
-)
 _CLAIM = (
     select(jobs_table.c.id, jobs_table.c.owner, jobs_table.c.lease_until)
     .where(
@@ -643,12 +630,6 @@ class Store:
             return [Waiting(**dict(r._mapping)) for r in conn.execute(query)]
 
     # -- worker ----------------------------------------------------------------------
-
-    def runnable(self, now: float, limit: int, exclude: Iterable[int]) -> list[Job]:
-        """Unfinished jobs that are due, oldest first."""
-        params = {"now": now, "exclude": list(exclude), "limit": limit}
-        with self._read() as conn:
-            return [Job.from_row(r) for r in conn.execute(_RUNNABLE, params)]
 
     def claim(
         self, now: float, limit: int, exclude: Iterable[int], owner: str, lease: float

@@ -59,14 +59,18 @@ def test_advance_rejects_unknown_fields(store: Store) -> None:
         store.advance(job.id, Stage.UPLOADED, 2.0, remote_jb_id="x")
 
 
-def test_runnable_respects_due_time_and_exclusions(store: Store) -> None:
+def test_claim_respects_due_time_and_exclusions(store: Store) -> None:
     """Deferred jobs wait for next_attempt_at; running jobs are excluded."""
     a = store.enqueue(new("a.pdf"), "a.docx", 1.0)
     b = store.enqueue(new("b.pdf"), "b.docx", 1.0)
     store.advance(b.id, Stage.PENDING, 1.0, next_attempt_at=50.0)
-    assert [j.id for j in store.runnable(10.0, 10, [])] == [a.id]
-    assert [j.id for j in store.runnable(10.0, 10, [a.id])] == []
-    assert [j.id for j in store.runnable(60.0, 10, [])] == [a.id, b.id]
+
+    def due(now: float, running: list[int]) -> list[int]:
+        return [c.job.id for c in store.claim(now, 10, running, "me", lease=30.0)]
+
+    assert due(10.0, []) == [a.id]
+    assert due(10.0, [a.id]) == []
+    assert due(60.0, []) == [a.id, b.id]
     assert store.next_due() == 50.0
 
 

@@ -22,6 +22,15 @@ def job_rows(db: Path) -> list[dict[str, Any]]:
             return []
 
 
+def failures(db: Path) -> list[str]:
+    """Each failed row as "path: code: message", for an assertion's explanation."""
+    return [
+        f"{row['path']}: {row['error_code']}: {row['error_message']}"
+        for row in job_rows(db)
+        if row["status"] == "failed"
+    ]
+
+
 def integrity(db: Path) -> str:
     """SQLite's full integrity check."""
     with sqlite3.connect(db) as conn:

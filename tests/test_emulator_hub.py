@@ -15,6 +15,7 @@ from daemon.emulator.clock import Clock
 from daemon.emulator.hub import (
     UPSTREAM_ERROR_MESSAGE,
     Access,
+    Fault,
     Faults,
     Hub,
     HubSettings,
@@ -470,6 +471,21 @@ def test_request_faults_are_reproducible_from_the_seed(tmp_path: Path) -> None:
     assert counted["rate_limit"] == kinds.count("rate_limit") > 30
     assert counted["drop"] == kinds.count("drop") > 10
     assert {status for kind, status in filter(None, first) if kind == "error"} == {500, 502, 503}
+
+
+def test_a_client_jobs_faults_do_not_depend_on_other_clients_traffic(tmp_path: Path) -> None:
+    """With a seed, one trace's draws are the same whether or not other traces interleave."""
+    faults = Faults(error_rate=0.3, rate_limit_rate=0.2, drop_rate=0.1)
+    alone = Hub(tmp_path / "alone", HubSettings(seed=7, faults=faults))
+    busy = Hub(tmp_path / "busy", HubSettings(seed=7, faults=faults))
+    mine: list[Fault | None] = []
+    for i in range(100):
+        for other in range(i % 4):
+            busy.draw_fault(f"other-{other}")
+            busy.draw_fault()  # untraced requests draw from the shared stream
+        mine.append(busy.draw_fault("7"))
+    assert mine == [alone.draw_fault("7") for _ in range(100)]
+    assert 30 < sum(fault is not None for fault in mine) < 90
 
 
 def test_fault_knobs_change_while_running_and_are_validated(hub: Hub) -> None:

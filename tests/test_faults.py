@@ -24,7 +24,7 @@ from daemon.layout import TEMP_MARKER
 from daemon.ooxml import verify_package
 from daemon.service import run_service
 from tests.conftest import daemon_config
-from tests.faults import assert_exactly_once, job_rows, outbox_files
+from tests.faults import assert_exactly_once, failures, job_rows, outbox_files
 from tests.helpers import Daemon, daemon_in_process, wait_async, wait_for
 from tests.scans import drop_scans
 
@@ -55,7 +55,7 @@ def test_http_faults_every_file_completes(
         )
         outcome = asyncio.run(run_service(load_settings(config), once=True))
         assert outcome is not None
-        assert outcome.exit_code == 0, outcome
+        assert outcome.exit_code == 0, failures(folders["state"] / "state.db")
         ledger = server.hub.ledger()
         assert_exactly_once(inputs, folders["outbox"], folders["state"] / "state.db", server.hub)
         counts = ledger["faults"]

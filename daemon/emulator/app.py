@@ -324,7 +324,7 @@ class _Api:
             wait = self.hub.throttle(bearer_key(authorization) or "")
             if wait is not None:
                 return self._rate_limited(request, wait)
-        fault = self.hub.draw_fault()
+        fault = self.hub.draw_fault(request.headers.get(TRACE_HEADER))
         if fault is None:
             return None
         if fault.kind == "drop":

@@ -2,8 +2,9 @@
 
 ``Hub`` keeps every file on disk in the directory it is given, runs RenderOCR jobs as a
 state machine computed lazily from its ``Clock`` (no background threads), decides injected
-faults with one seeded ``random.Random`` and records what it received in a ledger that
-tests read. It is thread-safe: the HTTP layer calls it from worker threads while tests
+faults with seeded ``random.Random`` streams (one per client job, so that a run's luck
+does not depend on how the clients' requests interleave) and records what it received in
+a ledger that tests read. It is thread-safe: the HTTP layer calls it from worker threads while tests
 read the ledger from theirs.
 
 Facts come from the fact sheet ``shared/ldxhub-api.md``; where it is silent, comments say
@@ -700,6 +701,7 @@ class Hub:
         self._meta_lock = threading.Lock()
         self._ledger = _Ledger()
         self._rng = random.Random(self.settings.seed)
+        self._streams: dict[str, random.Random] = {}
         self._faults = self.settings.faults
         self._api_keys = frozenset(self.settings.api_keys)
         self._revoked = frozenset(self.settings.revoked_keys)
@@ -750,19 +752,36 @@ class Hub:
             self._faults = self._faults.updated(changes)
             return self._faults
 
-    def draw_fault(self) -> Fault | None:
-        """Decide whether this request is dropped, answered 5xx or 429; count it."""
+    def _stream(self, key: str | None) -> random.Random:
+        """The random stream of one client job (by its trace header), or the shared one.
+
+        With one shared stream, the draws a request gets depend on how many requests of
+        other clients came first: the last file of a seeded run then meets whatever
+        streak of faults the seed holds at that point, alone. Call under ``_meta_lock``.
+        """
+        if key is None or self.settings.seed is None:
+            return self._rng
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = random.Random(f"{self.settings.seed}/{key}")
+        return stream
+
+    def draw_fault(self, stream: str | None = None) -> Fault | None:
+        """Decide whether this request is dropped, answered 5xx or 429; count it.
+
+        ``stream`` names the client job the request is for (see ``_stream``)."""
         with self._meta_lock:
             knobs = self._faults
             total = knobs.drop_rate + knobs.error_rate + knobs.rate_limit_rate
             if total <= 0:
                 return None
-            draw = self._rng.random()
+            rng = self._stream(stream)
+            draw = rng.random()
             fault: Fault | None = None
             if draw < knobs.drop_rate:
                 fault = Fault("drop")
             elif draw < knobs.drop_rate + knobs.error_rate:
-                fault = Fault("error", status=self._rng.choice((500, 502, 503)))
+                fault = Fault("error", status=rng.choice((500, 502, 503)))
             elif draw < total:
                 fault = Fault("rate_limit", status=429, retry_after=knobs.retry_after)
         if fault is not None:
@@ -1029,7 +1048,7 @@ class Hub:
             failure = JobError(*inspection.problem, request_id=new_id())
         else:
             finished = started + timedelta(seconds=self._draw_processing_time())
-            if self._draw_job_failure():
+            if self._draw_job_failure(source_name):
                 failure = JobError("upstream_service_error", UPSTREAM_ERROR_MESSAGE, new_id())
         return _Job(
             job_id=new_id(),
@@ -1053,10 +1072,12 @@ class Hub:
         with self._meta_lock:
             return self._rng.uniform(low, high)
 
-    def _draw_job_failure(self) -> bool:
+    def _draw_job_failure(self, source_name: str) -> bool:
+        # Keyed by the input's name: whether its n-th conversion fails is then fixed by
+        # the seed, however the clients' requests interleave.
         with self._meta_lock:
             rate = self._faults.job_failure_rate
-            failed = rate > 0 and self._rng.random() < rate
+            failed = rate > 0 and self._stream(f"job:{source_name}").random() < rate
         if failed:
             self._ledger.count_fault("job_failure")
         return failed

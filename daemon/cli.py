@@ -419,6 +419,7 @@ def cmd_emulator(args: argparse.Namespace) -> int:
     from daemon.emulator import cli as emulator_cli
 
     configure("info", "auto")
+    _note_config_unused(args, "the emulator takes its settings from its own options")
     return emulator_cli.run(args)
 
 
@@ -426,7 +427,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Emulator and daemon on sample scans in a temporary folder."""
     from daemon import demo
 
+    _note_config_unused(args, "the demo runs on its own folders, emulator and settings")
     return demo.run(keep=args.keep)
+
+
+def _note_config_unused(args: argparse.Namespace, why: str) -> None:
+    # Every subcommand takes -c (the contract); say so rather than ignore it silently.
+    if args.config is not None:
+        print(f"note: {args.command} does not read {args.config}: {why}", file=sys.stderr)
 
 
 # -- parser ---------------------------------------------------------------------------

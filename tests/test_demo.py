@@ -13,10 +13,12 @@ from daemon.ooxml import verify_package
 
 def test_demo_converts_every_format_in_nested_folders(tmp_path: Path) -> None:
     """demo exits 0 with a valid docx for a PDF, TIFF, JPEG, PNG and BMP in nested folders,
-    an error file for the broken PDF, and shows the job table and the outbox."""
+    an error file for the broken PDF, and shows the job table and the outbox; a -c it
+    does not use gets a note, not a failure."""
     root = tmp_path / "demo"
+    unused = tmp_path / "no-such-config.toml"
     result = subprocess.run(
-        [sys.executable, "-m", "daemon", "demo", "--keep", str(root)],
+        [sys.executable, "-m", "daemon", "demo", "--keep", str(root), "-c", str(unused)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -38,3 +40,4 @@ def test_demo_converts_every_format_in_nested_folders(tmp_path: Path) -> None:
     assert "Outbox (mirrors the inbox):" in result.stdout
     assert "5 converted, 1 failed, 0 unfinished." in result.stdout
     assert "Demo finished: all good scans converted." in result.stdout
+    assert f"note: demo does not read {unused}: the demo runs on its own" in result.stderr

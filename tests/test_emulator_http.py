@@ -591,17 +591,16 @@ def test_cli_parser_defaults_and_ranges() -> None:
 
 
 def test_cli_run_announces_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """run() prints its URL and key, serves the API and exits 0 on SIGINT."""
-    script = (
-        "import argparse, sys\n"
-        "from daemon.emulator.cli import configure_parser, run\n"
-        "parser = argparse.ArgumentParser(); configure_parser(parser)\n"
-        "sys.exit(run(parser.parse_args(sys.argv[1:])))\n"
-    )
-    command = [sys.executable, "-c", script, "--port", "0", "--api-key", "k1"]
-    command += ["--data-dir", str(tmp_path)]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+    """``ldx-hotfolder emulator`` prints its URL and key, serves the API, exits 0 on
+    SIGINT, and notes that it does not read a -c file."""
+    unused = tmp_path / "config.toml"
+    command = [sys.executable, "-m", "daemon", "emulator", "-c", str(unused)]
+    command += ["--port", "0", "--api-key", "k1", "--data-dir", str(tmp_path)]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as process:
         assert process.stdout is not None
+        assert process.stderr is not None
         line = process.stdout.readline().strip()
         assert line.startswith("LDX hub emulator on http://127.0.0.1:")
         assert line.endswith("(API key: k1)")
@@ -610,6 +609,7 @@ def test_cli_run_announces_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
         assert wait_for(lambda: httpx.get(f"{url}/files", headers=headers).status_code == 200)
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=15) == 0
+        assert f"note: emulator does not read {unused}" in process.stderr.read()
 
 
 def test_events_record_trace_header_and_answer(emulator: EmulatorServer) -> None:

@@ -28,7 +28,7 @@ from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.store import jobs_table
 from tests import postgres
-from tests.helpers import Daemon
+from tests.helpers import Daemon, wait_for
 from tests.scans import drop_scans
 
 
@@ -110,15 +110,6 @@ def wait_ready(daemon: Daemon, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
-def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:
-    """Poll ``predicate`` until true; AssertionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(interval)
-
-
 def timed_run(
     root: Path, db_url: str, hub_url: str, *, instances: int, files: int, max_in_flight: int
 ) -> float:
@@ -129,7 +120,7 @@ def timed_run(
         cluster.start(names, max_in_flight=max_in_flight)
         began = time.monotonic()
         drop_scans(cluster.inbox, files, seed=instances, folders=4)
-        wait_until(lambda: cluster.completed() >= files, 600, f"{files} completed jobs", 0.1)
+        wait_for(lambda: cluster.completed() >= files, 600, f"{files} completed jobs", 0.1)
         return time.monotonic() - began
     finally:
         cluster.stop()

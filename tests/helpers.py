@@ -20,8 +20,14 @@ from daemon.service import Service, prepare
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "a condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 30.0,
+    what: str = "a condition",
+    interval: float = 0.05,
+) -> T:
+    """Poll ``predicate`` every ``interval`` seconds until it returns something truthy;
+    fail after ``timeout``."""
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -29,7 +35,7 @@ def wait_for(predicate: Callable[[], T], timeout: float = 30.0, what: str = "a c
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def cli(config: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

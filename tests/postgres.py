@@ -72,13 +72,8 @@ class PostgresServer:
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its folder."""
-        subprocess.run(
-            [self.pg_ctl, "stop", "-D", str(self.root / "data"), "-m", "fast", "-w"],
-            capture_output=True,
-            timeout=60,
-            check=False,
-            **_as_user(self.user),
-        )
+        command = [self.pg_ctl, "stop", "-D", str(self.root / "data"), "-m", "fast", "-w"]
+        _run_in(self.root, self.user, command, 60)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
@@ -90,24 +85,11 @@ def _as_user(user: str | None) -> dict[str, object]:
 
 def start(attempts: int = 3) -> PostgresServer:
     """initdb a new cluster and start it; PostgresUnavailable when that is not possible."""
-    initdb, pg_ctl = find_binary("initdb"), find_binary("pg_ctl")
+    pg_ctl = find_binary("pg_ctl")
     user = "nobody" if os.geteuid() == 0 else None
-    root = Path(tempfile.mkdtemp(prefix="ldx-pg-"))
-    if user is not None:
-        os.chown(root, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
-    run_as = _as_user(user)
-    (root / "socket").mkdir()
-    if user is not None:
-        shutil.chown(root / "socket", user)
-    init = subprocess.run(
-        [initdb, "-D", str(root / "data"), "-U", "postgres", "--auth=trust", "-E", "UTF8"],
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-        check=False,
-        cwd=root,
-        **run_as,  # type: ignore[arg-type]
-    )
+    root = _make_root(user)
+    initdb = [find_binary("initdb"), "-D", str(root / "data"), "-U", "postgres"]
+    init = _run_in(root, user, [*initdb, "--auth=trust", "-E", "UTF8"], START_TIMEOUT)
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
         raise PostgresUnavailable(f"initdb failed: {init.stderr[-2000:]}")
@@ -115,27 +97,9 @@ def start(attempts: int = 3) -> PostgresServer:
     for _ in range(attempts):  # another process may take the free port before the server
         port = _free_port()
         options = f"-h 127.0.0.1 -p {port} -k {root / 'socket'} -c fsync=off -c max_connections=100"
-        started = subprocess.run(
-            [
-                pg_ctl,
-                "start",
-                "-D",
-                str(root / "data"),
-                "-w",
-                "-t",
-                str(START_TIMEOUT),
-                "-l",
-                str(root / "server.log"),
-                "-o",
-                options,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT + 10,
-            check=False,
-            cwd=root,
-            **run_as,  # type: ignore[arg-type]
-        )
+        command = [pg_ctl, "start", "-D", str(root / "data"), "-w", "-t", str(START_TIMEOUT)]
+        command += ["-l", str(root / "server.log"), "-o", options]
+        started = _run_in(root, user, command, START_TIMEOUT + 10)
         if started.returncode == 0:
             return PostgresServer(root, port, user, pg_ctl)
         log = root / "server.log"
@@ -144,3 +108,29 @@ def start(attempts: int = 3) -> PostgresServer:
         )
     shutil.rmtree(root, ignore_errors=True)
     raise PostgresUnavailable(f"pg_ctl start failed: {last_error}")
+
+
+def _make_root(user: str | None) -> Path:
+    """A fresh folder for the cluster and its socket, owned by ``user`` if given."""
+    root = Path(tempfile.mkdtemp(prefix="ldx-pg-"))
+    (root / "socket").mkdir()
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        os.chown(root, entry.pw_uid, entry.pw_gid)
+        shutil.chown(root / "socket", user)
+    return root
+
+
+def _run_in(
+    root: Path, user: str | None, command: list[str], timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL tool in ``root`` as ``user``, output captured."""
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=root,
+        **_as_user(user),  # type: ignore[arg-type]
+    )

@@ -13,11 +13,12 @@ from typing import Any
 
 import pytest
 
-from bench.scale import Cluster, timed_run, wait_until
+from bench.scale import Cluster, timed_run
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.layout import TEMP_MARKER
 from tests.faults import outbox_files
+from tests.helpers import wait_for
 from tests.scans import drop_scans
 
 FILES = 300
@@ -67,7 +68,7 @@ def _assert_each_output_once(
 def _kill_mid_run(cluster: Cluster, victim: int, name: str) -> dict[int, float]:
     """Wait until a third of the work is done and ``name`` holds jobs; SIGKILL it.
     Return the jobs it held when it died (id -> lease expiry)."""
-    wait_until(
+    wait_for(
         lambda: (
             (rows := cluster.rows())
             and sum(r["status"] == "completed" for r in rows) >= FILES // 3
@@ -99,7 +100,7 @@ def test_three_instances_one_killed_convert_every_file_exactly_once(
         inputs = drop_scans(cluster.inbox, FILES, seed=5, folders=4)
         held = _kill_mid_run(cluster, 2, "node-3")
         submitted = _remote_ids(cluster.rows(), held)
-        wait_until(lambda: cluster.completed() >= FILES, 90, "every job completed")
+        wait_for(lambda: cluster.completed() >= FILES, 90, "every job completed", 0.2)
         assert cluster.stop() == [0, 0]
         rows = cluster.rows()
         _assert_each_output_once(inputs, rows, cluster.outbox, hub)
@@ -149,7 +150,7 @@ def test_one_instance_on_sqlite_killed_and_restarted_converts_every_file_once(
         held = _kill_mid_run(cluster, 0, "solo")
         cluster.daemons = []
         cluster.start(["solo"], **SETTINGS)
-        wait_until(lambda: cluster.completed() >= FILES, 90, "every job completed")
+        wait_for(lambda: cluster.completed() >= FILES, 90, "every job completed", 0.2)
         assert cluster.stop() == [0]
         rows = cluster.rows()
         _assert_each_output_once(inputs, rows, cluster.outbox, hub)

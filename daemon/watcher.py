@@ -22,7 +22,16 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    DirCreatedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 from watchdog.observers.polling import PollingObserverVFS
@@ -33,6 +42,17 @@ from daemon.mounts import UsePolling, WatchPlan, plan_for
 Hint = Callable[[str, bool], None]
 log = get_logger(component="watcher")
 _IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "deleted"})
+# Only the events that can mean a new or changed input. Watchdog narrows the inotify mask
+# to these, so the daemon's own reads of an inbox file (sniffing, hashing, uploading: an
+# open and a close-without-write event each) never wake the emitter thread.
+_WANTED_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileClosedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+]
 _INOTIFY_LOGGER = "watchdog.observers.inotify_c"
 COVERAGE_RECHECK = 0.2  # seconds before counting watches again
 _LIMIT_SYSCTL = {
@@ -133,7 +153,12 @@ class Watcher:
     def _start_inotify(self, loop: asyncio.AbstractEventLoop, folder: Path) -> BaseObserver:
         observer: BaseObserver = Observer()
         try:
-            observer.schedule(_Forwarder(loop, self._hint), str(folder), recursive=True)
+            observer.schedule(
+                _Forwarder(loop, self._hint),
+                str(folder),
+                recursive=True,
+                event_filter=_WANTED_EVENTS,
+            )
             observer.daemon = True
             observer.start()
             _check_coverage(folder)

@@ -283,3 +283,43 @@ def test_inotify_watch_limit_falls_back_to_polling(
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_reading_inbox_files_wakes_no_observer(tmp_path: Path) -> None:
+    """Opening and reading an inbox file (as the daemon does to hash and upload it) sends
+    no event through inotify: only creations, writes and moves reach the observer."""
+    from watchdog.events import FileSystemEvent, FileSystemEventHandler
+
+    from daemon.watcher import Watcher
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    seen: list[tuple[str, str]] = []
+
+    class Recorder(FileSystemEventHandler):
+        def on_any_event(self, event: FileSystemEvent) -> None:
+            seen.append((event.event_type, os.fsdecode(event.src_path)))
+
+    async def main() -> None:
+        watcher = Watcher(inbox, lambda path, is_dir: None, polling=False)
+        watcher.start(asyncio.get_running_loop())
+        try:
+            (observer,) = watcher.observers
+            (emitter,) = observer.emitters  # the one watch the watcher scheduled
+            observer.add_handler_for_watch(Recorder(), emitter.watch)
+            scan = inbox / "scan.pdf"
+            scan.write_bytes(make_pdf(1))
+            await until(lambda: ("closed", str(scan)) in seen, 10, "the write's events")
+            seen.clear()
+            for _ in range(3):
+                with scan.open("rb") as stream:
+                    stream.read()
+            list(os.scandir(inbox))
+            marker = inbox / "marker.pdf"
+            marker.write_bytes(make_pdf(1))  # inotify keeps order: earlier events come first
+            await until(lambda: ("closed", str(marker)) in seen, 10, "the marker's events")
+        finally:
+            watcher.stop()
+        assert {path for _, path in seen} == {str(marker)}, seen
+
+    asyncio.run(main())

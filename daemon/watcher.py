@@ -41,10 +41,10 @@ from daemon.mounts import UsePolling, WatchPlan, plan_for
 
 Hint = Callable[[str, bool], None]
 log = get_logger(component="watcher")
-_IGNORED_EVENTS = frozenset({"opened", "closed_no_write", "deleted"})
-# Only the events that can mean a new or changed input. Watchdog narrows the inotify mask
-# to these, so the daemon's own reads of an inbox file (sniffing, hashing, uploading: an
-# open and a close-without-write event each) never wake the emitter thread.
+# The only events that can mean a new or changed input (a folder's own modification does
+# not: its files have events of their own). Watchdog narrows the inotify mask to these, so
+# the daemon's own reads of an inbox file (sniffing, hashing, uploading: an open and a
+# close-without-write event each) never wake the emitter thread.
 _WANTED_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
     FileModifiedEvent,
@@ -67,10 +67,7 @@ class _Forwarder(FileSystemEventHandler):
         self._hint = hint
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in _IGNORED_EVENTS:
-            return
-        if event.is_directory and event.event_type not in {"created", "moved"}:
-            return  # a folder's own change; the files in it have events of their own
+        # Only _WANTED_EVENTS arrive: the observers are scheduled with that filter.
         path = event.dest_path if event.event_type == "moved" else event.src_path
         try:
             self._loop.call_soon_threadsafe(self._hint, _as_str(path), event.is_directory)
@@ -179,7 +176,12 @@ class Watcher:
     def _start_polling(self, loop: asyncio.AbstractEventLoop, folders: list[Path]) -> BaseObserver:
         observer = _polling_observer(self._interval)
         for folder in folders:
-            observer.schedule(_Forwarder(loop, self._hint), str(folder), recursive=True)
+            observer.schedule(
+                _Forwarder(loop, self._hint),
+                str(folder),
+                recursive=True,
+                event_filter=_WANTED_EVENTS,
+            )
         observer.daemon = True
         observer.start()
         return observer

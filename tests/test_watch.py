@@ -14,12 +14,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
 from daemon.config import Settings, load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.intake import Intake
 from daemon.service import Service, prepare
+from daemon.watcher import Watcher
 from tests.conftest import daemon_config
 from tests.helpers import wait_for
 from tests.intake_support import completed, done, outputs, running, uploads
@@ -288,10 +290,6 @@ def test_inotify_watch_limit_falls_back_to_polling(
 def test_reading_inbox_files_wakes_no_observer(tmp_path: Path) -> None:
     """Opening and reading an inbox file (as the daemon does to hash and upload it) sends
     no event through inotify: only creations, writes and moves reach the observer."""
-    from watchdog.events import FileSystemEvent, FileSystemEventHandler
-
-    from daemon.watcher import Watcher
-
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     seen: list[tuple[str, str]] = []

@@ -31,18 +31,30 @@ _SYSTEMD_VARS = (
 
 
 # What the fault-injection tests measured (faults injected, kills, crashes recovered): a
-# passing test's output is hidden, so these lines end every run's summary instead.
+# passing test's output is hidden, so these lines end every run's summary instead. They
+# travel in the test report's user_properties, which pytest-xdist sends from its workers.
+_COUNTS_PROPERTY = "fault counts"
 _FAULT_COUNTS: dict[str, list[str]] = {}
 
 
 @pytest.fixture
-def fault_counts() -> Callable[[str, str], None]:
+def fault_counts(request: pytest.FixtureRequest) -> Callable[[str, str], None]:
     """Note one line of counts under a heading, for the summary at the end of the run."""
 
     def note(heading: str, line: str) -> None:
-        _FAULT_COUNTS.setdefault(heading, []).append(line)
+        request.node.user_properties.append((_COUNTS_PROPERTY, (heading, line)))
 
     return note
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the counts a test noted, in the process that prints the summary."""
+    if report.when != "call":
+        return
+    for name, value in report.user_properties:
+        if name == _COUNTS_PROPERTY:
+            heading, line = value
+            _FAULT_COUNTS.setdefault(heading, []).append(line)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
@@ -55,7 +67,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             terminalreporter.write_line(f"{heading}: {lines[0]}")
             continue
         terminalreporter.write_line(f"{heading} ({len(lines)} cases):")
-        for line in lines:
+        for line in sorted(lines):  # workers finish in any order
             terminalreporter.write_line(f"  {line}")
 
 

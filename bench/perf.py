@@ -207,7 +207,7 @@ def machine() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="abcdefg", help="scenario letters, e.g. a,c")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink file counts (smoke)")
@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     harness.PROFILE_DIR = args.profile
     chosen = [plan for plan in PLANS if plan.letter in args.only]
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ldx-bench-", dir=args.work) as tmp:
         ctx = scenarios.Context(Path(tmp), scale=args.scale)
         rows = []

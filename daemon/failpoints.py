@@ -17,8 +17,8 @@ POINTS = (
     "after-create",  # the hub has the job; its id is not committed
     "mid-download",  # part of the output is in the temporary file
     "after-publish",  # the output is in place; the table does not know yet
-    "after-commit",  # the table says published; the input is not handled yet
-    "before-done",  # the input is handled; the job is not marked done
+    "after-commit",  # the table says published; the input is not handled yet (delete/archive)
+    "before-done",  # the input is handled; the job is not marked done (delete/archive)
 )
 
 _targets: dict[str, int] = {}

@@ -5,8 +5,13 @@ Each step reads the job row, does one idempotent piece of work and commits the r
 (every remote id the moment it is known) before the next step, so a restart resumes
 where the job stopped:
 
-    pending/uploading -> uploaded -> submitting -> submitted -> downloading
-        -> published -> done
+    pending/uploading -> submitting -> submitted -> downloading -> published -> done
+
+Writes that no later step depends on are folded into their neighbours, since every
+write is a round trip to the single writer: the duplicate lookup rides with the
+``uploading`` mark, the upload's file id is written with ``submitting`` (``uploaded`` is
+only where a job waits to be converted again), and an input that stays where it is
+goes from downloading straight to ``done``.
 
 Faults are handled by class: ``RetryLater`` defers the step with jittered backoff,
 ``JobFailed`` fails the job with its reason, ``AuthRejected`` pauses all work without
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import os
 import random
 import time
@@ -40,6 +46,7 @@ from daemon.breaker import Breaker
 from daemon.client import HubClient, RemoteJob, current_job
 from daemon.config import Settings
 from daemon.db import Db
+from daemon.duplicates import Action
 from daemon.errors import (
     AuthRejected,
     ConfigError,
@@ -129,6 +136,9 @@ class Pipeline:
         self.taken_over: dict[int, str] = {}  # job id -> the instance whose lease expired
         self.paused: str | None = None
         self.polling: set[int] = set()  # jobs only waiting on the hub: safe to cancel at once
+        # Jobs this task moved to ``submitting`` itself with no create sent yet: nothing
+        # at the hub to adopt, so no GET /renderocr/jobs before creating.
+        self.fresh_submits: set[int] = set()
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.breaker = Breaker()
         self.hooks: Hooks | None = None  # set by the service when hooks are configured
@@ -313,6 +323,7 @@ class Pipeline:
         finally:
             self.active.pop(job.id, None)
             self.taken_over.pop(job.id, None)
+            self.fresh_submits.discard(job.id)
             self.wake()
 
     async def _handle(self, job: Job, exc: Exception) -> None:
@@ -403,14 +414,17 @@ class Pipeline:
         )
 
     async def _advance(self, job: Job, stage: Stage, **changes: object) -> Job:
+        return await self.db.call(self._advance_call(job, stage, **changes))
+
+    def _advance_call(self, job: Job, stage: Stage, **changes: object) -> Callable[[], Job]:
+        """The store call that moves ``job`` to ``stage``, to run on the writer thread."""
         # The worker holds the row as it stands: the store builds the new one from it.
         # Every change renews the lease; a deferred or final job is let go.
         now = self.clock()
         let_go = stage in FINAL_STAGES or changes.get("next_attempt_at") is not None
         changes["lease_until"] = None if let_go else now + self.lease
-        advance = self.db.store.advance
-        return await self.db.call(
-            advance, job.id, stage, now, current=job, owner=self.instance, **changes
+        return functools.partial(
+            self.db.store.advance, job.id, stage, now, current=job, owner=self.instance, **changes
         )
 
     async def _defer(self, job: Job, exc: RetryLater) -> None:
@@ -534,18 +548,44 @@ class Pipeline:
             with open_input(self.inbox, job.path, allow_hardlinks=allow) as fd:
                 _check_unchanged(fd, _signature(job), job.path)
                 digest = await asyncio.to_thread(sha256_of, fd)
-                done = await self._reuse_earlier(job, digest)  # nothing is sent for these
-                if done is not None:
-                    return done
-                job = await self._advance(job, Stage.UPLOADING, sha256=digest)
+                job, earlier = await self._begin_upload(job, digest)
+                if earlier is not None:
+                    done = await self._reuse_earlier(job, digest, earlier)
+                    if done is not None:  # nothing is sent for these
+                        return done
+                    job = await self._advance(job, Stage.UPLOADING, sha256=digest)
                 file_id = await self._send_input(job, fd, digest)
         except InputGone as exc:
             raise InputChanged(f"{exc.message}; nothing was converted") from None
         failpoints.hit("after-upload")
         metrics.record_uploaded(job.size)
-        return await self._advance(
-            job, Stage.UPLOADED, remote_file_id=file_id, sha256=digest, attempts=0
+        job = await self._advance(
+            job, Stage.SUBMITTING, remote_file_id=file_id, sha256=digest, attempts=0
         )
+        self.fresh_submits.add(job.id)
+        return job
+
+    async def _begin_upload(self, job: Job, digest: str) -> tuple[Job, tuple[Job, bool] | None]:
+        """One writer round trip: look for an earlier conversion of the same content and,
+        unless ``on_duplicate`` applies to it, mark the upload as begun.
+
+        Returns the job and, when the policy applies, the earlier job with whether its
+        output is still its own (the job is then left at its stage).
+        """
+        policy = self.settings.on_duplicate
+        store = self.db.store
+        begin = self._advance_call(job, Stage.UPLOADING, sha256=digest)
+
+        def run() -> tuple[Job, tuple[Job, bool] | None]:
+            found = None
+            if policy != "convert":
+                args = (digest, job.engine, job.language, job.output_format, job.id)
+                found = store.converted_before(*args)
+            if found is None or duplicates.decide(policy, True, found[1]) is Action.CONVERT:
+                return begin(), None
+            return job, found
+
+        return await self.db.call(run)
 
     async def _send_input(self, job: Job, fd: int, digest: str) -> str:
         """Upload the open input; InputChanged when it changed meanwhile (its signature,
@@ -561,36 +601,25 @@ class Pipeline:
             )
         return info.file_id
 
-    async def _reuse_earlier(self, job: Job, digest: str) -> Job | None:
-        """Apply ``on_duplicate`` when the same content was converted before; None means
-        convert it."""
-        policy = self.settings.on_duplicate
-        if policy == "convert":
+    async def _reuse_earlier(self, job: Job, digest: str, found: tuple[Job, bool]) -> Job | None:
+        """Apply ``on_duplicate`` to an input whose content was converted before (``found``:
+        the earlier job, and whether its output is still its own); None means convert it."""
+        earlier, current = found
+        action = duplicates.decide(self.settings.on_duplicate, True, current)
+        if action is Action.CONVERT:
             return None
-        found = await self.db.call(
-            self.db.store.converted_before,
-            digest,
-            job.engine,
-            job.language,
-            job.output_format,
-            job.id,
-        )
-        earlier, current = found if found is not None else (None, False)
-        action = duplicates.decide(policy, earlier is not None, current)
-        if earlier is None or action is duplicates.Action.CONVERT:
-            return None
-        if action is duplicates.Action.REUSE and not await self._copy_earlier(job, earlier):
+        if action is Action.REUSE and not await self._copy_earlier(job, earlier):
             return None
         log.info(
             "same content was converted before; "
-            + ("its output was reused" if action is duplicates.Action.REUSE else "skipped"),
+            + ("its output was reused" if action is Action.REUSE else "skipped"),
             job_id=job.id,
             path=job.path,
             earlier_job_id=earlier.id,
             earlier_path=earlier.path,
         )
         await asyncio.to_thread(outbox.remove_error_file, self.outbox, job.path)
-        output = job.output if action is duplicates.Action.REUSE else None
+        output = job.output if action is Action.REUSE else None
         return await self._advance(
             job,
             Stage.PUBLISHED,
@@ -637,7 +666,9 @@ class Pipeline:
         file_id = job.remote_file_id
         if file_id is None:  # only a hand-edited row gets here: start the job over
             return await self._advance(job, Stage.PENDING)
-        if job.stage is Stage.SUBMITTING:
+        fresh = job.id in self.fresh_submits
+        self.fresh_submits.discard(job.id)  # from here on a create may have been sent
+        if job.stage is Stage.SUBMITTING and not fresh:
             # An earlier attempt may have created the job without us learning its id.
             adopted = await self._find_remote_job(file_id)
             if adopted is not None:
@@ -647,7 +678,8 @@ class Pipeline:
                 f"gave up after {job.submits} conversions at the hub did not deliver an output",
                 code=job.error_code or "too_many_submits",
             )
-        job = await self._advance(job, Stage.SUBMITTING)
+        if job.stage is not Stage.SUBMITTING:
+            job = await self._advance(job, Stage.SUBMITTING)
         remote = await self.client.create_job(file_id, job.engine, job.language, job.output_format)
         failpoints.hit("after-create")
         return await self._submitted(job, remote.job_id)
@@ -729,9 +761,14 @@ class Pipeline:
         if self._disk_full_reported:
             self._disk_full_reported = False
             log.info("outputs are written again")
-        return await self._advance(
-            job, Stage.PUBLISHED, attempts=0, error_code=None, error_message=None
-        )
+        # With nothing to do to the input, "published" and "done" are one write.
+        stage = Stage.PUBLISHED if self._handles_input(job) else Stage.DONE
+        return await self._advance(job, stage, attempts=0, error_code=None, error_message=None)
+
+    def _handles_input(self, job: Job) -> bool:
+        """Whether the input is deleted or archived once its output is published."""
+        policy = job.on_success or self.settings.on_success
+        return policy == "delete" or (policy == "archive" and self.settings.archive_dir is not None)
 
     def _place_output(self, tmp: Path, final: Path, job: Job) -> None:
         """Check the download, publish it, drop a stale error file (one worker-thread hop)."""

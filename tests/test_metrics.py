@@ -114,7 +114,8 @@ def test_running_daemon_serves_metrics_and_health(
     # present and zero, not merely absent (value() reads a missing sample as 0)
     assert page[("ldx_hotfolder_jobs", (("status", "queued"),))] == 0
     assert page[("ldx_hotfolder_oldest_waiting_age_seconds", ())] == 0
-    for stage in ("upload", "submit", "convert", "download", "finish"):
+    # The inputs stay in the inbox (on_success = "keep"): no "finish" step handles them.
+    for stage in ("upload", "submit", "convert", "download"):
         assert value(page, "ldx_hotfolder_stage_seconds_count", stage=stage) >= 3, stage
     assert value(page, "ldx_hotfolder_errors_total", code="invalid_input", action="fail") == 1
     retried = [
@@ -134,7 +135,7 @@ def test_running_daemon_serves_metrics_and_health(
     entries = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
     completed = [e for e in entries if e["event"] == "job completed"]
     assert len(completed) == 3
-    assert set(completed[0]["stages"]) == {"upload", "submit", "convert", "download", "finish"}
+    assert set(completed[0]["stages"]) == {"upload", "submit", "convert", "download"}
     (failed,) = [e for e in entries if e["event"] == "job failed"]
     assert failed["path"] == "broken.pdf"
     assert "convert" in failed["stages"]

@@ -61,6 +61,22 @@ def test_kept_inputs_are_not_converted_again(
     assert len(emulator.hub.ledger()["jobs"]) == 2
 
 
+def test_a_clean_conversion_makes_no_recovery_requests(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """With nothing to recover, each input costs one upload, one create and one download,
+    and the hub's file and job lists (the crash-recovery lookups) are never asked for."""
+    for seed, kind in enumerate(("pdf", "png", "tiff")):
+        (folders["inbox"] / f"s{seed}.{kind[:3]}").write_bytes(make_scan(kind, 40 + seed))
+    assert once(daemon_config(tmp_path, folders, emulator.url)).exit_code == 0
+    requests = emulator.hub.ledger()["requests"]
+    assert requests.get("POST /files") == 3
+    assert requests.get("POST /renderocr/jobs") == 3
+    assert requests.get("GET /files/{file_id}/content") == 3
+    assert "GET /renderocr/jobs" not in requests
+    assert "GET /files" not in requests
+
+
 def test_on_success_delete_and_archive(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:

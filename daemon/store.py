@@ -390,7 +390,10 @@ def _converted_before_query() -> Select[Any]:
             jobs_table.c.engine == bindparam("engine"),
             jobs_table.c.language == bindparam("language"),
             jobs_table.c.output_format == bindparam("output_format"),
-            jobs_table.c.status == Status.COMPLETED.value,
+            # coalesce() keeps SQLite's planner off the status index: without it every
+            # lookup scanned all completed rows (O(table) per upload) instead of the
+            # few of one hash. status is never NULL, so the meaning is unchanged.
+            func.coalesce(jobs_table.c.status, "") == Status.COMPLETED.value,
             jobs_table.c.output.is_not(None),
             jobs_table.c.id != bindparam("exclude_id"),
         )

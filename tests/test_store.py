@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 
-from daemon.store import NewJob, Stage, Status, Store, status_of
+from daemon.store import _CONVERTED_BEFORE, NewJob, Stage, Status, Store, status_of
 
 
 def new(path: str = "a/scan.pdf", size: int = 10, mtime_ns: int = 1) -> NewJob:
@@ -115,3 +116,18 @@ def test_writes_wait_for_another_writer(store: Store, tmp_path: Path) -> None:
     releaser.join()
     other.close()
     assert job.id == 1
+
+
+def test_duplicate_lookup_searches_by_hash_not_by_status(store: Store) -> None:
+    """SQLite finds earlier conversions through the sha256 index, not by scanning every
+    completed row (which made each upload's lookup grow with the table)."""
+    compiled = _CONVERTED_BEFORE.compile(dialect=sqlite_dialect.dialect())
+    params = compiled.construct_params(
+        {"sha256": "a" * 64, "engine": "ki/ocr", "language": "jpn"}
+        | {"output_format": "docx", "exclude_id": 1}
+    )
+    values = [params[name] for name in compiled.positiontup or ()]
+    with store.engine.connect() as conn:
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", tuple(values)).all()
+    outer = plan[0][3]
+    assert "ix_jobs_sha256" in outer, plan

@@ -94,17 +94,36 @@ def profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
 
 
 def reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """Wait for ``proc`` with ``wait4``; return its peak RSS in bytes (ru_maxrss)."""
+    """Wait for ``proc`` with ``wait4``; return its peak RSS in bytes (VmHWM).
+
+    The peak is read from /proc while the process lives, not from ``ru_maxrss``: on
+    Linux a child's ``ru_maxrss`` starts from its parent's RSS at the fork before exec,
+    so it reported the bench's own size (168 MB) whenever that was larger.
+    """
     deadline = time.monotonic() + timeout
+    peak = 0
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        with contextlib.suppress(OSError):  # gone, or a zombie with no memory left
+            peak = max(peak, rss_bytes(proc.pid)[1])
+        pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return usage.ru_maxrss * KiB
+            return peak
         if time.monotonic() > deadline:
             proc.kill()
             deadline = time.monotonic() + 10
         time.sleep(0.02)
+
+
+def stop_and_reap(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
+    """Send ``sig``, wait; return the peak RSS in bytes (read first: a fast exit would
+    leave nothing to read)."""
+    peak = 0
+    with contextlib.suppress(OSError):
+        peak = rss_bytes(proc.pid)[1]
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(sig)
+    return max(peak, reap(proc, timeout))
 
 
 def _finish_profile(profiler: subprocess.Popen[bytes] | None) -> None:
@@ -281,9 +300,7 @@ class Daemon:
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, wait; return the peak RSS (bytes) over the daemon's whole life."""
         if self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            self.peak_rss = reap(self.proc, timeout)
+            self.peak_rss = stop_and_reap(self.proc, signal.SIGTERM, timeout)
         self._notify.close()
         shutil.rmtree(self._notify_dir, ignore_errors=True)
         _finish_profile(self._profiler)

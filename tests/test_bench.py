@@ -6,11 +6,15 @@ numbers mean nothing. The real runs are made by hand (see README, "Performance")
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from bench import perf
+from bench.harness import MiB, stop_and_reap
 
 
 @pytest.mark.timeout(400)  # seven scenarios, each starting real processes
@@ -23,3 +27,20 @@ def test_every_benchmark_runs_and_reports(
     for plan in perf.PLANS:
         for measure in plan.measures:
             assert f"{plan.title}: {measure.label}" in out, measure.key
+
+
+def test_peak_rss_is_the_childs_own_not_its_parents() -> None:
+    """The peak RSS the bench reports for a process is that process's own, even when the
+    bench itself is bigger (a child's ru_maxrss starts from its parent's RSS on Linux)."""
+    ballast = bytearray(256 * MiB)  # the parent, larger than the child will ever be
+    ballast[::4096] = b"\x01" * len(ballast[::4096])  # touched, so resident
+    child = "b = bytearray(64 * 2**20); b[::4096] = b'\\x01' * len(b[::4096]); "
+    child += "print('ready', flush=True); import sys; sys.stdin.read()"
+    with subprocess.Popen(
+        [sys.executable, "-c", child], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"ready\n"
+        peak = stop_and_reap(proc, signal.SIGTERM, timeout=30)
+    del ballast
+    assert 64 * MiB <= peak < 160 * MiB

@@ -61,6 +61,8 @@ PLANS = [
             Measure("reference_cpu_ms", "reference client CPU per file, ms", "{:.2f}"),
             Measure("daemon_cpu_ms", "daemon CPU per file, ms", "{:.2f}"),
             Measure("emulator_cpu_ms", "emulator CPU per file (daemon run), ms", "{:.2f}"),
+            Measure("cores_busy", "cores busy in the daemon run (daemon + emulator)", "{:.2f}"),
+            Measure("ratio_floor", "ratio floor: (daemon + emulator CPU) / cores", "{:.2f}"),
         ],
     ),
     Plan(

@@ -144,7 +144,17 @@ def throughput(ctx: Context) -> dict[str, float]:
         "ratio": seconds / reference["seconds"],
         "daemon_cpu_ms": cpu / files * 1000,
         "emulator_cpu_ms": emu_cpu / files * 1000,
+        "cores_busy": (cpu + emu_cpu) / seconds,
+        "ratio_floor": ratio_floor(cpu + emu_cpu, reference["seconds"], os.cpu_count() or 1),
     }
+
+
+def ratio_floor(cpu_seconds: float, reference_seconds: float, cores: int) -> float:
+    """The lowest daemon / reference ratio the measured CPU allows: the daemon and the
+    emulator spending ``cpu_seconds`` together, spread perfectly over ``cores``, could not
+    finish sooner than ``cpu_seconds / cores``; a daemon in one process under the GIL
+    stays well above this."""
+    return cpu_seconds / cores / reference_seconds
 
 
 def _cpu(emu: Emulator) -> float:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import perf
+from bench import perf, scenarios
 from bench.harness import MiB, stop_and_reap
 
 
@@ -44,3 +44,10 @@ def test_peak_rss_is_the_childs_own_not_its_parents() -> None:
         peak = stop_and_reap(proc, signal.SIGTERM, timeout=30)
     del ballast
     assert 64 * MiB <= peak < 160 * MiB
+
+
+def test_ratio_floor_spreads_the_cpu_over_the_cores() -> None:
+    """The floor is the CPU of the daemon's run spread over every core, against the
+    reference's wall time: 12 s of CPU on 2 cores cannot beat 6 s, twice a 3 s reference."""
+    assert scenarios.ratio_floor(12.0, 3.0, cores=2) == pytest.approx(2.0)
+    assert scenarios.ratio_floor(12.0, 3.0, cores=4) == pytest.approx(1.0)

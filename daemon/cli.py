@@ -40,6 +40,7 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 HUB_CHECK_TIMEOUT = 5.0  # seconds ``status`` waits for the hub
 PURGE_BATCH = 500  # jobs deleted per transaction
 Command = Callable[[argparse.Namespace], int]
+Options = Callable[[argparse.ArgumentParser], None]
 
 
 def iso(ts: float | None) -> str | None:
@@ -457,22 +458,112 @@ def build_parser() -> argparse.ArgumentParser:
         "/etc/ldx-hotfolder/config.toml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add(sub, common, "run", cmd_run, "run the daemon in the foreground")
-    _add(
-        sub,
-        common,
-        "once",
-        cmd_once,
-        "process what is in the inbox now, then exit "
-        "(0: all completed, 1: some failed, 2: configuration error)",
+    for name, func, help_text, options in _commands():
+        command = _add(sub, common, name, func, help_text)
+        if options is not None:
+            options(command)
+    return parser
+
+
+def _commands() -> list[tuple[str, Command, str, Options | None]]:
+    """Every subcommand: name, function, help, and what adds its own options."""
+    from daemon.emulator import cli as emulator_cli
+
+    return [
+        ("run", cmd_run, "run the daemon in the foreground", None),
+        (
+            "once",
+            cmd_once,
+            "process what is in the inbox now, then exit "
+            "(0: all completed, 1: some failed, 2: configuration error)",
+            None,
+        ),
+        ("status", cmd_status, "counts per status and recent failures", _status_options),
+        ("jobs", cmd_jobs, "one line per job, newest first", _jobs_options),
+        ("retry", cmd_retry, "put failed jobs back in the queue", _retry_options),
+        (
+            "purge",
+            cmd_purge,
+            "delete old final jobs from the state table (never a kept input's newest job)",
+            _purge_options,
+        ),
+        (
+            "health",
+            cmd_health,
+            "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind "
+            "or not running (for scripts and Docker's HEALTHCHECK)",
+            _json_option("print JSON"),
+        ),
+        (
+            "engines",
+            cmd_engines,
+            "the engines, languages and conversions the hub offers",
+            _engines_options,
+        ),
+        ("explain", cmd_explain, "why a file is or is not being processed", _explain_options),
+        (
+            "db",
+            cmd_db,
+            "the state database's schema: upgrade it to this version's, or show its version",
+            _db_options,
+        ),
+        (
+            "check",
+            cmd_check,
+            "validate configuration, folders and the API key, and say what is wrong",
+            None,
+        ),
+        ("emulator", cmd_emulator, "serve the LDX hub emulator", emulator_cli.configure_parser),
+        (
+            "demo",
+            cmd_demo,
+            "run emulator and daemon on sample scans and show the result",
+            _demo_options,
+        ),
+    ]
+
+
+def _json_option(help_text: str) -> Options:
+    def add(command: argparse.ArgumentParser) -> None:
+        command.add_argument("--json", action="store_true", help=help_text)
+
+    return add
+
+
+def _engines_options(engines: argparse.ArgumentParser) -> None:
+    engines.add_argument("--base-url", help="ask this hub instead of the configured one")
+    engines.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _explain_options(explained: argparse.ArgumentParser) -> None:
+    explained.add_argument(
+        "paths", nargs="+", metavar="PATH", help="a file or folder (in the inbox or relative to it)"
     )
-    status = _add(sub, common, "status", cmd_status, "counts per status and recent failures")
+    explained.add_argument("--json", action="store_true", help="print a JSON array")
+
+
+def _db_options(db: argparse.ArgumentParser) -> None:
+    db.add_argument(
+        "action",
+        choices=["upgrade", "version"],
+        help="upgrade: bring the schema up to this version's (one transaction); "
+        "version: print the database's schema version and the program's",
+    )
+
+
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--keep", metavar="DIR", help="leave the demo folders in DIR")
+
+
+def _status_options(status: argparse.ArgumentParser) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument("--failures", type=int, default=5, help="failures to list (default 5)")
     status.add_argument(
         "--no-hub", action="store_true", help="do not call the hub to check reachability and key"
     )
-    jobs = _add(sub, common, "jobs", cmd_jobs, "one line per job, newest first")
+
+
+def _jobs_options(jobs: argparse.ArgumentParser) -> None:
     jobs.add_argument("--status", choices=[s.value for s in Status], help="only this status")
     jobs.add_argument(
         "--path",
@@ -487,7 +578,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     jobs.add_argument("--limit", type=int, default=None, help="at most this many jobs")
     jobs.add_argument("--json", action="store_true", help="print a JSON array")
-    retry = _add(sub, common, "retry", cmd_retry, "put failed jobs back in the queue")
+
+
+def _retry_options(retry: argparse.ArgumentParser) -> None:
     # Either named jobs or every failed one, as design.md writes it; never both at once.
     retry.usage = "%(prog)s [-h] [-c PATH] [--json] (JOB_OR_PATH ... | --failed)"
     which = retry.add_mutually_exclusive_group()
@@ -500,13 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which.add_argument("--failed", action="store_true", help="every failed job")
     retry.add_argument("--json", action="store_true", help="print the requeued jobs as JSON")
-    purge = _add(
-        sub,
-        common,
-        "purge",
-        cmd_purge,
-        "delete old final jobs from the state table (never a kept input's newest job)",
-    )
+
+
+def _purge_options(purge: argparse.ArgumentParser) -> None:
     purge.add_argument("--completed", action="store_true", help="purge completed jobs")
     purge.add_argument("--failed", action="store_true", help="purge failed jobs")
     purge.add_argument(
@@ -518,54 +607,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
     purge.add_argument("--json", action="store_true", help="print JSON")
-    health = _add(
-        sub,
-        common,
-        "health",
-        cmd_health,
-        "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind "
-        "or not running (for scripts and Docker's HEALTHCHECK)",
-    )
-    health.add_argument("--json", action="store_true", help="print JSON")
-    engines = _add(
-        sub, common, "engines", cmd_engines, "the engines, languages and conversions the hub offers"
-    )
-    engines.add_argument("--base-url", help="ask this hub instead of the configured one")
-    engines.add_argument("--json", action="store_true", help="print JSON")
-    explained = _add(sub, common, "explain", cmd_explain, "why a file is or is not being processed")
-    explained.add_argument(
-        "paths", nargs="+", metavar="PATH", help="a file or folder (in the inbox or relative to it)"
-    )
-    explained.add_argument("--json", action="store_true", help="print a JSON array")
-    db = _add(
-        sub,
-        common,
-        "db",
-        cmd_db,
-        "the state database's schema: upgrade it to this version's, or show its version",
-    )
-    db.add_argument(
-        "action",
-        choices=["upgrade", "version"],
-        help="upgrade: bring the schema up to this version's (one transaction); "
-        "version: print the database's schema version and the program's",
-    )
-    _add(
-        sub,
-        common,
-        "check",
-        cmd_check,
-        "validate configuration, folders and the API key, and say what is wrong",
-    )
-    emulator = _add(sub, common, "emulator", cmd_emulator, "serve the LDX hub emulator")
-    from daemon.emulator import cli as emulator_cli
-
-    emulator_cli.configure_parser(emulator)
-    demo = _add(
-        sub, common, "demo", cmd_demo, "run emulator and daemon on sample scans and show the result"
-    )
-    demo.add_argument("--keep", metavar="DIR", help="leave the demo folders in DIR")
-    return parser
 
 
 def _duration(text: str) -> float:

@@ -98,23 +98,9 @@ class Service:
         self.started_at = time.time()
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the watcher runs and the start-up scan is done
-        # An SQLite file belongs to this one daemon, which upgrades its schema itself; a
-        # shared database is upgraded by the operator (``db upgrade``).
-        url = settings.database_url
-        store = Store(url, upgrade=url.startswith("sqlite"))
         metrics.set_instance(settings.instance_id)
-        if not store.integrity_ok():
-            raise ConfigError(f"the state database {settings.state_db} failed its integrity check")
-        self.db = Db(store)
-        hub = settings.hub
-        self.client = HubClient(
-            hub.base_url,
-            api_key,
-            timeout=hub.timeout + hub.poll_wait,
-            deadline=hub.deadline,
-            min_transfer_rate=hub.min_transfer_rate,
-            max_connections=settings.max_in_flight + 8,
-        )
+        self.db = Db(_open_store(settings))
+        self.client = _hub_client(settings, api_key)
         self.pipeline = Pipeline(
             settings, self.db, self.client, key_source=lambda: resolve_api_key(settings.hub)
         )
@@ -332,6 +318,31 @@ def instance_conflict(
     return (
         f"another instance runs under instance_id {existing.id!r} ({where}, seen "
         f"{now - existing.seen_at:.0f} s ago); give each instance its own instance_id"
+    )
+
+
+def _open_store(settings: Settings) -> Store:
+    """The state database, checked and at this version's schema."""
+    # An SQLite file belongs to this one daemon, which upgrades its schema itself; a
+    # shared database is upgraded by the operator (``db upgrade``).
+    url = settings.database_url
+    store = Store(url, upgrade=url.startswith("sqlite"))
+    if not store.integrity_ok():
+        store.close()
+        raise ConfigError(f"the state database {settings.state_db} failed its integrity check")
+    return store
+
+
+def _hub_client(settings: Settings, api_key: str) -> HubClient:
+    """The hub client, with room in its pool for every job in flight and a few lookups."""
+    hub = settings.hub
+    return HubClient(
+        hub.base_url,
+        api_key,
+        timeout=hub.timeout + hub.poll_wait,
+        deadline=hub.deadline,
+        min_transfer_rate=hub.min_transfer_rate,
+        max_connections=settings.max_in_flight + 8,
     )
 
 

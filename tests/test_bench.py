@@ -30,8 +30,8 @@ def test_every_benchmark_runs_and_reports(
 
 
 def test_peak_rss_is_the_childs_own_not_its_parents() -> None:
-    """The peak RSS the bench reports for a process is that process's own, even when the
-    bench itself is bigger (a child's ru_maxrss starts from its parent's RSS on Linux)."""
+    """The bench reports a process's own peak RSS, even when the bench itself is bigger."""
+    # On Linux a child's ru_maxrss starts from its parent's RSS.
     ballast = bytearray(256 * MiB)  # the parent, larger than the child will ever be
     ballast[::4096] = b"\x01" * len(ballast[::4096])  # touched, so resident
     child = "b = bytearray(64 * 2**20); b[::4096] = b'\\x01' * len(b[::4096]); "
@@ -47,7 +47,7 @@ def test_peak_rss_is_the_childs_own_not_its_parents() -> None:
 
 
 def test_ratio_floor_spreads_the_cpu_over_the_cores() -> None:
-    """The floor is the CPU of the daemon's run spread over every core, against the
-    reference's wall time: 12 s of CPU on 2 cores cannot beat 6 s, twice a 3 s reference."""
+    """The ratio floor is the run's CPU spread over all cores, against the reference's wall time."""
+    # The CPU is the daemon's; 12 s of it on 2 cores cannot beat 6 s, twice a 3 s reference.
     assert scenarios.ratio_floor(12.0, 3.0, cores=2) == pytest.approx(2.0)
     assert scenarios.ratio_floor(12.0, 3.0, cores=4) == pytest.approx(1.0)

@@ -50,8 +50,8 @@ def test_parser_has_every_subcommand_of_the_contract() -> None:
 
 @pytest.mark.parametrize("command", sorted(subparsers()))
 def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    """Each subcommand (all the parser has) prints help naming -c/--config and exits 0,
-    and every one of its options and arguments says what it does."""
+    """Every subcommand's help names -c/--config, exits 0 and describes each option and argument."""
+    # Covers all the subcommands the parser has.
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
     assert info.value.code == 0
@@ -163,8 +163,8 @@ def test_status_text_lists_failures(
 def test_retry_by_path_id_and_failed(
     tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """retry re-queues a failed job by path or id; unknown targets are named, exit 1;
-    naming jobs together with --failed is refused, exit 2."""
+    """retry re-queues by path or id; unknown ones named, exit 1; jobs plus --failed: exit 2."""
+    # It re-queues failed jobs; naming jobs together with --failed is refused.
     seeded_store(folders).close()
     config = write_config(tmp_path / "c.toml", base(folders))
     code, out = run_main(["retry", "b.pdf", "-c", str(config)], capsys)

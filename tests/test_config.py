@@ -74,8 +74,8 @@ def test_invalid_value_lists_allowed(tmp_path: Path, folders: dict[str, Path]) -
 
 
 def test_bad_use_polling_is_one_clear_line(tmp_path: Path, folders: dict[str, Path]) -> None:
-    """use_polling accepts "auto", true or false (also as words); anything else is one
-    message naming the choices, not one per member of the union."""
+    """use_polling takes "auto", true or false; anything else is one message naming the choices."""
+    # true and false may also be given as words; one message, not one per member of the union.
     path = write_config(tmp_path / "c.toml", {**base(folders), "use_polling": "sometimes"})
     with pytest.raises(ConfigError) as info:
         load_settings(path)

@@ -12,9 +12,9 @@ from daemon.ooxml import verify_package
 
 
 def test_demo_converts_every_format_in_nested_folders(tmp_path: Path) -> None:
-    """demo exits 0 with a valid docx for a PDF, TIFF, JPEG, PNG and BMP in nested folders,
-    an error file for the broken PDF, and shows the job table and the outbox; a -c it
-    does not use gets a note, not a failure."""
+    """demo exits 0 with a valid docx for a PDF, TIFF, JPEG, PNG and BMP in nested folders."""
+    # It also writes an error file for the broken PDF and shows the job table and the outbox;
+    # a -c it does not use gets a note, not a failure.
     root = tmp_path / "demo"
     unused = tmp_path / "no-such-config.toml"
     result = subprocess.run(

@@ -165,8 +165,8 @@ def test_compose_example_is_locked_down() -> None:
 
 
 def test_scale_out_compose_shares_inbox_outbox_and_database_only() -> None:
-    """compose.scale.yaml: two locked-down instances with their own ids and local state,
-    one inbox, outbox and PostgreSQL database, the schema upgraded before they start."""
+    """compose.scale.yaml: two locked-down instances share only inbox, outbox and PostgreSQL DB."""
+    # Each has its own id and local state; the schema is upgraded before they start.
     compose = yaml.safe_load((REPO / "compose.scale.yaml").read_text(encoding="utf-8"))
     services = compose["services"]
     instances = [services["ldx-hotfolder-1"], services["ldx-hotfolder-2"]]

@@ -139,8 +139,8 @@ def test_kill_while_in_flight_does_not_pay_twice(tmp_path: Path, folders: dict[s
 
 
 def test_wrong_key_pauses_then_resumes(tmp_path: Path, folders: dict[str, Path]) -> None:
-    """A rejected key: check says so; run logs one error and pauses, failing nothing, while
-    it keeps retrying the key; it resumes once the key file is fixed."""
+    """Wrong key: check says so; run logs one error, pauses failing nothing, resumes once fixed."""
+    # While paused it keeps retrying the key; it resumes once the key file is fixed.
     with EmulatorServer(EmulatorSettings(processing_time=0.1)) as hub:
         config = daemon_config(
             tmp_path, folders, hub.url, key="wrong-key", auth_recheck_interval=0.3

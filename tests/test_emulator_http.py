@@ -295,8 +295,8 @@ def test_uploads_over_the_cap_get_413(emulator: EmulatorServer, client: httpx.Cl
 def test_stalled_download_sends_half_then_hangs(
     emulator: EmulatorServer, client: httpx.Client
 ) -> None:
-    """A stalled download delivers half the body, then nothing until the client gives up;
-    the ledger tells when it gave up."""
+    """A stalled download sends half the body, then nothing until the client gives up."""
+    # The ledger tells when the client gave up.
     data = b"%PDF" + bytes(39_996)
     url = f"/files/{upload(client, data)['file_id']}/content"
     client.post("/_emulator/faults", json={"stall_downloads": 1})
@@ -591,8 +591,8 @@ def test_cli_parser_defaults_and_ranges() -> None:
 
 
 def test_cli_run_announces_serves_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    """``ldx-hotfolder emulator`` prints its URL and key, serves the API, exits 0 on
-    SIGINT, and notes that it does not read a -c file."""
+    """``ldx-hotfolder emulator`` prints URL and key, serves the API, exits 0 on SIGINT."""
+    # It also notes that it does not read a -c file.
     unused = tmp_path / "config.toml"
     command = [sys.executable, "-m", "daemon", "emulator", "-c", str(unused)]
     command += ["--port", "0", "--api-key", "k1", "--data-dir", str(tmp_path)]

@@ -55,9 +55,9 @@ def test_placeholders_and_incomplete_files_wait_show_as_stalled_and_explain(
     emulator: EmulatorServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """An empty placeholder waits (stalled in status) until it is filled; an incomplete PDF
-    waits too, and fails with its reason only once unchanged for incomplete_timeout;
-    explain tells each."""
+    """Empty placeholders and incomplete PDFs wait, shown stalled in status; explain tells each."""
+    # An empty placeholder waits until it is filled; an incomplete PDF fails with its reason
+    # only once unchanged for incomplete_timeout.
     inbox = folders["inbox"]
     db = folders["state"] / "state.db"
     patient = daemon_config(tmp_path, folders, emulator.url, stalled_after=0.5)
@@ -97,8 +97,8 @@ def test_placeholders_and_incomplete_files_wait_show_as_stalled_and_explain(
 def test_unsupported_content_fails_at_once_whatever_the_name(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """Types come from content: a .docx renamed .pdf or text fails with no hub call;
-    real scans with any extension case convert."""
+    """Content decides: a .docx renamed .pdf or text fails with no hub call; real scans convert."""
+    # Real scans convert whatever the case of their extension.
     inbox = folders["inbox"]
     (inbox / "renamed.pdf").write_bytes(b"PK\x03\x04" + b"\x00" * 200)
     (inbox / "notes.PDF").write_text("meeting notes\n", encoding="utf-8")

@@ -169,8 +169,8 @@ def test_crash_at_each_step_recovers(
     point: str,
     hit: int,
 ) -> None:
-    """A crash at any step, at any of its first three hits, recovers to exactly one output
-    each, adopting what the hub already has; a second start changes nothing."""
+    """A crash at any step, at any of its first 3 hits, recovers to exactly one output each."""
+    # Recovery adopts what the hub already has; a second start changes nothing.
     shared_hub.hub.reset_ledger()
     inputs = drop_scans(folders["inbox"], 3, seed=hit)
     archive = str(tmp_path / "archive")

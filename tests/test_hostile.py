@@ -79,8 +79,8 @@ def odd_names(inbox: Path) -> dict[bytes, bytes]:
 def test_hostile_inbox(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, use_polling: bool
 ) -> None:
-    """Nothing behind a link or special file is read, odd names convert to safe outputs,
-    junk is never uploaded, the daemon keeps running, and explain reports every case."""
+    """Links and special files are not read; odd names get safe outputs; junk is never uploaded."""
+    # Throughout, the daemon keeps running, and explain reports every case.
     inbox, outside = folders["inbox"], tmp_path / "outside"
     outside.mkdir()
     before_outside = sorted(p.name for p in tmp_path.iterdir())

@@ -22,8 +22,8 @@ def upload_requests(emulator: EmulatorServer) -> int:
 def test_content_changed_during_upload_is_taken_again(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """A change during the upload (same size, mtime and inode) discards it; no job fails,
-    and the new version converts once."""
+    """A change during upload discards it; no job fails, and the new version converts once."""
+    # The changed content keeps the same size, mtime and inode.
     scan = folders["inbox"] / "scan.pdf"
     original = big_pdf(12 * 1024 * 1024, seed=5)
     changed = bytearray(original)
@@ -57,8 +57,8 @@ def test_content_changed_during_upload_is_taken_again(
 def test_deleted_and_renamed_before_upload(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """A queued input deleted before its upload leaves no job; a renamed one converts
-    once under its new name; nothing fails and the daemon goes on."""
+    """A deleted input leaves no job; a renamed one converts once under its new name."""
+    # Both happen after the input is queued, before its upload; nothing fails, the daemon goes on.
     inbox = folders["inbox"]
     db = folders["state"] / "state.db"
     config = daemon_config(tmp_path, folders, emulator.url, max_in_flight=1)

@@ -64,8 +64,8 @@ def test_kept_inputs_are_not_converted_again(
 def test_a_clean_conversion_makes_no_recovery_requests(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """With nothing to recover, each input costs one upload, one create and one download,
-    and the hub's file and job lists (the crash-recovery lookups) are never asked for."""
+    """With nothing to recover, an input costs one upload, create and download; no list lookups."""
+    # The hub's file and job lists (the crash-recovery lookups) are never asked for.
     for seed, kind in enumerate(("pdf", "png", "tiff")):
         (folders["inbox"] / f"s{seed}.{kind[:3]}").write_bytes(make_scan(kind, 40 + seed))
     assert once(daemon_config(tmp_path, folders, emulator.url)).exit_code == 0
@@ -99,8 +99,8 @@ def test_on_success_delete_and_archive(
 def test_failed_inputs_are_never_deleted_or_moved(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, on_success: str
 ) -> None:
-    """Whatever on_success says, a failed input (broken at the hub, or refused) stays put;
-    only the converted one is deleted or archived."""
+    """Whatever on_success is, failed inputs stay put; only converted ones are deleted/archived."""
+    # Failed means broken at the hub, or refused.
     inbox, archive = folders["inbox"], tmp_path / "archive"
     broken_pdf = b"%PDF-1.3\nThis is not a valid PDF file\n%%EOF\n"
     (inbox / "x").mkdir()

@@ -52,8 +52,8 @@ def drop(inbox: Path, rel: str, seed: int) -> None:
 def test_rules_route_formats_and_languages(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """Three rule-routed folders give xlsx, pptx and docx, a folder file and the defaults
-    route the rest; the hub's ledger shows each job's routed format and language."""
+    """Rules route three folders to xlsx, pptx, docx; a folder file and defaults route the rest."""
+    # The hub's ledger shows each job's routed format and language.
     expected = {  # path: (output, format, language, the rule recorded on the row)
         "invoices/2026/a.pdf": ("invoices/2026/a.xlsx", "xlsx", "eng", "rules[1] invoices/**"),
         "slides/deck.pdf": ("slides/deck.pptx", "pptx", "deu", "rules[2] slides/**"),
@@ -177,8 +177,8 @@ def test_hooks_get_the_facts_and_a_hanging_one_never_holds_up_work(
     emulator: EmulatorServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """Success and failure hooks get the job's facts; while a failure hook hangs, other
-    files convert; it is killed at its timeout, the job stays as it was, status shows it."""
+    """Success and failure hooks get the job's facts; a hanging one never holds up other files."""
+    # The hanging failure hook is killed at its timeout; the job stays as it was; status shows it.
     seen = tmp_path / "seen"
     seen.mkdir()
     hooks = (
@@ -255,8 +255,7 @@ def test_webhook_retried_after_a_500_from_the_receiver(
     emulator: EmulatorServer,
     receiver: tuple[str, type[WebhookReceiver]],
 ) -> None:
-    """The daemon's webhook is sent again after the receiver's 500; nothing is recorded
-    as a hook failure and the conversion is untouched."""
+    """Webhook resent after the receiver's 500; no hook failure recorded; conversion untouched."""
     url, handler = receiver
     handler.answers[:] = [500]
     drop(folders["inbox"], "invoices/x.pdf", 3)

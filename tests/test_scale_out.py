@@ -91,8 +91,8 @@ def _remote_ids(rows: list[dict[str, Any]], ids: Any) -> dict[int, str]:
 def test_three_instances_one_killed_convert_every_file_exactly_once(
     tmp_path: Path, pg_url: str
 ) -> None:
-    """3 daemons, 300 files, one SIGKILLed: 300 outputs once each, remote jobs <= 300 +
-    its jobs in flight, those finished by the others after its lease, fair shares."""
+    """3 daemons, 300 files, one SIGKILLed: 300 outputs, once each, in fair shares."""
+    # Remote jobs <= 300 + the killed one's jobs in flight; the others finish those after its lease.
     settings = EmulatorSettings(processing_time=(0.3, 0.8), seed=5)
     with EmulatorServer(settings) as hub:
         cluster = Cluster(tmp_path, pg_url, hub.url)
@@ -138,8 +138,8 @@ def test_three_instances_one_killed_convert_every_file_exactly_once(
 def test_one_instance_on_sqlite_killed_and_restarted_converts_every_file_once(
     tmp_path: Path,
 ) -> None:
-    """The same run on SQLite with a single instance: killed mid-run, restarted under
-    its id, it takes its own jobs back at once; 300 outputs, remote jobs bounded."""
+    """On SQLite, one instance killed, restarted under its id: 300 outputs, remote jobs bounded."""
+    # The same run as above, on a single instance; on restart it takes its own jobs back at once.
     settings = EmulatorSettings(processing_time=(0.3, 0.8), seed=6)
     url = f"sqlite:///{tmp_path / 'state' / 'state.db'}"
     (tmp_path / "state").mkdir()

@@ -183,8 +183,8 @@ def _legacy_sqlite(path: Path) -> None:
 def test_a_database_from_before_versions_is_upgraded_keeping_every_job(
     tmp_path: Path, folders: dict[str, Path]
 ) -> None:
-    """An SQLite file of the old code: read commands say to upgrade (exit 2), ``db upgrade``
-    keeps every row and makes it resumable; a second upgrade changes nothing."""
+    """Old SQLite file: read commands exit 2 saying to upgrade; ``db upgrade`` keeps every row."""
+    # The upgraded rows are resumable; a second upgrade changes nothing.
     db = folders["state"] / "state.db"
     _legacy_sqlite(db)
     config = daemon_config(tmp_path, folders, "http://127.0.0.1:9")
@@ -226,8 +226,8 @@ def test_the_daemon_upgrades_its_own_sqlite_file(tmp_path: Path) -> None:
 def test_an_older_shared_database_stops_the_daemon(
     tmp_path: Path, folders: dict[str, Path], pg_url: str
 ) -> None:
-    """A PostgreSQL database of an older schema is never upgraded behind the other
-    instances' backs: ``once`` exits 2 and names ``db upgrade``, which then works."""
+    """An older PostgreSQL schema: ``once`` exits 2 and names ``db upgrade``, which then works."""
+    # A shared database is never upgraded behind the other instances' backs.
     engine = create_engine(pg_url)
     with engine.begin() as conn:
         schema.MIGRATIONS[0](conn)
@@ -291,8 +291,8 @@ def test_jobs_and_status_show_which_instance_holds_which_job(
 
 
 def test_instance_ids_in_use_are_refused() -> None:
-    """A live instance under the same id (another host, or another live process here)
-    stops a new one; an earlier run of this instance does not."""
+    """A live instance under the same id stops a new one; an earlier run of this one does not."""
+    # Live means on another host, or another live process on this one.
     row = Instance("n1", "host-a", 100, started_at=0.0, seen_at=50.0)
     alive = {100}.__contains__
     assert instance_conflict(None, "host-a", 200, 55.0, 30.0) is None
@@ -310,8 +310,8 @@ def test_instance_ids_in_use_are_refused() -> None:
 def test_a_clean_stop_frees_the_id_and_shows_as_stopped(
     tmp_path: Path, folders: dict[str, Path], db_url: str
 ) -> None:
-    """Releasing at a clean stop records it: the id is free and ``status`` says
-    "stopped", not "alive", even within the lease."""
+    """A clean stop frees the id; ``status`` says "stopped", not "alive", even within the lease."""
+    # Releasing at a clean stop records it.
     store = Store(db_url)
     try:
         store.register_instance("node-7", "host-a", 4242, now=9e9)
@@ -358,8 +358,8 @@ def test_every_metric_sample_carries_the_instance_label() -> None:
 
 
 def test_a_failing_call_does_not_take_its_batch_down(db_url: str) -> None:
-    """Group commit: a call that fails in the database (which aborts the whole
-    transaction on PostgreSQL) fails alone; the calls batched with it are committed."""
+    """Group commit: a call failing in the database fails alone; calls batched with it commit."""
+    # On PostgreSQL such a failure aborts the whole transaction.
     db = Db(Store(db_url))
 
     def slow() -> None:  # holds the writer so that the next calls queue up as one batch
@@ -388,8 +388,8 @@ def test_a_failing_call_does_not_take_its_batch_down(db_url: str) -> None:
 
 
 def test_output_names_are_claimed_one_instance_at_a_time(db_url: str) -> None:
-    """Two instances queueing scan.pdf and scan.png of one folder at the same moment:
-    under intake's lock the second sees the first's claim, so the outputs differ."""
+    """Two instances queueing scan.pdf and scan.png of one folder at once get different outputs."""
+    # Under intake's lock the second sees the first's claim.
     stores = [Store(db_url), Store(db_url)]
     barrier = threading.Barrier(2)
     candidates = ["scan.docx", "scan.png.docx", "scan.pdf.docx"]

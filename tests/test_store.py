@@ -119,8 +119,8 @@ def test_writes_wait_for_another_writer(store: Store, tmp_path: Path) -> None:
 
 
 def test_duplicate_lookup_searches_by_hash_not_by_status(store: Store) -> None:
-    """SQLite finds earlier conversions through the sha256 index, not by scanning every
-    completed row (which made each upload's lookup grow with the table)."""
+    """SQLite finds earlier conversions through the sha256 index, not by scanning completed rows."""
+    # Scanning every completed row made each upload's lookup grow with the table.
     compiled = _CONVERTED_BEFORE.compile(dialect=sqlite_dialect.dialect())
     params = compiled.construct_params(
         {"sha256": "a" * 64, "engine": "ki/ocr", "language": "jpn"}

@@ -65,8 +65,7 @@ def test_lost_events_are_recovered_by_the_rescan(
     capsys: pytest.CaptureFixture[str],
     use_polling: bool,
 ) -> None:
-    """With every filesystem event dropped, files still convert, found by the rescan;
-    later rescans find nothing new."""
+    """With every filesystem event dropped, files convert via the rescan; later ones find none."""
     monkeypatch.setattr(Intake, "hint", lambda self, path, is_dir: None)  # events lost
     config = daemon_config(
         tmp_path, folders, emulator.url, rescan_interval=1.0, use_polling=use_polling
@@ -95,8 +94,8 @@ def test_inotify_overflow_rescans_at_once(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """An inotify queue overflow (reported by watchdog only as a log line) makes the daemon
-    rescan at once: files whose events were lost convert long before the rescan interval."""
+    """An inotify overflow makes the daemon rescan at once, long before the rescan interval."""
+    # watchdog reports the overflow only as a log line; the files' own events are lost.
     monkeypatch.setattr(Intake, "hint", lambda self, path, is_dir: None)  # events lost
     config = daemon_config(
         tmp_path, folders, emulator.url, rescan_interval=3600.0, use_polling=False
@@ -233,8 +232,8 @@ def share(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 def test_network_share_inbox_is_polled(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, share: tuple[Path, Path]
 ) -> None:
-    """An inbox on FUSE, written behind its back (as another SMB/NFS client would), is
-    polled with use_polling = "auto" and no other setting; files convert promptly."""
+    """A FUSE inbox written behind its back is polled with use_polling = "auto"; files convert."""
+    # Written as another SMB/NFS client would; no other setting is needed; files convert promptly.
     backing, mount = share
     folders = {**folders, "inbox": mount}
     # use_polling and polling_interval stay at their defaults; the rescan is pushed out
@@ -253,8 +252,8 @@ def test_network_share_inbox_is_polled(
 def test_inotify_watch_limit_falls_back_to_polling(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """Out of inotify watches: the log names fs.inotify.max_user_watches and the daemon
-    polls instead of failing. (Runs in a user namespace whose watch limit is 4.)"""
+    """Out of inotify watches, the daemon logs fs.inotify.max_user_watches and polls instead."""
+    # Runs in a user namespace whose watch limit is 4.
     if (
         shutil.which("unshare") is None
         or subprocess.run(["unshare", "-Ur", "true"], check=False, capture_output=True).returncode
@@ -288,8 +287,8 @@ def test_inotify_watch_limit_falls_back_to_polling(
 
 
 def test_reading_inbox_files_wakes_no_observer(tmp_path: Path) -> None:
-    """Opening and reading an inbox file (as the daemon does to hash and upload it) sends
-    no event through inotify: only creations, writes and moves reach the observer."""
+    """Reading an inbox file makes no inotify event; only creations, writes and moves are seen."""
+    # The daemon opens and reads inputs to hash and upload them.
     inbox = tmp_path / "inbox"
     inbox.mkdir()
     seen: list[tuple[str, str]] = []

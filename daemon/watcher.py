@@ -6,10 +6,11 @@ the event loop with ``call_soon_threadsafe``.
 
 How the inbox is watched follows ``use_polling`` and the mount table (``daemon.mounts``):
 inotify where the kernel sees every change, polling where it cannot (network and FUSE
-filesystems). Polling lists folders with ``lstat``, so it never follows a symlink out of
-the inbox. When inotify runs out of watches the watcher names the sysctl to raise and
-polls instead. A dead observer or emitter thread is noticed by ``healthy`` and the
-watcher is restarted by its owner; an inotify queue overflow asks for a rescan at once.
+filesystems). Polling (``daemon.polling``) lists folders with ``lstat``, so it never
+follows a symlink out of the inbox. When inotify runs out of watches the watcher names
+the sysctl to raise and polls instead. A dead observer or emitter thread is noticed by
+``healthy`` and the watcher is restarted by its owner; an inotify queue overflow asks
+for a rescan at once.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ from watchdog.events import (
 )
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
-from watchdog.observers.polling import PollingObserverVFS
 
 from daemon.logs import get_logger
 from daemon.mounts import UsePolling, WatchPlan, plan_for
+from daemon.polling import LeanPollingObserver
 
 Hint = Callable[[str, bool], None]
 log = get_logger(component="watcher")
@@ -93,11 +94,6 @@ class _OverflowAlarm(logging.Handler):
 
 def _as_str(path: str | bytes) -> str:
     return os.fsdecode(path) if isinstance(path, bytes) else path
-
-
-def _polling_observer(interval: float) -> BaseObserver:
-    # lstat, not stat: a symlinked folder is a link, never a folder to walk into.
-    return PollingObserverVFS(stat=os.lstat, listdir=os.scandir, polling_interval=interval)
 
 
 class Watcher:
@@ -174,7 +170,7 @@ class Watcher:
         return True
 
     def _start_polling(self, loop: asyncio.AbstractEventLoop, folders: list[Path]) -> BaseObserver:
-        observer = _polling_observer(self._interval)
+        observer = LeanPollingObserver(self._interval)
         for folder in folders:
             observer.schedule(
                 _Forwarder(loop, self._hint),

@@ -492,7 +492,7 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
             cmd_health,
             "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind "
             "or not running (for scripts and Docker's HEALTHCHECK)",
-            _json_option("print JSON"),
+            _json_flag,
         ),
         (
             "engines",
@@ -523,23 +523,20 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
     ]
 
 
-def _json_option(help_text: str) -> Options:
-    def add(command: argparse.ArgumentParser) -> None:
-        command.add_argument("--json", action="store_true", help=help_text)
-
-    return add
+def _json_flag(command: argparse.ArgumentParser, help_text: str = "print JSON") -> None:
+    command.add_argument("--json", action="store_true", help=help_text)
 
 
 def _engines_options(engines: argparse.ArgumentParser) -> None:
     engines.add_argument("--base-url", help="ask this hub instead of the configured one")
-    engines.add_argument("--json", action="store_true", help="print JSON")
+    _json_flag(engines)
 
 
 def _explain_options(explained: argparse.ArgumentParser) -> None:
     explained.add_argument(
         "paths", nargs="+", metavar="PATH", help="a file or folder (in the inbox or relative to it)"
     )
-    explained.add_argument("--json", action="store_true", help="print a JSON array")
+    _json_flag(explained, "print a JSON array")
 
 
 def _db_options(db: argparse.ArgumentParser) -> None:
@@ -556,7 +553,7 @@ def _demo_options(demo: argparse.ArgumentParser) -> None:
 
 
 def _status_options(status: argparse.ArgumentParser) -> None:
-    status.add_argument("--json", action="store_true", help="print JSON")
+    _json_flag(status)
     status.add_argument("--failures", type=int, default=5, help="failures to list (default 5)")
     status.add_argument(
         "--no-hub", action="store_true", help="do not call the hub to check reachability and key"
@@ -577,7 +574,7 @@ def _jobs_options(jobs: argparse.ArgumentParser) -> None:
         "--newer-than", type=_duration, metavar="AGE", help="only jobs queued within AGE (30m)"
     )
     jobs.add_argument("--limit", type=int, default=None, help="at most this many jobs")
-    jobs.add_argument("--json", action="store_true", help="print a JSON array")
+    _json_flag(jobs, "print a JSON array")
 
 
 def _retry_options(retry: argparse.ArgumentParser) -> None:
@@ -592,7 +589,7 @@ def _retry_options(retry: argparse.ArgumentParser) -> None:
         help="job id or input path (relative to the inbox)",
     )
     which.add_argument("--failed", action="store_true", help="every failed job")
-    retry.add_argument("--json", action="store_true", help="print the requeued jobs as JSON")
+    _json_flag(retry, "print the requeued jobs as JSON")
 
 
 def _purge_options(purge: argparse.ArgumentParser) -> None:
@@ -606,7 +603,7 @@ def _purge_options(purge: argparse.ArgumentParser) -> None:
         help="only jobs that finished more than AGE ago (30d, 12h)",
     )
     purge.add_argument("--dry-run", action="store_true", help="count, delete nothing")
-    purge.add_argument("--json", action="store_true", help="print JSON")
+    _json_flag(purge)
 
 
 def _duration(text: str) -> float:

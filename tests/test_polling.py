@@ -72,7 +72,7 @@ class _Recorder(FileSystemEventHandler):
         with self._lock:
             return (kind, str(path)) in self.events
 
-    def snapshot(self) -> list[tuple[str, str]]:
+    def so_far(self) -> list[tuple[str, str]]:
         with self._lock:
             return list(self.events)
 
@@ -108,7 +108,7 @@ def test_a_real_observer_reports_each_change_once(tmp_path: Path) -> None:
     finally:
         observer.stop()
         observer.join(timeout=10)
-    events = recorder.snapshot()
+    events = recorder.so_far()
     assert ("created", str(inbox / "sub")) in events
     assert not any(path == str(inbox / "old.pdf") for _, path in events)
     assert len(events) == len(set(events)), events  # each change reported once

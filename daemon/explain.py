@@ -406,6 +406,8 @@ def _completed(job: Job, rules: Rules, facts: Facts) -> list[str]:
             f"converted before{source}, and on_duplicate = skip."
         ]
     lines = [f"Completed on {when}: output {rules.outbox / job.output} (job #{job.id})."]
+    if job.error_code == "input_kept" and job.error_message:
+        lines.append(f"But {job.error_message}.")
     if converted:
         lines.append(
             f"Converted by the hub (hub job {job.remote_job_id}) with engine {job.engine}, "

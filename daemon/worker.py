@@ -429,6 +429,9 @@ class Pipeline:
 
     async def _defer(self, job: Job, exc: RetryLater) -> None:
         attempts = job.attempts + 1
+        if attempts > self.settings.max_attempts and job.stage is Stage.PUBLISHED:
+            await self._leave_input(job, exc)
+            return
         if attempts > self.settings.max_attempts:
             message = f"{exc.message} (gave up after {job.attempts} retries)"
             await self._fail(job, JobFailed(message, code=exc.code))
@@ -452,6 +455,32 @@ class Pipeline:
             error_code=exc.code,
             error_message=exc.message,
         )
+
+    async def _leave_input(self, job: Job, exc: RetryLater) -> None:
+        """The output is published but the input cannot be deleted or archived: the job
+        is done all the same (failing it would convert and pay again on retry), and the
+        row and the log say why the input is still in the inbox."""
+        verb = "deleted" if (job.on_success or self.settings.on_success) == "delete" else "archived"
+        message = (
+            f"the output {job.output} is published, but the input could not be {verb} "
+            f"({exc.message}; tried {job.attempts + 1} times); it stays in the inbox"
+        )
+        done = await self._advance(
+            job, Stage.DONE, attempts=0, error_code="input_kept", error_message=message
+        )
+        metrics.record_error("input_kept", "fail")
+        metrics.record_finished("completed")
+        where = "its folder" if verb == "deleted" else "its folder and archive_dir"
+        log.error(
+            f"job completed, but its input could not be {verb}",
+            job_id=job.id,
+            path=job.path,
+            output=job.output,
+            reason=exc.message,
+            fix=f"check that the daemon may write to {where}; the input is not converted "
+            "again, so remove or move it by hand",
+        )
+        self._tell_hooks(done)
 
     async def _fail(self, job: Job, exc: JobFailed) -> None:
         if isinstance(exc, InputChanged):

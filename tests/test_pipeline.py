@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
 import pytest
 
+from daemon.cli import main
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
 from daemon.service import Outcome, run_service
@@ -176,3 +178,49 @@ def test_running_daemon_picks_up_new_files_promptly(
     store = Store(settings.database_url)
     assert [j.status for j in store.jobs()] == [Status.COMPLETED]
     store.close()
+
+
+def test_an_input_that_cannot_be_archived_is_never_converted_again(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An input that cannot be archived keeps its completed job: it is never converted again."""
+    # A file where the archive's folder should be makes the move fail, for root as well.
+    inbox, archive = folders["inbox"], tmp_path / "archive"
+    archive.mkdir()
+    (archive / "x").write_text("not a folder", encoding="utf-8")
+    (inbox / "x").mkdir()
+    (inbox / "x" / "scan.png").write_bytes(make_scan("png", 21))
+    config = daemon_config(
+        tmp_path,
+        folders,
+        emulator.url,
+        on_success="archive",
+        archive_dir=str(archive),
+        max_attempts=1,
+    )
+    assert once(config).exit_code == 0
+    assert (folders["outbox"] / "x" / "scan.docx").exists()
+    assert (inbox / "x" / "scan.png").read_bytes() == make_scan("png", 21)
+    store = Store(f"sqlite:///{folders['state'] / 'state.db'}")
+    try:
+        (job,) = store.jobs()
+        assert job.status is Status.COMPLETED
+        assert job.error_code == "input_kept"
+        assert job.error_message is not None
+        assert "could not be archived" in job.error_message
+        assert "stays in the inbox" in job.error_message
+        # The automatic re-arm of transient failures has nothing to take up again.
+        assert store.rearm_due(time.time() + 86400, 0.0, ["local_io", "input_kept"], 5) == []
+    finally:
+        store.close()
+    capsys.readouterr()
+    assert main(["explain", "--json", str(inbox / "x" / "scan.png"), "-c", str(config)]) == 0
+    (report,) = json.loads(capsys.readouterr().out)
+    assert report["state"] == "completed"
+    assert any("could not be archived" in line for line in report["reasons"])
+    assert once(config).exit_code == 0
+    assert len(emulator.hub.ledger()["jobs"]) == 1
+    assert not list(folders["outbox"].rglob("*.error.txt"))

@@ -709,7 +709,21 @@ class Pipeline:
             )
         if job.stage is not Stage.SUBMITTING:
             job = await self._advance(job, Stage.SUBMITTING)
-        remote = await self.client.create_job(file_id, job.engine, job.language, job.output_format)
+        try:
+            remote = await self.client.create_job(
+                file_id, job.engine, job.language, job.output_format
+            )
+        except JobFailed as exc:
+            if fresh or not _upload_expired(exc):
+                raise  # a file the hub has just accepted is not expired: a real refusal
+            log.warning(
+                "the uploaded file expired at the hub before its job was created; "
+                "uploading it again (uploads are not billed)",
+                job_id=job.id,
+                path=job.path,
+                reason=exc.message,
+            )
+            return await self._advance(job, Stage.PENDING, remote_file_id=None)
         failpoints.hit("after-create")
         return await self._submitted(job, remote.job_id)
 
@@ -816,6 +830,12 @@ class Pipeline:
             await asyncio.to_thread(outbox.archive_input, self.inbox, archive, job.path)
         failpoints.hit("before-done")
         return await self._advance(job, Stage.DONE)
+
+
+def _upload_expired(exc: JobFailed) -> bool:
+    """Whether a refused job creation says its input file is gone: a 404, or the 400
+    ``invalid_file_id`` that the facts sheet reports for an unknown or expired file."""
+    return isinstance(exc, RemoteNotFound) or exc.code == "invalid_file_id"
 
 
 def _epoch(stamp: str | None) -> float:

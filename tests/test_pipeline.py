@@ -13,7 +13,7 @@ from daemon.cli import main
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
 from daemon.service import Outcome, run_service
-from daemon.store import Status, Store
+from daemon.store import NewJob, Stage, Status, Store
 from tests.conftest import daemon_config
 from tests.helpers import daemon_in_process, wait_async
 from tests.scans import make_scan
@@ -224,3 +224,32 @@ def test_an_input_that_cannot_be_archived_is_never_converted_again(
     assert once(config).exit_code == 0
     assert len(emulator.hub.ledger()["jobs"]) == 1
     assert not list(folders["outbox"].rglob("*.error.txt"))
+
+
+def test_an_upload_that_expired_before_its_job_was_created_is_uploaded_again(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A recorded file id the hub no longer knows is uploaded again, not failed for good."""
+    # As after a long stop between the upload and the job's creation: the row holds a
+    # file id that the hub has forgotten (400 invalid_file_id at job creation).
+    scan = folders["inbox"] / "late.png"
+    scan.write_bytes(make_scan("png", 31))
+    st = scan.stat()
+    config = daemon_config(tmp_path, folders, emulator.url)
+    store = Store(f"sqlite:///{folders['state'] / 'state.db'}", upgrade=True)
+    try:
+        new = NewJob(
+            "late.png", st.st_size, st.st_mtime_ns, st.st_ino, "png", "ki/ocr", "jpn", "docx"
+        )
+        job = store.enqueue(new, "late.docx", time.time())
+        assert job is not None
+        store.advance(job.id, Stage.SUBMITTING, time.time(), remote_file_id="0" * 32)
+    finally:
+        store.close()
+    outcome = once(config)
+    assert outcome.exit_code == 0
+    assert outcome.completed == ["late.png"]
+    assert (folders["outbox"] / "late.docx").stat().st_size > 0
+    ledger = emulator.hub.ledger()
+    assert ledger["requests"].get("POST /files") == 1
+    assert len(ledger["jobs"]) == 1

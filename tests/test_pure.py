@@ -8,10 +8,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.backoff import retry_delay
+from daemon.errors import JobFailed, RemoteNotFound
 from daemon.filters import NameFilter
 from daemon.formats import InputFormat, describe, sniff
 from daemon.layout import error_file_for, fit_name, output_candidates, temp_name
 from daemon.stability import Signature, is_stable, observe
+from daemon.worker import _upload_expired
 from tests.scans import FORMATS, make_scan
 
 
@@ -177,3 +179,11 @@ def test_breaker_cooldown_grows_while_hub_stays_down() -> None:
         now = breaker.open_until
     assert waits[:3] == [10.0, 20.0, 40.0]
     assert max(waits) == MAX_COOLDOWN
+
+
+def test_a_refused_job_creation_means_an_expired_upload_only_for_a_missing_file() -> None:
+    """404s and invalid_file_id mean the upload is gone; other refusals do not."""
+    assert _upload_expired(RemoteNotFound("gone", code="not_found"))
+    assert _upload_expired(JobFailed("HTTP 400", code="invalid_file_id"))
+    assert not _upload_expired(JobFailed("HTTP 400", code="unsupported_language"))
+    assert not _upload_expired(JobFailed("HTTP 413", code="http_413"))

@@ -8,6 +8,7 @@ silently ignored.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import socket
@@ -25,6 +26,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
@@ -44,6 +46,7 @@ _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 _POLLING_WORDS = {"true": True, "yes": True, "on": True, "1": True}
 _POLLING_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+_ARCHIVE_NEEDS_DIR = "on_success = 'archive' needs archive_dir to be set"
 
 
 def default_instance_id() -> str:
@@ -185,8 +188,18 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_archive(self) -> Settings:
-        if self.on_success == "archive" and self.archive_dir is None:
-            raise ValueError("on_success = 'archive' needs archive_dir to be set")
+        # Without archive_dir the worker could only keep the input: refuse, never surprise.
+        if self.archive_dir is not None:
+            return self
+        problems = [
+            f"rules[{index}] (match {rule.match!r}): {_ARCHIVE_NEEDS_DIR}"
+            for index, rule in enumerate(self.rules, start=1)
+            if rule.on_success == "archive"
+        ]
+        if self.on_success == "archive":
+            problems.insert(0, _ARCHIVE_NEEDS_DIR)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property
@@ -230,10 +243,29 @@ def load_settings(path: Path | None) -> Settings:
     data = _read_toml(path) if path is not None else {}
     _reject_unknown_env(os.environ)
     data.setdefault("state_db", _default_state_db(os.environ))
+    miscased = _miscased_keys(data)
     try:
-        return Settings(**data)
+        settings = Settings(**{key: data[key] for key in data if key not in miscased})
     except ValidationError as exc:
-        raise ConfigError(_describe_validation(exc, path, os.environ)) from None
+        errors = [*miscased.values(), *exc.errors()]
+        raise ConfigError(_describe_validation(errors, path, os.environ)) from None
+    if miscased:
+        raise ConfigError(_describe_validation(list(miscased.values()), path, os.environ))
+    return settings
+
+
+def _miscased_keys(data: Mapping[str, Any]) -> dict[str, ErrorDetails]:
+    """Top-level file keys that name a setting in another case, as unknown-key errors."""
+    # Settings matches names case-insensitively (for environment variables), so pydantic
+    # would take "Inbox", or silently drop it for its twin "inbox". In the file, keys are
+    # exact; tables are plain models, which already refuse a key in another case.
+    return {
+        key: ErrorDetails(
+            type="extra_forbidden", loc=(key,), msg="Extra inputs are not permitted", input=value
+        )
+        for key, value in data.items()
+        if key not in Settings.model_fields and key.lower() in Settings.model_fields
+    }
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -276,17 +308,20 @@ def _reject_unknown_env(env: Mapping[str, str]) -> None:
             )
 
 
-def _describe_validation(exc: ValidationError, path: Path | None, env: Mapping[str, str]) -> str:
+def _describe_validation(
+    errors: list[ErrorDetails], path: Path | None, env: Mapping[str, str]
+) -> str:
     where = f" in {path}" if path else ""
     lines = [f"invalid configuration{where}:"]
     set_in_env = {name.upper() for name in env}
-    for err in exc.errors():
+    for err in errors:
         key = _key_name(err["loc"]) or "(top level)"
         # A value from the environment is not in the file: say where it came from.
         variable = ENV_PREFIX + "__".join(str(p) for p in err["loc"]).upper()
         source = f" (set by {variable})" if err["loc"] and variable in set_in_env else ""
         if err["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key (not a setting of ldx-hotfolder)")
+            hint = _did_you_mean(err["loc"])
+            lines.append(f"  {key}: unknown key (not a setting of ldx-hotfolder{hint})")
         elif err["type"] == "missing":
             lines.append(f"  {key}: required but not set")
         else:
@@ -295,6 +330,17 @@ def _describe_validation(exc: ValidationError, path: Path | None, env: Mapping[s
             shown = "" if isinstance(got, dict) or repr(got) in message else f" (got {got!r})"
             lines.append(f"  {key}: {message}{shown}{source}")
     return "\n".join(lines)
+
+
+def _did_you_mean(loc: tuple[int | str, ...]) -> str:
+    """'; did you mean X?' for an unknown key close to a setting of its table, else ''."""
+    tables: dict[str, type[BaseModel]] = {"hub": HubSettings, "hooks": HookSettings, "rules": Rule}
+    table = tables.get(str(loc[0])) if len(loc) > 1 else Settings
+    if table is None or not loc:
+        return ""
+    # Lower-cased first, so a key in another case always finds its setting.
+    close = difflib.get_close_matches(str(loc[-1]).lower(), list(table.model_fields), n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
 def _key_name(loc: tuple[int | str, ...]) -> str:
@@ -387,7 +433,9 @@ def check_folders(settings: Settings) -> list[str]:
         problems.append(f"inbox {inbox} is not readable")
     problems += _nesting_problems(inbox, "outbox", outbox)
     if settings.archive_dir is not None:
-        problems += _nesting_problems(inbox, "archive_dir", settings.archive_dir.absolute())
+        archive = settings.archive_dir.absolute()
+        problems += _nesting_problems(inbox, "archive_dir", archive)
+        problems += _archive_outbox_problems(outbox, archive)
     problems += [_own_file_problem(inbox, name, path) for name, path in _own_files(settings)]
     problems = [problem for problem in problems if problem]
     for name, folder in _writable_folders(settings):
@@ -401,12 +449,19 @@ def _writable_folders(settings: Settings) -> list[tuple[str, Path]]:
     folders = [("outbox", settings.outbox.absolute())]
     if settings.archive_dir is not None:
         folders.append(("archive_dir", settings.archive_dir.absolute()))
-    if settings.on_success == "delete":
+    if _removes_inputs(settings):
         folders.append(("inbox", settings.inbox.absolute()))
     url = settings.database_url
     if url.startswith("sqlite:///"):
         folders.append(("state_db folder", Path(url.removeprefix("sqlite:///")).parent))
     return folders
+
+
+def _removes_inputs(settings: Settings) -> bool:
+    """Whether a converted input may leave the inbox (deleted, or archived by a rename)."""
+    # A rule may say so for its files even when the top level keeps them.
+    chosen = {settings.on_success, *(rule.on_success for rule in settings.rules)}
+    return not chosen.isdisjoint({"delete", "archive"})
 
 
 def _own_files(settings: Settings) -> list[tuple[str, Path]]:
@@ -436,6 +491,22 @@ def _nesting_problems(inbox: Path, name: str, other: Path) -> list[str]:
         return [f"{name} {other} is inside the inbox {inbox}; outputs would be taken as inputs"]
     if other_r in inbox_r.parents:
         return [f"the inbox {inbox} is inside {name} {other}; they must not be nested"]
+    return []
+
+
+def _archive_outbox_problems(outbox: Path, archive: Path) -> list[str]:
+    """Why archive_dir and the outbox overlap, if they do."""
+    # Archived inputs would show up among the outputs that people and other programs read.
+    outbox_r, archive_r = outbox.resolve(), archive.resolve()
+    if outbox_r == archive_r:
+        return [f"archive_dir {archive} is the outbox itself; they must be separate folders"]
+    if outbox_r in archive_r.parents:
+        return [
+            f"archive_dir {archive} is inside the outbox {outbox}; "
+            "archived inputs would mix with the outputs"
+        ]
+    if archive_r in outbox_r.parents:
+        return [f"the outbox {outbox} is inside archive_dir {archive}; they must not be nested"]
     return []
 
 

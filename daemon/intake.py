@@ -160,7 +160,9 @@ class Intake:
             "output_format": hub.output_format,
             "on_success": settings.on_success,
         }
-        self.router = Router(self.inbox, settings.rules, defaults)
+        self.router = Router(
+            self.inbox, settings.rules, defaults, archive_dir_set=settings.archive_dir is not None
+        )
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.filter = NameFilter.with_extra(settings.ignore)
         self.db = db

@@ -204,32 +204,57 @@ def check_rules(rules: Sequence[Rule], defaults: dict[str, str], offer: Offer) -
 class Router:
     """Routes inbox paths: rules, cached folder files, defaults, checked against the hub."""
 
-    def __init__(self, inbox: Path, rules: Sequence[Rule], defaults: dict[str, str]) -> None:
+    def __init__(
+        self,
+        inbox: Path,
+        rules: Sequence[Rule],
+        defaults: dict[str, str],
+        *,
+        archive_dir_set: bool = True,
+    ) -> None:
         self.inbox = inbox
         self.rules = tuple(rules)
         self.defaults = dict(defaults)
+        # Loading refuses "archive" without archive_dir in the configuration, but a folder
+        # file is read later: without this the worker would silently keep its inputs.
+        self.archive_dir_set = archive_dir_set
         self.offer: Offer | None = None  # set once the hub's engine list is known
         self._folder_cache: dict[str, tuple[int, RouteFields | None]] = {}
 
     def route(self, rel_path: str) -> tuple[Route, str | None]:
         """The route of ``rel_path`` and, when its folder file is bad, why."""
         problem: list[str] = []
+        used: list[tuple[str, RouteFields]] = []  # the folder file route() took, if any
 
         def folder(rel: str) -> RouteFields | None:
             try:
-                return self._folder_file(rel)
+                fields = self._folder_file(rel)
             except FolderFileError as exc:
                 problem.append(str(exc))
                 return None
+            if fields is not None:
+                used.append((rel, fields))
+            return fields
 
         chosen = route(rel_path, self.rules, folder, self.defaults)
         if problem:
             return chosen, problem[0]
-        if self.offer is not None and chosen.source.startswith("folder"):
+        if used and self._archives_without_dir(chosen, used[0][1]):
+            return chosen, (
+                f"folder {used[0][0]}: on_success = 'archive' needs archive_dir, "
+                "which the daemon's configuration does not set"
+            )
+        # Rules are checked at start; a folder file's values only now, also under a rule.
+        if self.offer is not None and used:
             found = self.offer.problems(chosen.engine, chosen.language, chosen.output_format)
             if found:
                 return chosen, f"{chosen.source}: {'; '.join(found)}"
         return chosen, None
+
+    def _archives_without_dir(self, chosen: Route, fields: RouteFields) -> bool:
+        """Whether the folder file's on_success = 'archive' took effect with no archive_dir."""
+        # A rule's on_success wins over the folder file's, and may well say "keep".
+        return not self.archive_dir_set and fields.on_success == chosen.on_success == "archive"
 
     def _folder_file(self, rel: str) -> RouteFields | None:
         try:

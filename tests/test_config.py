@@ -193,3 +193,113 @@ def test_archive_requires_folder(tmp_path: Path, folders: dict[str, Path]) -> No
     path = write_config(tmp_path / "a.toml", {**base(folders), "on_success": "archive"})
     with pytest.raises(ConfigError, match="archive_dir"):
         load_settings(path)
+
+
+def with_text(path: Path, text: str) -> Path:
+    """Append TOML text (tables such as [[rules]]) to a written configuration file."""
+    path.write_text(path.read_text(encoding="utf-8") + text, encoding="utf-8")
+    return path
+
+
+def error_lines(path: Path) -> list[str]:
+    """The lines of the configuration error that loading ``path`` raises, header left out."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return info.value.message.splitlines()[1:]
+
+
+def test_file_keys_in_another_case_are_unknown(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A file key that is a setting in another case is an unknown key, never silently dropped."""
+    twin = write_config(tmp_path / "a.toml", {**base(folders), "Inbox": "/c"})
+    assert error_lines(twin) == [
+        "  Inbox: unknown key (not a setting of ldx-hotfolder; did you mean inbox?)"
+    ]
+    alone = {"Inbox": "/c", "outbox": str(folders["outbox"]), "MAX_IN_FLIGHT": 3}
+    assert error_lines(write_config(tmp_path / "b.toml", alone)) == [
+        "  Inbox: unknown key (not a setting of ldx-hotfolder; did you mean inbox?)",
+        "  MAX_IN_FLIGHT: unknown key (not a setting of ldx-hotfolder; "
+        "did you mean max_in_flight?)",
+        "  inbox: required but not set",
+    ]
+
+
+def test_table_keys_in_another_case_are_unknown(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """Keys of [hub], [hooks] and [[rules]] in another case are unknown keys with a hint."""
+    path = write_config(tmp_path / "a.toml", base(folders), {"Engine": "ki/ocr"})
+    path = with_text(
+        path, '\n[hooks]\nTimeout = 3\n\n[[rules]]\nmatch = "a/**"\nLanguage = "eng"\n'
+    )
+    assert error_lines(path) == [
+        "  hub.Engine: unknown key (not a setting of ldx-hotfolder; did you mean engine?)",
+        "  hooks.Timeout: unknown key (not a setting of ldx-hotfolder; did you mean timeout?)",
+        "  rules[1].Language: unknown key (not a setting of ldx-hotfolder; did you mean language?)",
+    ]
+    table = with_text(write_config(tmp_path / "b.toml", base(folders)), '\n[HUB]\nengine = "x"\n')
+    assert error_lines(table) == [
+        "  HUB: unknown key (not a setting of ldx-hotfolder; did you mean hub?)"
+    ]
+
+
+def test_environment_names_stay_case_insensitive(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An environment variable in any case still sets its setting."""
+    monkeypatch.setenv("ldx_hotfolder_Max_In_Flight", "3")
+    monkeypatch.setenv("LDX_HOTFOLDER_hub__Language", "eng")
+    settings = load_settings(write_config(tmp_path / "a.toml", base(folders)))
+    assert (settings.max_in_flight, settings.hub.language) == (3, "eng")
+
+
+def test_archive_rule_requires_folder(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A rule with on_success = archive and no archive_dir is refused, naming the rule."""
+    rules = '\n[[rules]]\nmatch = "a/**"\n\n[[rules]]\nmatch = "b/**"\non_success = "archive"\n'
+    path = with_text(write_config(tmp_path / "a.toml", base(folders)), rules)
+    assert error_lines(path) == [
+        "  (top level): rules[2] (match 'b/**'): on_success = 'archive' needs archive_dir to be set"
+    ]
+    archive = {**base(folders), "archive_dir": str(tmp_path / "archive")}
+    allowed = with_text(write_config(tmp_path / "b.toml", archive), rules)
+    assert load_settings(allowed).rules[1].on_success == "archive"
+
+
+@pytest.mark.parametrize(
+    ("top", "rule", "checked"),
+    [
+        ("keep", "keep", False),
+        ("delete", "keep", True),
+        ("archive", "keep", True),
+        ("keep", "delete", True),
+        ("keep", "archive", True),
+    ],
+)
+def test_inbox_must_be_writable_when_inputs_leave_it(
+    tmp_path: Path, folders: dict[str, Path], top: str, rule: str, checked: bool
+) -> None:
+    """check wants a writable inbox when the top level or a rule deletes or archives inputs."""
+    # Root may write anywhere, so a file in the inbox's place shows whether it is checked.
+    inbox = tmp_path / "inbox-file"
+    inbox.write_bytes(b"")
+    top_keys = {**base(folders), "inbox": str(inbox), "on_success": top}
+    top_keys["archive_dir"] = str(tmp_path / "archive")
+    path = write_config(tmp_path / "a.toml", top_keys)
+    path = with_text(path, f'\n[[rules]]\nmatch = "a/**"\non_success = "{rule}"\n')
+    problems = check_folders(load_settings(path))
+    assert f"inbox {inbox} does not exist or is not a folder" in problems
+    assert (f"inbox {inbox} is not a folder" in problems) is checked
+
+
+def test_archive_and_outbox_must_not_be_nested(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """check refuses archive_dir in the outbox, the outbox in archive_dir, or the two as one."""
+    outbox = folders["outbox"]
+    cases = {
+        outbox / "archive": f"archive_dir {outbox / 'archive'} is inside the outbox {outbox}; "
+        "archived inputs would mix with the outputs",
+        tmp_path: f"the outbox {outbox} is inside archive_dir {tmp_path}; they must not be nested",
+        outbox: f"archive_dir {outbox} is the outbox itself; they must be separate folders",
+    }
+    for archive, message in cases.items():
+        path = write_config(tmp_path / "a.toml", {**base(folders), "archive_dir": str(archive)})
+        problems = check_folders(load_settings(path))
+        assert message in problems
+    apart = {**base(folders), "archive_dir": str(tmp_path / "archive")}
+    assert check_folders(load_settings(write_config(tmp_path / "b.toml", apart))) == []

@@ -6,6 +6,8 @@ import re
 import tomllib
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from daemon.config import HookSettings, HubSettings, Settings, load_settings
 from daemon.rules import Rule
 
@@ -39,3 +41,30 @@ def test_example_loads(tmp_path: Path) -> None:
     settings = load_settings(EXAMPLE)
     assert settings.hub.base_url == "https://gw.ldxhub.io"
     assert settings.on_success == "keep"
+
+
+# Uncommented values that are examples, not defaults; the example says so beside each.
+NOT_DEFAULTS = {"inbox", "outbox", "state_db", "hub.api_key_file"}
+
+
+def differs(model: type[BaseModel], key: str, value: object) -> bool:
+    """Whether ``value`` is not the default of ``model``'s field ``key`` (TOML lists as tuples)."""
+    field = model.model_fields[key]
+    if field.is_required():
+        return True
+    default = field.get_default(call_default_factory=False)
+    return (list(default) if isinstance(default, tuple) else default) != value
+
+
+def test_example_values_are_the_defaults() -> None:
+    """Every value the example sets is the code's default, but for the marked examples."""
+    data = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    tables = [("", Settings, data), ("hub.", HubSettings, data["hub"])]
+    tables.append(("hooks.", HookSettings, data["hooks"]))
+    differ = {
+        prefix + key
+        for prefix, model, values in tables
+        for key, value in values.items()
+        if not isinstance(value, dict) and differs(model, key, value)
+    }
+    assert differ == NOT_DEFAULTS

@@ -158,6 +158,27 @@ def test_bad_folder_file_fails_only_its_files(
     assert "language 'martian' is not offered" in row["error_message"]
 
 
+def test_folder_file_archiving_without_archive_dir_fails_its_files(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A folder file saying on_success = archive, with no archive_dir set, fails its files."""
+    drop(folders["inbox"], "odd/x.pdf", 1)
+    (folders["inbox"] / "odd" / ".ldx-hotfolder.toml").write_text(
+        'on_success = "archive"\n', encoding="utf-8"
+    )
+    config = daemon_config(tmp_path, folders, emulator.url)
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    assert outcome.failed == ["odd/x.pdf"]
+    assert (folders["inbox"] / "odd" / "x.pdf").exists()
+    row = next(r for r in job_rows(folders["state"] / "state.db") if r["path"] == "odd/x.pdf")
+    assert row["error_code"] == "bad_folder_settings"
+    assert row["error_message"] == (
+        "folder odd/.ldx-hotfolder.toml: on_success = 'archive' needs archive_dir, "
+        "which the daemon's configuration does not set"
+    )
+
+
 # Hook commands: write the LDX_* variables (plus pid and start time) to a file in argv[1],
 # atomically, named by the hook's kind and job id; the failure hook then hangs.
 DUMP = (

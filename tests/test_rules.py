@@ -10,6 +10,7 @@ from daemon.rules import (
     FolderFileError,
     Offer,
     RouteFields,
+    Router,
     Rule,
     check_rules,
     first_rule,
@@ -97,3 +98,50 @@ def test_check_rules_names_rule_and_choices() -> None:
     assert "valid: Auto, eng, jpn" in problems[0]
     bad_engine = check_rules([], {**DEFAULTS, "engine": "x/y"}, OFFER)
     assert bad_engine == ["[hub]: engine 'x/y' is not offered (valid: ki/ocr)"]
+
+
+def archiving_inbox(tmp_path: Path) -> Path:
+    """An inbox whose folder "scans" has a folder file saying on_success = "archive"."""
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / ".ldx-hotfolder.toml").write_text(
+        'on_success = "archive"\n', encoding="utf-8"
+    )
+    return tmp_path
+
+
+def test_folder_file_archiving_without_archive_dir_is_its_problem(tmp_path: Path) -> None:
+    """A folder file's on_success = archive without archive_dir fails its files, naming it."""
+    router = Router(archiving_inbox(tmp_path), [], DEFAULTS, archive_dir_set=False)
+    chosen, problem = router.route("scans/a.pdf")
+    assert chosen.on_success == "archive"
+    assert problem == (
+        "folder scans/.ldx-hotfolder.toml: on_success = 'archive' needs archive_dir, "
+        "which the daemon's configuration does not set"
+    )
+    assert router.route("other/b.pdf")[1] is None
+
+
+def test_folder_file_archiving_is_fine_with_archive_dir_or_a_rule_overriding(
+    tmp_path: Path,
+) -> None:
+    """With archive_dir set, or a rule choosing on_success itself, the folder file is fine."""
+    inbox = archiving_inbox(tmp_path)
+    assert Router(inbox, [], DEFAULTS).route("scans/a.pdf")[1] is None
+    keep = [Rule(match="scans/**", on_success="keep")]
+    chosen, problem = Router(inbox, keep, DEFAULTS, archive_dir_set=False).route("scans/a.pdf")
+    assert (chosen.on_success, problem) == ("keep", None)
+
+
+def test_folder_file_values_are_checked_against_the_hub_under_a_rule_too(tmp_path: Path) -> None:
+    """A folder file's unknown language is its problem even when a rule also matches the file."""
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / ".ldx-hotfolder.toml").write_text(
+        'language = "martian"\n', encoding="utf-8"
+    )
+    router = Router(tmp_path, [Rule(match="scans/**", output_format="xlsx")], DEFAULTS)
+    router.offer = OFFER
+    chosen, problem = router.route("scans/a.pdf")
+    assert (chosen.language, chosen.output_format) == ("martian", "xlsx")
+    assert problem is not None
+    assert "language 'martian' is not offered" in problem
+    assert problem.startswith("rules[1] scans/** + folder scans/.ldx-hotfolder.toml: ")

@@ -33,6 +33,7 @@ from daemon.errors import (
     LdxError,
     RemoteNotFound,
 )
+from daemon.permissions import open_output
 from daemon.transport import LeanTransport
 
 USER_AGENT = "ldx-hotfolder"
@@ -329,7 +330,7 @@ class HubClient:
 
 async def _save(response: httpx.Response, dest: Path) -> int:
     written = 0
-    with dest.open("wb") as fh:
+    with open_output(dest) as fh:  # never through a link planted at the temporary name
         async for chunk in response.aiter_bytes(CHUNK):
             fh.write(chunk)
             written += len(chunk)

@@ -26,7 +26,7 @@ from pathlib import Path
 from daemon import outbox
 from daemon.inputs import InputGone, open_input
 from daemon.ooxml import OoxmlProblem, verify_package
-from daemon.permissions import OutputPermissions, make_dirs
+from daemon.permissions import OutputPermissions, make_dirs, open_output
 
 COPY_CHUNK = 1024 * 1024
 
@@ -65,18 +65,21 @@ def copy_output(
     """Copy the output ``source`` to ``target`` (both relative to the outbox) atomically.
 
     False when the source is gone or is not a valid package of ``output_format`` (then
-    the caller converts instead). The source is opened without following links.
+    the caller converts instead). The source is opened without following links; a link
+    in the target's folder chain raises ``UnsafeOutputPath`` (see ``make_dirs``).
     """
     final = outbox_root / target
+    # First, even when source is target: an "existing" output seen through a link below
+    # the outbox is not ours to count as published.
+    make_dirs(outbox_root, final.parent, perms)
     if source == target:
         return _valid(final, output_format)
-    make_dirs(outbox_root, final.parent, perms)
     tmp = outbox.temp_path_for(final, job_id, instance)
     try:
         with (
             open_input(outbox_root, source) as fd,
             os.fdopen(os.dup(fd), "rb") as src,
-            tmp.open("wb") as dst,
+            open_output(tmp) as dst,
         ):
             shutil.copyfileobj(src, dst, COPY_CHUNK)
     except InputGone:

@@ -3,6 +3,7 @@
 An output is downloaded to a hidden temporary name in its final folder, checked,
 flushed to disk, renamed into place and the folder flushed, so no reader ever sees a
 partial file under a final name. Error files sit beside where the output would be.
+Neither is ever written through a link below the outbox (``permissions.make_dirs``).
 """
 
 from __future__ import annotations
@@ -15,10 +16,20 @@ import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
+from daemon.errors import RetryLater
 from daemon.layout import error_file_for, temp_name
+from daemon.logs import get_logger
 from daemon.names import fs_path
-from daemon.permissions import OutputPermissions, make_dirs
+from daemon.permissions import (
+    OutputPermissions,
+    UnsafeOutputPath,
+    check_dirs,
+    make_dirs,
+    open_output,
+)
 from daemon.stability import Signature
+
+log = get_logger(component="outbox")
 
 
 def temp_path_for(final: Path, job_id: int, instance: str | None = None) -> Path:
@@ -37,7 +48,7 @@ def fsync_dir(folder: Path) -> None:
 
 def publish(tmp: Path, final: Path, perms: OutputPermissions | None = None) -> None:
     """Give ``tmp`` its mode and group, flush it, rename it to ``final``, flush the folder."""
-    fd = os.open(tmp, os.O_RDONLY)
+    fd = os.open(tmp, os.O_RDONLY | os.O_NOFOLLOW)  # a link swapped in is not published
     try:
         if perms is not None:
             perms.apply_fd(fd)
@@ -73,20 +84,35 @@ def error_text(rel_input: str, code: str, message: str, when: float, job_id: int
 
 def write_error_file(
     outbox: Path, rel_input: str, content: str, perms: OutputPermissions | None = None
-) -> Path:
-    """Write (atomically) the error file of ``rel_input``; return its path."""
+) -> Path | None:
+    """Write (atomically) the error file of ``rel_input``; return its path.
+
+    None when its folder chain is unsafe (a link below the outbox): the error file must
+    not be written through the very link the job may have failed for, so it is logged.
+    """
     final = outbox / error_file_for(rel_input)
-    make_dirs(outbox, final.parent, perms)
     tmp = final.parent / temp_name(final.name, os.getpid())
-    tmp.write_text(content, encoding="utf-8", errors="surrogateescape")
+    try:
+        make_dirs(outbox, final.parent, perms)
+        with open_output(tmp) as out:
+            out.write(content.encode("utf-8", errors="surrogateescape"))
+    except UnsafeOutputPath as exc:
+        log.error("error file not written", path=rel_input, reason=exc.message)
+        return None
+    except BaseException:
+        discard(tmp)
+        raise
     publish(tmp, final, perms)
     return final
 
 
 def remove_error_file(outbox: Path, rel_input: str) -> None:
     """Remove the error file of ``rel_input`` once it converted after all."""
+    final = outbox / error_file_for(rel_input)
+    if not check_dirs(outbox, final.parent):
+        return  # through a link it would remove a file outside the outbox
     with contextlib.suppress(FileNotFoundError):
-        (outbox / error_file_for(rel_input)).unlink()
+        final.unlink()
 
 
 def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
@@ -114,8 +140,8 @@ def archive_input(inbox: Path, archive: Path, rel_input: str) -> Path | None:
             return None  # replaced by a link or something else: never follow or move it
     except FileNotFoundError:
         return None
+    _make_archive_dirs(archive, (archive / rel_input).parent)
     target = _free_name(archive / rel_input)
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.rename(source, target)
     except OSError as exc:
@@ -132,9 +158,22 @@ def archive_input(inbox: Path, archive: Path, rel_input: str) -> Path | None:
     return target
 
 
+def _make_archive_dirs(archive: Path, folder: Path) -> None:
+    """The archive folder chain, with no link below the archive root (as in the outbox).
+
+    A refusal is retried rather than failing the job: the output is already published,
+    and a failed job would be converted (and paid for) again on retry.
+    """
+    archive.mkdir(parents=True, exist_ok=True)  # the root may be gone: made again, as before
+    try:
+        make_dirs(archive, folder, None)
+    except UnsafeOutputPath as exc:
+        raise RetryLater(exc.message, code=exc.code) from None
+
+
 def _free_name(target: Path) -> Path:
     candidate, n = target, 2
-    while candidate.exists():
+    while os.path.lexists(candidate):  # a link there is taken too: never copy through it
         candidate = target.with_name(f"{target.stem} ({n}){target.suffix}")
         n += 1
     return candidate

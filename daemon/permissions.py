@@ -5,18 +5,25 @@ into place (``fchmod``/``fchown`` on the open descriptor, never on a path), so a
 is never visible with other permissions. Folders the daemon creates in the outbox get
 the same read bits plus the matching search bits (0640 gives 0750) and keep the setgid
 bit a shared outbox passes down.
+
+Nothing is written through a link below the outbox (or the archive): ``make_dirs``
+refuses any component below the root that is not a real folder (looked at with
+``lstat``, never followed), and ``open_output`` refuses a link or special file under a
+temporary name. The root itself may be a link set up by the administrator.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import grp
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, JobFailed
 
 DEFAULT_MODE = 0o640
 
@@ -81,23 +88,87 @@ class OutputPermissions:
         os.fchmod(fd, mode)
 
 
+class UnsafeOutputPath(JobFailed):
+    """A link or non-folder where the outbox (or archive) needs a folder or a new file."""
+
+    code = "unsafe_output_path"
+
+
+def _unsafe_folder_message(path: Path, root: Path) -> str:
+    """Why nothing is written through ``path``, and what a person should do about it."""
+    what = "a symbolic link" if path.is_symlink() else "not a folder"
+    return (
+        f"{path} is {what}: files are only written into real folders below {root}, "
+        "never through a link, which could lead anywhere; replace it with a folder "
+        "(or remove it), then retry"
+    )
+
+
 def make_dirs(root: Path, folder: Path, perms: OutputPermissions | None) -> None:
-    """Create ``folder`` (under ``root``) and give each folder created its mode and group."""
-    if perms is None:
-        folder.mkdir(parents=True, exist_ok=True)
-        return
+    """Create ``folder`` below ``root`` one component at a time, never through a link.
+
+    ``root`` itself may be a link the administrator set up; every component below it
+    must be a real folder, checked with ``lstat``, or ``UnsafeOutputPath`` is raised.
+    Folders created get their mode and group when ``perms`` is given.
+    """
     current = root
     for part in folder.relative_to(root).parts:
         current = current / part
         try:
             current.mkdir()
         except FileExistsError:
+            # mkdir neither follows nor replaces what is there: look at it unfollowed.
+            if not stat.S_ISDIR(current.lstat().st_mode):
+                raise UnsafeOutputPath(_unsafe_folder_message(current, root)) from None
             continue
-        fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        if perms is not None:
+            _apply_dir_perms(current, perms)
+
+
+def check_dirs(root: Path, folder: Path) -> bool:
+    """Whether every existing component of ``folder`` below ``root`` is a real folder."""
+    current = root
+    for part in folder.relative_to(root).parts:
+        current = current / part
         try:
-            perms.apply_fd(fd, directory=True)
-        finally:
-            os.close(fd)
+            mode = current.lstat().st_mode
+        except FileNotFoundError:
+            return True  # nothing further down exists, so nothing there can mislead
+        if not stat.S_ISDIR(mode):
+            return False
+    return True
+
+
+def open_output(path: Path) -> BinaryIO:
+    """Open a new or stale temporary output for writing, never through a link at ``path``.
+
+    The folders above were checked by ``make_dirs``; ``O_NOFOLLOW`` covers a link put
+    under the temporary name itself, ``O_NONBLOCK`` a FIFO there.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    refused = (
+        f"{path} is a link or a special file, not a file the daemon wrote: nothing is "
+        "written through it; remove it, then retry"
+    )
+    try:
+        fd = os.open(path, flags, 0o666)  # the umask applies, as to any new file
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link; a FIFO nobody reads
+            raise UnsafeOutputPath(refused) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeOutputPath(refused)
+    return os.fdopen(fd, "wb")
+
+
+def _apply_dir_perms(folder: Path, perms: OutputPermissions) -> None:
+    """Give a folder just created its mode and group, through a descriptor of it."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        perms.apply_fd(fd, directory=True)
+    finally:
+        os.close(fd)
 
 
 def check(outbox: Path, perms: OutputPermissions) -> str | None:

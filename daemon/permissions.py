@@ -26,6 +26,7 @@ from typing import BinaryIO
 from daemon.errors import ConfigError, JobFailed
 
 DEFAULT_MODE = 0o640
+PROCESS_UMASK = 0o027  # never group-writable, never readable by others
 
 
 def parse_mode(value: object) -> int:
@@ -169,6 +170,18 @@ def _apply_dir_perms(folder: Path, perms: OutputPermissions) -> None:
         perms.apply_fd(fd, directory=True)
     finally:
         os.close(fd)
+
+
+def tighten_umask() -> int:
+    """Make the process umask at least ``PROCESS_UMASK``; return the umask before.
+
+    Outputs get their configured mode whatever the umask (``apply_fd``); everything else
+    the daemon makes (the state folder and database, archive folders, temporary files)
+    follows the umask, and a caller's 000 would make it writable by everyone.
+    """
+    before = os.umask(PROCESS_UMASK)
+    os.umask(before | PROCESS_UMASK)
+    return before
 
 
 def check(outbox: Path, perms: OutputPermissions) -> str | None:

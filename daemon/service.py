@@ -29,7 +29,7 @@ from daemon.health import Liveness
 from daemon.hooks import Hooks
 from daemon.intake import Intake
 from daemon.logs import get_logger
-from daemon.permissions import OutputPermissions
+from daemon.permissions import OutputPermissions, tighten_umask
 from daemon.permissions import check as check_permissions
 from daemon.progress import ProgressBar, follow
 from daemon.rules import check_rules, offer_from_engines
@@ -364,10 +364,16 @@ async def run_service(
 
     Raises ``Unhealthy`` when a daemon stopped itself because a part of it died.
     """
-    key = prepare(settings)
-    failpoints.configure(failpoint_spec())
-    service = Service(settings, key, once=once, progress=progress, reload_settings=reload_settings)
-    outcome = await service.run()
+    umask_before = tighten_umask()
+    try:
+        key = prepare(settings)
+        failpoints.configure(failpoint_spec())
+        service = Service(
+            settings, key, once=once, progress=progress, reload_settings=reload_settings
+        )
+        outcome = await service.run()
+    finally:
+        os.umask(umask_before)  # for a caller that goes on (tests, the demo)
     if service.supervisor is not None and service.supervisor.failure is not None:
         raise Unhealthy(service.supervisor.failure)
     return outcome

@@ -74,14 +74,22 @@ def test_settings_take_mode_and_group_from_file_and_environment(
 def test_outputs_get_the_configured_mode_and_group(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, umask: int
 ) -> None:
-    """Under umask 000 and 077: outputs and error files 0640, new folders 0750, the group."""
+    """Under umask 000 and 077: outputs 0640, folders 0750, state and archive closed to others."""
     gid = other_group()
     (folders["inbox"] / "a" / "b").mkdir(parents=True)
     (folders["inbox"] / "a" / "b" / "scan.png").write_bytes(make_scan("png", seed=4))
     (folders["inbox"] / "c").mkdir()
     (folders["inbox"] / "c" / "broken.pdf").write_bytes(BROKEN_PDF)
+    archive, state = tmp_path / "archive", tmp_path / "new-state"
     config = daemon_config(
-        tmp_path, folders, emulator.url, output_mode=0o640, output_group=str(gid)
+        tmp_path,
+        folders,
+        emulator.url,
+        output_mode=0o640,
+        output_group=str(gid),
+        on_success="archive",
+        archive_dir=str(archive),
+        state_db=str(state / "state.db"),
     )
     result = subprocess.run(
         [sys.executable, "-m", "daemon", "once", "-c", str(config)],
@@ -104,3 +112,8 @@ def test_outputs_get_the_configured_mode_and_group(
         st = path.stat()
         assert stat.S_IMODE(st.st_mode) == 0o750, path
         assert st.st_gid == gid, path
+    # The daemon's own files follow its umask, at least 027 whatever the caller's.
+    own = [archive, archive / "a", archive / "a" / "b", state, state / "state.db"]
+    assert (archive / "a" / "b" / "scan.png").exists()
+    for path in own:
+        assert stat.S_IMODE(path.stat().st_mode) & 0o027 == 0, path

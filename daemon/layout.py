@@ -18,6 +18,8 @@ from pathlib import PurePosixPath
 NAME_MAX_BYTES = 255
 ERROR_SUFFIX = ".error.txt"
 TEMP_MARKER = ".ldx-part-"
+UPLOAD_MARKER = ".ldx-"
+UPLOAD_TAG_HEX = 16  # 64 bits of the content hash
 
 
 def output_candidates(rel_input: str, output_format: str) -> Iterator[str]:
@@ -49,6 +51,20 @@ def fit_name(stem: str, suffix: str, limit: int = NAME_MAX_BYTES) -> str:
         return stem + suffix
     cut = raw[: max(budget, 1)].decode("utf-8", "ignore")
     return cut + suffix
+
+
+def upload_name(rel_input: str, sha256: str) -> str:
+    """The name an input is uploaded under: its own, tagged with its content hash
+    (``scan.ldx-1f3a...c9d2.pdf``), the extension kept last for the hub.
+
+    After a crash between an upload and its record, the upload is found again by this
+    name and the size: two inputs of one name and size in different folders (fixed-size
+    TIFFs from two scanners) never take each other's upload, and one of the same content
+    would hold the same bytes.
+    """
+    path = PurePosixPath(rel_input)
+    tag = f"{UPLOAD_MARKER}{sha256[:UPLOAD_TAG_HEX]}{path.suffix}"
+    return fit_name(path.name[: len(path.name) - len(path.suffix)], tag)
 
 
 def temp_name(final_name: str, job_id: int, instance: str | None = None) -> str:

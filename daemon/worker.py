@@ -66,6 +66,7 @@ from daemon.inputs import (
     sha256_of,
     signature_of,
 )
+from daemon.layout import upload_name
 from daemon.logs import get_logger
 from daemon.ooxml import OoxmlProblem, verify_package
 from daemon.permissions import OutputPermissions, make_dirs
@@ -622,7 +623,7 @@ class Pipeline:
         fmt = InputFormat(job.input_format) if job.input_format else InputFormat.PDF
         reader = HashingReader(fd)
         stream = cast(BinaryIO, reader)
-        info = await self.client.upload(stream, Path(job.path).name, MIME_TYPES[fmt])
+        info = await self.client.upload(stream, upload_name(job.path, digest), MIME_TYPES[fmt])
         _check_unchanged(fd, _signature(job), job.path)
         if reader.hexdigest() != digest:
             raise InputChanged(
@@ -682,8 +683,11 @@ class Pipeline:
         return await self._advance(job, Stage.UPLOADED, remote_file_id=adopted, attempts=0)
 
     async def _find_remote_file(self, job: Job) -> str | None:
-        # Match by name, size and time: the upload began after the row's last update.
-        name = Path(job.path).name
+        # Match by name (it carries the content hash), size and time: the upload began
+        # after the row's last update.
+        if job.sha256 is None:
+            return None  # recorded before the hash: upload again (uploads are not billed)
+        name = upload_name(job.path, job.sha256)
         since = job.updated_at - UPLOAD_MATCH_SLACK
         for info in await self.client.list_files():
             created = _epoch(info.created_at)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,3 +135,8 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.split(") ", 1)[1][0] != "Z"
+
+
+def input_name(uploaded: str) -> str:
+    """The input's own file name behind the name it was uploaded under (daemon.layout)."""
+    return re.sub(r"\.ldx-[0-9a-f]{16}(?=\.[^.]*$|$)", "", uploaded)

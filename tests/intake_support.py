@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.emulator.server import EmulatorServer
-from tests.helpers import Daemon, wait_for
+from tests.helpers import Daemon, input_name, wait_for
 from tests.scans import make_pdf
 
 
@@ -61,7 +61,7 @@ def done(db: Path) -> dict[str, dict[str, Any]]:
 
 def uploads(hub: EmulatorServer) -> Counter[str]:
     """How many times the hub received each file name."""
-    return Counter(u["filename"] for u in hub.hub.ledger()["uploads"])
+    return Counter(input_name(u["filename"]) for u in hub.hub.ledger()["uploads"])
 
 
 def outputs(outbox: Path) -> list[str]:

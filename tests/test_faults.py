@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import os
 import subprocess
 import sys
 import time
+import zipfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -26,7 +28,7 @@ from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.faults import assert_exactly_once, failures, job_rows, outbox_files
 from tests.helpers import Daemon, daemon_in_process, wait_async, wait_for
-from tests.scans import drop_scans
+from tests.scans import drop_scans, make_scan
 
 
 def test_http_faults_every_file_completes(
@@ -206,6 +208,30 @@ def test_crash_at_each_step_recovers(
         f"crash at {point}:{hit} -> {len(inputs)} outputs, {len(again['uploads'])} uploads, "
         f"{len(again['jobs'])} remote jobs; second start a no-op",
     )
+
+
+def test_a_lost_upload_is_never_taken_for_another_input_of_the_same_name_and_size(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """After a crash before uploads are recorded, each input adopts its own upload only."""
+    # Two scanners' fixed-size BMPs: same name, same size, different pixels. The crash
+    # comes after the second upload reached the hub, before its id was recorded.
+    contents = {f"s{n}/scan.bmp": make_scan("bmp", 50 + n) for n in (1, 2)}
+    assert len({len(data) for data in contents.values()}) == 1
+    for rel, data in contents.items():
+        (folders["inbox"] / rel).parent.mkdir()
+        (folders["inbox"] / rel).write_bytes(data)
+    config = daemon_config(tmp_path, folders, emulator.url, quiet_period=0.1)
+    crashed = run_once(config, "after-upload:2")
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    assert once_in_process(config) == 0
+    assert len(emulator.hub.ledger()["uploads"]) == 2, "both uploads adopted, none repeated"
+    for rel, data in contents.items():
+        # The emulator titles each output after the name of the upload it converted.
+        output = folders["outbox"] / Path(rel).with_suffix(".docx")
+        with zipfile.ZipFile(output) as package:
+            title = package.read("docProps/core.xml").decode()
+        assert f".ldx-{hashlib.sha256(data).hexdigest()[:16]}.bmp" in title, rel
 
 
 def once_in_process(config: Path) -> int:

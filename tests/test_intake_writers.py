@@ -20,7 +20,7 @@ import pytest
 
 from daemon.emulator.server import EmulatorServer
 from tests.conftest import daemon_config
-from tests.helpers import wait_for
+from tests.helpers import input_name, wait_for
 from tests.intake_support import (
     big_pdf,
     done,
@@ -80,7 +80,7 @@ def test_slow_reopening_preallocating_and_renaming_writers(
         wait_for(lambda: len(done(db)) == len(jobs), 60, "every file to be converted")
     ledger = emulator.hub.ledger()
     assert uploads(emulator) == {Path(rel).name: 1 for rel in jobs}
-    received = {u["filename"]: u["sha256"] for u in ledger["uploads"]}
+    received = {input_name(u["filename"]): u["sha256"] for u in ledger["uploads"]}
     for rel, (_, data, _, _) in jobs.items():
         assert received[Path(rel).name] == hashlib.sha256(data).hexdigest(), rel
     assert len(ledger["jobs"]) == len(jobs)

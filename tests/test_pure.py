@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import random
 
 from hypothesis import given
@@ -11,9 +12,10 @@ from daemon.backoff import retry_delay
 from daemon.errors import JobFailed, RemoteNotFound
 from daemon.filters import NameFilter
 from daemon.formats import InputFormat, describe, sniff
-from daemon.layout import error_file_for, fit_name, output_candidates, temp_name
+from daemon.layout import error_file_for, fit_name, output_candidates, temp_name, upload_name
 from daemon.stability import Signature, is_stable, observe
 from daemon.worker import _upload_expired
+from tests.helpers import input_name
 from tests.scans import FORMATS, make_scan
 
 
@@ -187,3 +189,19 @@ def test_a_refused_job_creation_means_an_expired_upload_only_for_a_missing_file(
     assert _upload_expired(JobFailed("HTTP 400", code="invalid_file_id"))
     assert not _upload_expired(JobFailed("HTTP 400", code="unsupported_language"))
     assert not _upload_expired(JobFailed("HTTP 413", code="http_413"))
+
+
+@given(
+    st.text(
+        alphabet=st.characters(blacklist_categories=["Cs", "Cc"]), min_size=1, max_size=300
+    ).filter(lambda s: "/" not in s and "." not in s),
+    st.sampled_from(["", ".pdf", ".tiff", ".JPG"]),
+)
+def test_upload_names_carry_the_content_tag_and_the_extension_and_fit(stem: str, ext: str) -> None:
+    """Upload names: the input's, tagged with 16 hex of its hash, extension last, in 255 bytes."""
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogatepass")).hexdigest()
+    name = upload_name(f"folder/{stem}{ext}", digest)
+    assert name.endswith(f".ldx-{digest[:16]}{ext}")
+    assert len(name.encode("utf-8", "surrogateescape")) <= 255
+    if len(f"{stem}{ext}".encode()) < 200:
+        assert input_name(name) == f"{stem}{ext}"

@@ -33,7 +33,7 @@ from daemon.permissions import OutputPermissions, tighten_umask
 from daemon.permissions import check as check_permissions
 from daemon.progress import ProgressBar, follow
 from daemon.rules import check_rules, offer_from_engines
-from daemon.store import Instance, Status, Store
+from daemon.store import Instance, StateDamaged, Status, Store, damaged_message
 from daemon.supervise import Supervisor, Unhealthy
 from daemon.watcher import Watcher
 from daemon.worker import Pipeline
@@ -329,7 +329,7 @@ def _open_store(settings: Settings) -> Store:
     store = Store(url, upgrade=url.startswith("sqlite"))
     if not store.integrity_ok():
         store.close()
-        raise ConfigError(f"the state database {settings.state_db} failed its integrity check")
+        raise StateDamaged(damaged_message(settings.state_db, "it fails its integrity check"))
     return store
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import sqlite3
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -51,13 +52,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import NoResultFound
+from sqlalchemy.exc import DatabaseError, NoResultFound
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import ColumnElement
 
 from daemon import schema
-from daemon.errors import LeaseLost
+from daemon.errors import ConfigError, LeaseLost
 
 
 class Status(enum.StrEnum):
@@ -448,6 +449,30 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+class StateDamaged(ConfigError):
+    """The SQLite state file is not a database, or a damaged one."""
+
+
+def damaged_message(where: str, detail: str) -> str:
+    """What to tell a person whose state database is damaged."""
+    # Deleting it would look like the fix, but the table is what remembers every kept
+    # input: without it they are all converted, and paid for, again.
+    return (
+        f"the state database {where} is damaged ({detail}); restore it from a backup, or "
+        f"try `sqlite3 {where} .recover`; deleting it would make the daemon convert "
+        "(and pay for) every input still in the inbox again"
+    )
+
+
+def _is_damage(exc: DatabaseError) -> bool:
+    # SQLITE_NOTADB and SQLITE_CORRUPT; OperationalError (locked, unreachable, read-only)
+    # may pass, and is left as it is.
+    orig = exc.orig
+    return isinstance(orig, sqlite3.DatabaseError) and not isinstance(
+        orig, sqlite3.OperationalError
+    )
+
+
 class Store:
     """The jobs table and the queries the daemon and the CLI need."""
 
@@ -458,6 +483,12 @@ class Store:
         self._local = threading.local()  # the writer thread's open batch, if any
         try:
             schema.ensure(self.engine, upgrade_older=upgrade)
+        except DatabaseError as exc:
+            self.engine.dispose()
+            if not _is_damage(exc):
+                raise
+            where = url.removeprefix("sqlite:///")
+            raise StateDamaged(damaged_message(where, str(exc.orig))) from None
         except BaseException:
             self.engine.dispose()
             raise

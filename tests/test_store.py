@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
+from daemon.cli import main
 from daemon.store import _CONVERTED_BEFORE, NewJob, Stage, Status, Store, status_of
+from tests.conftest import daemon_config
 
 
 def new(path: str = "a/scan.pdf", size: int = 10, mtime_ns: int = 1) -> NewJob:
@@ -131,3 +133,46 @@ def test_duplicate_lookup_searches_by_hash_not_by_status(store: Store) -> None:
         plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}", tuple(values)).all()
     outer = plan[0][3]
     assert "ix_jobs_sha256" in outer, plan
+
+
+def damaged_state(folders: dict[str, Path], *, header: bool) -> Path:
+    """A state database of 3,000 rows, its header or three of its pages overwritten."""
+    db = folders["state"] / "state.db"
+    store = Store(f"sqlite:///{db}", upgrade=True)
+    with store.batch():
+        for i in range(3000):
+            new = NewJob(f"a/{i:05d}-{'x' * 80}.pdf", 100, i, i, "pdf", "ki/ocr", "jpn", "docx")
+            store.enqueue(new, f"a/{i}.docx", 1.0)
+    store.close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    data = bytearray(db.read_bytes())
+    spans = [(0, 100)] if header else [(4096 * n + 100, 4096 * n + 3000) for n in (5, 40, 80)]
+    for start, end in spans:
+        data[start:end] = b"\xa5" * (end - start)
+    db.write_bytes(bytes(data))
+    return db
+
+
+@pytest.mark.parametrize(
+    ("header", "detail"),
+    [(True, "file is not a database"), (False, "it fails its integrity check")],
+    ids=["not-a-database", "damaged-pages"],
+)
+def test_a_damaged_state_database_stops_with_what_to_do(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+    header: bool,
+    detail: str,
+) -> None:
+    """A damaged state file exits 2 naming it, how to recover, and why not to delete it."""
+    db = damaged_state(folders, header=header)
+    config = daemon_config(tmp_path, folders, "http://127.0.0.1:9")
+    capsys.readouterr()
+    assert main(["once", "-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"the state database {db} is damaged ({detail})" in err
+    assert f"sqlite3 {db} .recover" in err
+    assert "(and pay for) every input still in the inbox again" in err
+    assert "Traceback" not in err

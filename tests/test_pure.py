@@ -106,6 +106,14 @@ def test_backoff_honours_retry_after_as_floor() -> None:
     assert all(retry_delay(1, retry_after=7.0, rng=rng) >= 7.0 for _ in range(100))
 
 
+def test_backoff_caps_an_absurd_retry_after_at_an_hour() -> None:
+    """A Retry-After of days or infinity waits an hour at most; an hour itself is honoured."""
+    rng = random.Random(3)
+    assert retry_delay(1, retry_after=3600.0, rng=rng) == 3600.0
+    assert retry_delay(1, retry_after=86400.0 * 30, rng=rng) == 3600.0
+    assert retry_delay(1, retry_after=float("inf"), rng=rng) == 3600.0
+
+
 def test_backoff_is_jittered() -> None:
     """Retries of the same attempt are spread out, not synchronised."""
     rng = random.Random(3)

@@ -241,10 +241,10 @@ def explain(facts: Facts, rules: Rules, now: float) -> Explanation:
     """Turn the facts into a state and sentences."""
     shown = facts.rel if facts.rel else facts.given
     state, lines = _explain(facts, rules, now)
-    if facts.waiting is not None and state in ("waiting", "incomplete", "empty"):
+    if facts.waiting is not None and state in ("waiting", "incomplete", "empty", "unreadable"):
         waited = age_text(now - facts.waiting.since)
         lines.append(f"It shows as stalled in `status` (waiting for {waited}).")
-        state = "stalled"
+        state = "unreadable" if state == "unreadable" else "stalled"  # the fix differs
     return Explanation(shown, state, tuple(lines))
 
 
@@ -327,8 +327,9 @@ def _untaken(facts: Facts, rules: Rules, now: float) -> tuple[str, list[str]]:
             "a hard link can show a file from outside the inbox. Set allow_hardlinks = true "
             "to accept such files."
         ]
-    if facts.unreadable is not None:
-        return "unreadable", [f"It cannot be read safely: {facts.unreadable}."]
+    unreadable = _unreadable_lines(facts, rules)
+    if unreadable:
+        return "unreadable", unreadable
     quiet = max(0.0, now - (facts.mtime or now))
     size = facts.signature.size if facts.signature else 0
     changed = f"It last changed {age_text(quiet)} ago"
@@ -349,6 +350,22 @@ def _untaken(facts: Facts, rules: Rules, now: float) -> tuple[str, list[str]]:
             f"{found.described} (accepted: PDF, TIFF, JPEG, PNG, BMP)."
         ]
     return "waiting", [_when_taken(changed, quiet, rules), *_duplicate_note(facts, rules)]
+
+
+def _unreadable_lines(facts: Facts, rules: Rules) -> list[str]:
+    """What keeps a file from being read: by this command, or by the daemon as it noted
+    (its user may differ from the one asking, who may well read the file)."""
+    lines = []
+    if facts.unreadable is not None:
+        lines.append(f"It cannot be read safely: {facts.unreadable}.")
+    if facts.waiting is not None and facts.waiting.code == "unreadable":
+        lines.append(
+            f"The daemon cannot read it: {facts.waiting.reason}. It fails with code "
+            f"unreadable once unchanged for {age_text(rules.incomplete_timeout)}; "
+            f"once readable it is taken at the next full rescan (every "
+            f"{age_text(rules.rescan_interval)})."
+        )
+    return lines
 
 
 def _when_taken(changed: str, quiet: float, rules: Rules) -> str:

@@ -11,9 +11,11 @@ form (``daemon.names``) and are turned back into the bytes on disk here.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
+import pwd
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +46,16 @@ class InputGone(JobFailed):
     code = "input_missing"
 
 
+class InputUnreadable(InputGone):
+    """The input is there but the daemon's user may not read it (EACCES or EPERM).
+
+    An ``InputGone`` so that the worker, which only needs to know that the file it
+    queued cannot be sent, handles it as before; intake tells it apart and waits.
+    """
+
+    code = "unreadable"
+
+
 class HardLinked(JobFailed):
     """The input has more than one hard link and ``allow_hardlinks`` is off."""
 
@@ -59,6 +71,15 @@ def hard_link_message(rel_path: str, links: int) -> str:
     )
 
 
+def unreadable_message(reason: str) -> str:
+    """What a person does about an input the daemon may not read."""
+    return (
+        f"{reason}; give the daemon's user read access to it (for example chmod g+r with "
+        "the daemon's user in the file's group, or chmod o+r), or drop it again with "
+        "permissions that let the daemon read it"
+    )
+
+
 def signature_of(st: os.stat_result) -> Signature:
     """The stability signature of a stat result."""
     return Signature(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
@@ -69,8 +90,8 @@ def open_input(inbox: Path, rel_path: str, *, allow_hardlinks: bool = False) -> 
     """Yield a read-only descriptor of ``inbox/rel_path``, never following a symlink.
 
     ``rel_path`` is the stored form; raises ``InputGone`` when it is not a regular file
-    reachable without links, ``HardLinked`` when it has several links and they are not
-    allowed.
+    reachable without links, ``InputUnreadable`` (an ``InputGone``) when the daemon may
+    not read it, ``HardLinked`` when it has several links and they are not allowed.
     """
     parts = fs_path(rel_path).split("/")
     fd = _walk_dirs(inbox, parts[:-1], rel_path)
@@ -80,6 +101,8 @@ def open_input(inbox: Path, rel_path: str, *, allow_hardlinks: bool = False) -> 
         except FileNotFoundError:
             raise InputGone(f"{rel_path} is no longer in the inbox") from None
         except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise InputUnreadable(_unreadable_reason(rel_path, exc)) from None
             raise InputGone(f"{rel_path} cannot be opened safely: {exc.strerror}") from None
     finally:
         os.close(fd)
@@ -92,6 +115,15 @@ def open_input(inbox: Path, rel_path: str, *, allow_hardlinks: bool = False) -> 
         yield file_fd
     finally:
         os.close(file_fd)
+
+
+def _unreadable_reason(rel_path: str, exc: OSError) -> str:
+    """Why ``rel_path`` cannot be opened, naming the user the daemon runs as."""
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a name (containers)
+        user = f"uid {os.geteuid()}"
+    return f"{rel_path} cannot be read by user {user} ({exc.strerror})"
 
 
 def open_folder(root: Path, parts: list[str]) -> int:

@@ -5,9 +5,11 @@ worker (an input that changed while it was sent); the scan is the truth and even
 only make things faster. A candidate is re-examined on every tick (one ``lstat``) until
 its signature has been unchanged for the quiet period (``daemon.stability``). Then it
 is opened safely, its type read from its content and its completeness checked
-(``daemon.inputs``): an incomplete file keeps waiting, a refused one (unsupported type,
-several hard links, empty or incomplete for too long) gets a failed row and an error
-file at once, anything else a queued row.
+(``daemon.inputs``): an incomplete file, or one the daemon may not read, keeps waiting;
+a refused one (unsupported type, several hard links, larger than the hub takes, an
+output folder that is a link, empty, incomplete or unreadable for too long) gets a
+failed row and an error file at once, before anything is sent; anything else a queued
+row.
 
 The table remembers which version (size, mtime, inode) of each path was taken, so a
 known file is never queued twice and a rescan costs stat calls, not reads. The daemon
@@ -25,7 +27,7 @@ import stat
 import time
 from collections.abc import Callable, Iterator
 from itertools import islice
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from daemon import outbox
 from daemon.config import Settings
@@ -33,16 +35,23 @@ from daemon.db import Db
 from daemon.filters import NameFilter
 from daemon.inputs import (
     InputGone,
+    InputUnreadable,
     Inspection,
     hard_link_message,
     inspect_input,
     open_folder,
     signature_of,
+    unreadable_message,
 )
 from daemon.layout import output_candidates
 from daemon.logs import get_logger
 from daemon.names import fs_path, stored_path
-from daemon.permissions import OutputPermissions
+from daemon.permissions import (
+    OutputPermissions,
+    UnsafeOutputPath,
+    unsafe_component,
+    unsafe_folder_message,
+)
 from daemon.rules import Router
 from daemon.stability import (
     Patience,
@@ -67,6 +76,11 @@ CLAIM_CANDIDATES = 50
 FIRST_CANDIDATES = 2
 TAKE_BATCH = 200  # candidates inspected and inserted per call of the writer thread
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
+# The hub takes at most "200 MB" in one POST /files (ldxhub-api.md), read here as MiB, the
+# lenient reading the emulator uses too: a larger file is refused before it is uploaded
+# in full for nothing. One between 200e6 bytes and 200 MiB is still sent, and the hub's
+# own 413 fails it if the hub means decimal megabytes.
+MAX_UPLOAD_BYTES = 200 * 1024 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -121,6 +135,13 @@ def _entries(fd: int, prefix: str, name_filter: NameFilter) -> Iterator[tuple[st
             yield entry.name, entry.stat(follow_symlinks=False)
 
 
+def _unreadable_record(rel: str, sighting: Sighting, found: InputUnreadable) -> Record:
+    """The failed record of a file the daemon never could read, from what ``lstat`` saw
+    (its link count is unknown and no longer matters: the refusal is decided)."""
+    seen = Inspection(sighting.signature, 1, described="a file the daemon cannot read")
+    return rel, seen, (InputUnreadable.code, unreadable_message(found.message))
+
+
 def refusal(found: Inspection, rel: str, allow_hardlinks: bool) -> tuple[str, str] | None:
     """(code, message) when a quiet input must fail rather than be queued, else None.
 
@@ -131,11 +152,27 @@ def refusal(found: Inspection, rel: str, allow_hardlinks: bool) -> tuple[str, st
         return "hard_link", hard_link_message(rel, found.links)
     if found.signature.size == 0:
         return "empty_file", "the file is empty (0 bytes)"
+    if found.input_format is not None and found.signature.size > MAX_UPLOAD_BYTES:
+        return "too_large", too_large_message(found.signature.size)  # complete or not
     if found.problem is not None:
         return "incomplete", f"{found.problem}; it stopped changing and never became complete"
     if found.input_format is None:
         return "unsupported_type", f"unsupported type: looks like {found.described} ({ACCEPTED})"
     return None
+
+
+def too_large_message(size: int) -> str:
+    """Why a file over the hub's upload limit is refused, and what a person can do."""
+    return (
+        f"the file is {size / 1e6:.1f} MB, more than the hub takes in one upload "
+        f"({MAX_UPLOAD_BYTES // 2**20} MiB, {MAX_UPLOAD_BYTES / 1e6:.1f} MB); split it into "
+        "smaller files or scan it at a lower resolution, then drop those in the inbox"
+    )
+
+
+def output_folder(rel: str) -> PurePosixPath:
+    """The folder below the outbox that gets the output (and error file) of ``rel``."""
+    return PurePosixPath(rel).parent
 
 
 class Intake:
@@ -206,6 +243,7 @@ class Intake:
             self._consider(fs_rel, st, now)
         if not sub:
             self._prune({stored_path(fs_rel) for fs_rel, _ in entries})
+            await self._recheck_unreadable()
         return len(self.sightings) - before
 
     def _prune(self, seen: set[str]) -> None:
@@ -318,6 +356,12 @@ class Intake:
         looks = await asyncio.to_thread(self._inspect_all, [rel for rel, _, _ in batch])
         records: list[Record] = []
         for (rel, sighting, final), found in zip(batch, looks, strict=True):
+            if isinstance(found, InputUnreadable):
+                if final:
+                    records.append(_unreadable_record(rel, sighting, found))
+                else:
+                    self._wait_unreadable(rel, sighting, found)
+                continue
             if isinstance(found, InputGone):
                 log.info("candidate vanished", path=rel, reason=found.message)
                 await self._drop(rel)
@@ -333,7 +377,60 @@ class Intake:
                 log.info("waiting for the rest of the file", path=rel, reason=found.problem)
             self.sightings[rel] = with_problem(sighting, found.problem)
         if records:
-            await self._record(records)
+            await self._record(await self._check_output_folders(records))
+
+    def _wait_unreadable(self, rel: str, sighting: Sighting, found: InputUnreadable) -> None:
+        """Keep a file the daemon may not read as an incomplete one is kept: it shows as
+        stalled and fails only after ``incomplete_timeout``, time for a person to fix it."""
+        message = unreadable_message(found.message)
+        if sighting.problem is None or sighting.problem_code != InputUnreadable.code:
+            log.warning("an input cannot be read by the daemon", path=rel, reason=message)
+        self.sightings[rel] = with_problem(sighting, message, InputUnreadable.code)
+
+    async def _recheck_unreadable(self) -> None:
+        """At a full rescan, open again the candidates the daemon could not read.
+
+        Fixing a permission changes no signature (chmod touches the ctime only, and
+        attribute events are not watched), so nothing else would look at such a file
+        before ``incomplete_timeout``. Once per rescan costs one open per such file and is
+        soon enough; a file that opens now loses its problem and the next tick takes it
+        like any quiet file.
+        """
+        rels = [
+            rel
+            for rel, sighting in self.sightings.items()
+            if sighting.problem is not None and sighting.problem_code == InputUnreadable.code
+        ]
+        if not rels:
+            return
+        looks = await asyncio.to_thread(self._inspect_all, rels)
+        for rel, found in zip(rels, looks, strict=True):
+            sighting = self.sightings.get(rel)
+            if sighting is None or isinstance(found, InputUnreadable):
+                continue
+            log.info("an input the daemon could not read can be read now", path=rel)
+            self.sightings[rel] = with_problem(sighting, None)
+            await self._clear_stall(rel)
+
+    async def _check_output_folders(self, records: list[Record]) -> list[Record]:
+        """Refuse the inputs whose output folder below the outbox is a link (or not a
+        folder) now: the worker would find out only at download, after the hub was paid."""
+        folders = {output_folder(rel) for rel, _, refused in records if refused is None}
+        unsafe = await asyncio.to_thread(self._unsafe_folders, folders)
+        checked: list[Record] = []
+        for rel, found, refused in records:
+            why = unsafe.get(output_folder(rel)) if refused is None else None
+            checked.append((rel, found, refused if why is None else (UnsafeOutputPath.code, why)))
+        return checked
+
+    def _unsafe_folders(self, folders: set[PurePosixPath]) -> dict[PurePosixPath, str]:
+        """The output folders that cannot be written into safely, each with the reason."""
+        unsafe = {}
+        for folder in folders:
+            culprit = unsafe_component(self.outbox, self.outbox / folder)
+            if culprit is not None:
+                unsafe[folder] = unsafe_folder_message(culprit, self.outbox)
+        return unsafe
 
     def _inspect_all(self, rels: list[str]) -> list[Inspection | InputGone]:
         looks: list[Inspection | InputGone] = []

@@ -95,7 +95,7 @@ class UnsafeOutputPath(JobFailed):
     code = "unsafe_output_path"
 
 
-def _unsafe_folder_message(path: Path, root: Path) -> str:
+def unsafe_folder_message(path: Path, root: Path) -> str:
     """Why nothing is written through ``path``, and what a person should do about it."""
     what = "a symbolic link" if path.is_symlink() else "not a folder"
     return (
@@ -120,24 +120,30 @@ def make_dirs(root: Path, folder: Path, perms: OutputPermissions | None) -> None
         except FileExistsError:
             # mkdir neither follows nor replaces what is there: look at it unfollowed.
             if not stat.S_ISDIR(current.lstat().st_mode):
-                raise UnsafeOutputPath(_unsafe_folder_message(current, root)) from None
+                raise UnsafeOutputPath(unsafe_folder_message(current, root)) from None
             continue
         if perms is not None:
             _apply_dir_perms(current, perms)
 
 
-def check_dirs(root: Path, folder: Path) -> bool:
-    """Whether every existing component of ``folder`` below ``root`` is a real folder."""
+def unsafe_component(root: Path, folder: Path) -> Path | None:
+    """The first existing component of ``folder`` below ``root`` that is not a real
+    folder (a link, a file), or None when there is none."""
     current = root
     for part in folder.relative_to(root).parts:
         current = current / part
         try:
             mode = current.lstat().st_mode
         except FileNotFoundError:
-            return True  # nothing further down exists, so nothing there can mislead
+            return None  # nothing further down exists, so nothing there can mislead
         if not stat.S_ISDIR(mode):
-            return False
-    return True
+            return current
+    return None
+
+
+def check_dirs(root: Path, folder: Path) -> bool:
+    """Whether every existing component of ``folder`` below ``root`` is a real folder."""
+    return unsafe_component(root, folder) is None
 
 
 def open_output(path: Path) -> BinaryIO:

@@ -2,16 +2,18 @@
 
 A file is taken once its signature (size, mtime, inode) has not changed for the quiet
 period. There is no give-up cliff: a file that keeps changing is waited for as long as
-it changes. Two kinds of file wait although they are quiet:
+it changes. Three kinds of file wait although they are quiet:
 
 - an empty file (a scanner's placeholder) waits for content, for ever in the daemon;
 - a file whose content check found it incomplete (a PDF without ``%%EOF``, a TIFF whose
   pages point past its end...) waits for the rest, and fails with that reason once it
-  has stayed unchanged for ``incomplete_timeout``.
+  has stayed unchanged for ``incomplete_timeout``;
+- a file the daemon may not read waits the same way, with its own code, for a person
+  to fix its permissions.
 
-Either shows as *stalled* once it has waited ``stalled_after``. ``once`` runs are
-impatient: they cannot wait for a writer that may never come back, so an empty or
-incomplete file fails as soon as it has been quiet for the quiet period.
+Any of them shows as *stalled* once it has waited ``stalled_after``. ``once`` runs are
+impatient: they cannot wait for a writer (or a person) that may never come, so such a
+file fails as soon as it has been quiet for the quiet period.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Sighting:
     signature: Signature
     since: float  # the signature has been unchanged since then
     first_seen: float | None = None  # when intake first saw the file (None: same as since)
-    problem: str | None = None  # why a quiet file is not complete yet (format check)
+    problem: str | None = None  # why a quiet file cannot be taken yet
+    problem_code: str = "incomplete"  # the code it shows (and fails) with: or "unreadable"
 
     @property
     def waiting_since(self) -> float:
@@ -52,15 +55,15 @@ class Patience:
     quiet_period: float
     stalled_after: float = 300.0
     incomplete_timeout: float = 3600.0
-    impatient: bool = False  # ``once``: empty and incomplete files end after the quiet period
+    impatient: bool = False  # ``once``: a file held back ends after the quiet period
 
 
 class Verdict(enum.Enum):
     """What intake does with a candidate on this tick."""
 
-    WAIT = "wait"  # still changing, empty, or incomplete within its time
+    WAIT = "wait"  # still changing, empty, or incomplete (or unreadable) within its time
     CHECK = "check"  # quiet: open it, check type and completeness, then queue it
-    GIVE_UP = "give_up"  # empty or incomplete for too long: check once more, then fail it
+    GIVE_UP = "give_up"  # empty, incomplete or unreadable too long: check again, then fail it
 
 
 def observe(previous: Sighting | None, signature: Signature, now: float) -> Sighting:
@@ -72,9 +75,9 @@ def observe(previous: Sighting | None, signature: Signature, now: float) -> Sigh
     return Sighting(signature, now, previous.waiting_since)
 
 
-def with_problem(sighting: Sighting, problem: str | None) -> Sighting:
-    """The sighting with the content check's finding recorded."""
-    return dataclasses.replace(sighting, problem=problem)
+def with_problem(sighting: Sighting, problem: str | None, code: str = "incomplete") -> Sighting:
+    """The sighting with what holds it back recorded (None: nothing, as far as we know)."""
+    return dataclasses.replace(sighting, problem=problem, problem_code=code)
 
 
 def quiet_for(sighting: Sighting, now: float) -> float:
@@ -108,5 +111,5 @@ def stall(sighting: Sighting, now: float, patience: Patience) -> tuple[str, str]
     if sighting.signature.size == 0:
         return "empty_file", "the file is still empty (0 bytes): a placeholder nobody filled"
     if sighting.problem is not None and quiet_for(sighting, now) >= patience.quiet_period:
-        return "incomplete", sighting.problem
+        return sighting.problem_code, sighting.problem
     return None

@@ -68,9 +68,12 @@ def _env() -> dict[str, str]:
 class Daemon:
     """``ldx-hotfolder run`` as a real subprocess, with its log in a file."""
 
-    def __init__(self, config: Path, log_path: Path) -> None:
+    def __init__(
+        self, config: Path, log_path: Path, preexec_fn: Callable[[], None] | None = None
+    ) -> None:
         self.config = config
         self.log_path = log_path
+        self.preexec_fn = preexec_fn  # run in the child before exec (dropping capabilities)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Daemon:
@@ -81,6 +84,7 @@ class Daemon:
             stdout=log,
             stderr=subprocess.STDOUT,
             env=_env(),
+            preexec_fn=self.preexec_fn,  # noqa: PLW1509 (tests pass only a prctl call)
         )
         log.close()
         return self

@@ -7,7 +7,7 @@ import random
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,15 @@ from tests.scans import make_pdf
 
 
 @contextmanager
-def running(config: Path, log: Path, *, ready: float = 30.0) -> Iterator[Daemon]:
+def running(
+    config: Path,
+    log: Path,
+    *,
+    ready: float = 30.0,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[Daemon]:
     """``ldx-hotfolder run`` as a subprocess, watching once this yields; stopped after."""
-    daemon = Daemon(config, log).start()
+    daemon = Daemon(config, log, preexec_fn).start()
     try:
         wait_for(lambda: "start-up scan done" in daemon.log(), ready, "the daemon to start")
         yield daemon

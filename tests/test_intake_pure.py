@@ -14,7 +14,7 @@ from daemon.explain import Facts, Rules, explain, locate
 from daemon.filters import NameFilter
 from daemon.formats import InputFormat, Reader, completeness, looks_unwritten, sniff
 from daemon.inputs import Inspection
-from daemon.intake import refusal
+from daemon.intake import MAX_UPLOAD_BYTES, refusal
 from daemon.layout import output_candidates
 from daemon.mounts import (
     Mount,
@@ -25,6 +25,7 @@ from daemon.mounts import (
 )
 from daemon.names import fs_path, is_escaped, stored_path
 from daemon.stability import Patience, Signature, Verdict, observe, stall, verdict, with_problem
+from daemon.store import Waiting
 from tests.scans import FORMATS, make_scan
 
 JUNK = (
@@ -133,6 +134,17 @@ def test_incomplete_file_waits_then_gives_up() -> None:
     assert verdict(changed, 702.0, PATIENCE) is Verdict.CHECK
 
 
+def test_unreadable_file_waits_and_stalls_with_its_own_code() -> None:
+    """A file the daemon may not read waits like an incomplete one, but stalls as unreadable."""
+    seen = with_problem(observe(None, Signature(9, 1, 5), now=0.0), "no access", "unreadable")
+    assert verdict(seen, 10.0, PATIENCE) is Verdict.WAIT
+    assert stall(seen, 61.0, PATIENCE) == ("unreadable", "no access")
+    assert verdict(seen, 600.0, PATIENCE) is Verdict.GIVE_UP
+    readable = with_problem(seen, None)
+    assert verdict(readable, 61.0, PATIENCE) is Verdict.CHECK
+    assert stall(readable, 61.0, PATIENCE) is None
+
+
 def test_once_gives_up_after_the_quiet_period() -> None:
     """An impatient run fails empty and incomplete files once they are quiet."""
     impatient = Patience(quiet_period=2.0, impatient=True)
@@ -195,6 +207,22 @@ def test_refusal_reasons() -> None:
     assert message.startswith("unsupported type: looks like a ZIP archive")
     empty = Inspection(Signature(0, 1, 2), 1, None, "an empty file")
     assert (refusal(empty, "a.pdf", False) or ("",))[0] == "empty_file"
+
+
+def test_files_over_the_upload_cap_are_refused() -> None:
+    """A scan over 200 MiB fails with too_large (size, cap, what to do), even incomplete."""
+    at_cap = Inspection(Signature(MAX_UPLOAD_BYTES, 1, 2), 1, InputFormat.PDF, "a PDF file")
+    assert refusal(at_cap, "a.pdf", allow_hardlinks=False) is None
+    over = Signature(MAX_UPLOAD_BYTES + 1, 1, 2)
+    cut = Inspection(over, 1, InputFormat.TIFF, "a TIFF image", "incomplete TIFF")
+    code, message = refusal(cut, "a.tif", allow_hardlinks=False) or ("", "")
+    assert code == "too_large"
+    assert message.startswith("the file is 209.7 MB")
+    assert "200 MiB" in message
+    assert "split it" in message
+    assert "lower resolution" in message
+    zip_file = Inspection(over, 1, None, "a ZIP archive or Office document")
+    assert (refusal(zip_file, "a.pdf", False) or ("",))[0] == "unsupported_type"
 
 
 def test_every_junk_name_is_ignored() -> None:
@@ -319,6 +347,24 @@ def test_explain_a_file_not_taken_yet() -> None:
     assert "not in the state table yet" in result.lines[0]
     assert "last changed 1 s ago" in result.lines[1]
     assert "quiet period" in result.lines[1]
+
+
+def test_explain_a_file_the_daemon_cannot_read() -> None:
+    """The daemon's unreadable note makes the state unreadable, even when explain can read it."""
+    note = Waiting("a.pdf", "unreadable", "a.pdf cannot be read by user ldx", 40.0, 50.0)
+    facts = Facts(
+        "a.pdf",
+        rel="a.pdf",
+        kind="file",
+        signature=Signature(10, 0, 1),
+        mtime=30.0,
+        inspection=Inspection(Signature(10, 0, 1), 1, InputFormat.PDF, "a PDF file"),
+        waiting=note,
+    )
+    result = explain(facts, RULES, now=100.0)
+    assert result.state == "unreadable"
+    assert "The daemon cannot read it: a.pdf cannot be read by user ldx" in result.lines[1]
+    assert "stalled" in result.lines[-1]
 
 
 def test_explain_ignored_and_special_files() -> None:

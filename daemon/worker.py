@@ -430,12 +430,12 @@ class Pipeline:
 
     async def _defer(self, job: Job, exc: RetryLater) -> None:
         attempts = job.attempts + 1
-        if attempts > self.settings.max_attempts and job.stage is Stage.PUBLISHED:
-            await self._leave_input(job, exc)
-            return
         if attempts > self.settings.max_attempts:
-            message = f"{exc.message} (gave up after {job.attempts} retries)"
-            await self._fail(job, JobFailed(message, code=exc.code))
+            if job.stage is Stage.PUBLISHED:  # the output is out: only the input is stuck
+                await self._leave_input(job, exc)
+            else:
+                message = f"{exc.message} (gave up after {job.attempts} retries)"
+                await self._fail(job, JobFailed(message, code=exc.code))
             return
         delay = retry_delay(attempts, retry_after=exc.retry_after, rng=self.rng)
         metrics.record_error(exc.code, "retry", job.stage)
@@ -713,6 +713,9 @@ class Pipeline:
             )
         if job.stage is not Stage.SUBMITTING:
             job = await self._advance(job, Stage.SUBMITTING)
+        return await self._create_remote(job, file_id, fresh)
+
+    async def _create_remote(self, job: Job, file_id: str, fresh: bool) -> Job:
         try:
             remote = await self.client.create_job(
                 file_id, job.engine, job.language, job.output_format

@@ -22,6 +22,7 @@ from daemon.config import Settings, check_folders, config_path, load_settings, r
 from daemon.errors import AuthRejected, ConfigError, LdxError
 from daemon.health import EXIT_UNHEALTHY, read_heartbeat, verdict
 from daemon.logs import configure, scrub
+from daemon.mounts import stale_size_warnings_for
 from daemon.names import stored_path
 from daemon.report import (
     HubCheck,
@@ -392,6 +393,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"folders: {problem}")
     if not problems:
         print(f"folders: ok (inbox {settings.inbox}, outbox {settings.outbox})")
+    for warning in stale_size_warnings_for(settings.inbox, settings.quiet_period):
+        print(f"folders: warning: {warning}")
     key_ok = asyncio.run(_check_key(settings))
     return EXIT_OK if key_ok and not problems else EXIT_CONFIG
 

@@ -47,6 +47,8 @@ NETWORK_TYPES = frozenset(
         "fakeowner",
     }
 )
+NFS_TYPES = frozenset({"nfs", "nfs4"})
+NFS_ACREGMAX_DEFAULT = 60.0  # seconds, nfs(5)
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 MOUNTINFO = Path("/proc/self/mountinfo")
 PROC_MOUNTS = Path("/proc/mounts")
@@ -59,6 +61,7 @@ class Mount:
     point: str
     fstype: str
     source: str
+    options: tuple[str, ...] = ()  # the mount's own options, then the filesystem's
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,11 @@ def parse_mountinfo(text: str) -> list[Mount]:
         dash = fields.index("-", 6)
         if len(fields) < dash + 3 or len(fields) < 5:
             continue
-        mounts.append(Mount(_unescape(fields[4]), fields[dash + 1], _unescape(fields[dash + 2])))
+        options = fields[5].split(",")
+        if len(fields) > dash + 3:
+            options += fields[dash + 3].split(",")
+        point, source = _unescape(fields[4]), _unescape(fields[dash + 2])
+        mounts.append(Mount(point, fields[dash + 1], source, tuple(options)))
     return mounts
 
 
@@ -95,7 +102,8 @@ def parse_proc_mounts(text: str) -> list[Mount]:
     for line in text.splitlines():
         fields = line.split()
         if len(fields) >= 3:
-            mounts.append(Mount(_unescape(fields[1]), fields[2], _unescape(fields[0])))
+            options = tuple(fields[3].split(",")) if len(fields) > 3 else ()
+            mounts.append(Mount(_unescape(fields[1]), fields[2], _unescape(fields[0]), options))
     return mounts
 
 
@@ -143,6 +151,40 @@ def watch_plan(
     return WatchPlan((inbox,), tuple(polled), tuple(reasons))
 
 
+def attribute_cache_seconds(mount: Mount) -> float:
+    """How long the client may show a file's old size and time (nfs(5): acregmax, 60 s
+    unless actimeo, acregmax or noac say otherwise); 0 where the kernel knows at once."""
+    if mount.fstype.lower() not in NFS_TYPES or "noac" in mount.options:
+        return 0.0
+    values = dict(option.partition("=")[::2] for option in mount.options)
+    for key in ("acregmax", "actimeo"):  # acregmax wins when both are given
+        if values.get(key, "").isdigit():
+            return float(values[key])
+    return NFS_ACREGMAX_DEFAULT
+
+
+def stale_size_warnings(
+    inbox: Path, quiet_period: float, mounts: Sequence[Mount], real_inbox: str | None = None
+) -> list[str]:
+    """A warning for each NFS mount under (or holding) the inbox whose attribute cache
+    outlasts ``quiet_period``: a file still being written there can look finished."""
+    real = real_inbox or str(inbox)
+    home = mount_of(real, mounts)
+    candidates = [home] if home is not None else []
+    candidates += [m for m in _deepest_last(mounts) if m.point != real and _inside(m.point, real)]
+    warnings = []
+    for mount in candidates:
+        cache = attribute_cache_seconds(mount)
+        if cache >= quiet_period:
+            warnings.append(
+                f"{mount.point} is on {mount.fstype}, which may show a file's old size and "
+                f"time for up to {cache:g} s; with quiet_period = {quiet_period:g} a file "
+                f"still being written there can look finished: set quiet_period above "
+                f"{cache:g} s, or mount it with actimeo=N (N below quiet_period) or noac"
+            )
+    return warnings
+
+
 def _deepest_last(mounts: Sequence[Mount]) -> list[Mount]:
     # The latest mount on a point hides the earlier ones; shallow points come first, so
     # a polled folder covers the mounts below it.
@@ -160,6 +202,11 @@ def read_mount_table() -> list[Mount]:
         return parse_proc_mounts(PROC_MOUNTS.read_text(encoding="utf-8", errors="surrogateescape"))
     except OSError:
         return []
+
+
+def stale_size_warnings_for(inbox: Path, quiet_period: float) -> list[str]:
+    """``stale_size_warnings`` from this machine's mount table."""
+    return stale_size_warnings(inbox, quiet_period, read_mount_table(), os.path.realpath(inbox))
 
 
 def plan_for(inbox: Path, mode: UsePolling) -> WatchPlan:

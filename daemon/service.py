@@ -29,6 +29,7 @@ from daemon.health import Liveness
 from daemon.hooks import Hooks
 from daemon.intake import Intake
 from daemon.logs import get_logger
+from daemon.mounts import stale_size_warnings_for
 from daemon.permissions import OutputPermissions, tighten_umask
 from daemon.permissions import check as check_permissions
 from daemon.progress import ProgressBar, follow
@@ -222,6 +223,8 @@ class Service:
             reconcile.sweep, outbox_root, self.settings.instance_id, time.time()
         )
         self.disk.check()
+        for warning in stale_size_warnings_for(self.settings.inbox, self.settings.quiet_period):
+            log.warning("the quiet period is shorter than the share's attribute cache", why=warning)
         await self.intake.load_known()
         if not self.once:
             self.watcher = self.intake.watch(loop)  # inotify and/or polling, supervised

@@ -18,9 +18,11 @@ from daemon.intake import MAX_UPLOAD_BYTES, refusal
 from daemon.layout import output_candidates
 from daemon.mounts import (
     Mount,
+    attribute_cache_seconds,
     needs_polling,
     parse_mountinfo,
     parse_proc_mounts,
+    stale_size_warnings,
     watch_plan,
 )
 from daemon.names import fs_path, is_escaped, stored_path
@@ -254,7 +256,12 @@ def test_mountinfo_is_parsed_with_escapes() -> None:
     """Mount points with escaped spaces and every field after the separator are read."""
     mounts = parse_mountinfo(MOUNTINFO)
     assert len(mounts) == 8
-    assert mounts[2] == Mount("/srv/scans/inbox/from nas", "cifs", "//nas/scans")
+    assert mounts[2] == Mount(
+        "/srv/scans/inbox/from nas",
+        "cifs",
+        "//nas/scans",
+        ("rw", "relatime", "rw", "vers=3.0"),
+    )
     assert mounts[3].fstype == "fuse.sshfs"
 
 
@@ -262,8 +269,8 @@ def test_proc_mounts_is_parsed() -> None:
     """The /proc/mounts fallback gives the same mounts."""
     text = "server:/export /mnt/share nfs rw 0 0\n/dev/sda1 / ext4 rw 0 0\n"
     assert parse_proc_mounts(text) == [
-        Mount("/mnt/share", "nfs", "server:/export"),
-        Mount("/", "ext4", "/dev/sda1"),
+        Mount("/mnt/share", "nfs", "server:/export", ("rw",)),
+        Mount("/", "ext4", "/dev/sda1", ("rw",)),
     ]
 
 
@@ -303,6 +310,37 @@ def test_symlinked_inbox_is_planned_by_its_real_path() -> None:
     """The configured path may be a link; the plan follows where it really lives."""
     plan = watch_plan(Path("/data/inbox"), "auto", parse_mountinfo(MOUNTINFO), "/mnt/share/x")
     assert plan.polled == (Path("/data/inbox"),)
+
+
+@pytest.mark.parametrize(
+    ("options", "seconds"),
+    [
+        ((), 60.0),
+        (("rw", "vers=4.2"), 60.0),
+        (("rw", "actimeo=5"), 5.0),
+        (("acregmax=20", "actimeo=5"), 20.0),
+        (("rw", "noac"), 0.0),
+    ],
+)
+def test_nfs_attribute_cache_follows_the_mount_options(
+    options: tuple[str, ...], seconds: float
+) -> None:
+    """acregmax, then actimeo, then noac decide how stale NFS sizes may be; 60 s by default."""
+    assert attribute_cache_seconds(Mount("/mnt/share", "nfs", "s:/x", options)) == seconds
+    assert attribute_cache_seconds(Mount("/mnt/share", "cifs", "//s/x", options)) == 0.0
+
+
+def test_a_quiet_period_shorter_than_the_nfs_cache_is_warned_about() -> None:
+    """NFS holding or under the inbox, with a short quiet period, is warned about with the fix."""
+    mounts = parse_mountinfo(MOUNTINFO)
+    warnings = stale_size_warnings(Path("/mnt/share/inbox"), 10.0, mounts)
+    assert len(warnings) == 1
+    assert "/mnt/share is on nfs" in warnings[0]
+    assert "quiet_period above 60 s" in warnings[0]
+    assert stale_size_warnings(Path("/mnt/share/inbox"), 65.0, mounts) == []
+    below = stale_size_warnings(Path("/srv/scans/inbox"), 2.0, mounts)
+    assert [w.split(" is on ")[0] for w in below] == ["/srv/scans/inbox/from nas/deeper"]
+    assert stale_size_warnings(Path("/srv/scans/inbox/local"), 2.0, mounts) == []
 
 
 # -- duplicates ---------------------------------------------------------------------------

@@ -413,23 +413,35 @@ class Intake:
             await self._clear_stall(rel)
 
     async def _check_output_folders(self, records: list[Record]) -> list[Record]:
-        """Refuse the inputs whose output folder below the outbox is a link (or not a
-        folder) now: the worker would find out only at download, after the hub was paid."""
-        folders = {output_folder(rel) for rel, _, refused in records if refused is None}
-        unsafe = await asyncio.to_thread(self._unsafe_folders, folders)
+        """Refuse the inputs whose output folder below the outbox (or, for inputs to be
+        archived, whose archive folder) is a link or not a folder, now: the worker would
+        find out only after the hub was paid."""
+        wanted = [rel for rel, _, refused in records if refused is None]
+        unsafe = await asyncio.to_thread(self._unsafe_folders, wanted)
         checked: list[Record] = []
         for rel, found, refused in records:
-            why = unsafe.get(output_folder(rel)) if refused is None else None
+            why = unsafe.get(rel) if refused is None else None
             checked.append((rel, found, refused if why is None else (UnsafeOutputPath.code, why)))
         return checked
 
-    def _unsafe_folders(self, folders: set[PurePosixPath]) -> dict[PurePosixPath, str]:
-        """The output folders that cannot be written into safely, each with the reason."""
+    def _unsafe_folders(self, rels: list[str]) -> dict[str, str]:
+        """The inputs whose output or archive folder cannot be written into safely, each
+        with the reason; each folder is looked at once."""
+        archive = self.settings.archive_dir
+        seen: dict[tuple[Path, PurePosixPath], str | None] = {}
         unsafe = {}
-        for folder in folders:
-            culprit = unsafe_component(self.outbox, self.outbox / folder)
-            if culprit is not None:
-                unsafe[folder] = unsafe_folder_message(culprit, self.outbox)
+        for rel in rels:
+            folder, roots = output_folder(rel), [self.outbox]
+            if archive is not None and self.router.route(rel)[0].on_success == "archive":
+                roots.append(archive.absolute())  # the archive mirrors the inbox too
+            for root in roots:
+                if (root, folder) not in seen:
+                    culprit = unsafe_component(root, root / folder)
+                    why = None if culprit is None else unsafe_folder_message(culprit, root)
+                    seen[root, folder] = why
+                if why := seen[root, folder]:
+                    unsafe[rel] = why
+                    break
         return unsafe
 
     def _inspect_all(self, rels: list[str]) -> list[Inspection | InputGone]:

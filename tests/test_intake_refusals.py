@@ -193,3 +193,53 @@ def test_input_with_a_linked_output_folder_is_refused_unsent(
     assert set(done(db)) == {"other/page.png", "top.jpg"}
     assert uploads(emulator) == Counter({"page.png": 1, "top.jpg": 1})
     assert list(elsewhere.iterdir()) == []  # nothing written through the link
+
+
+def test_input_with_a_linked_archive_folder_is_refused_unsent(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """With on_success = "archive", a symlinked archive folder fails its inputs unsent."""
+    inbox, db = folders["inbox"], folders["state"] / "state.db"
+    archive, elsewhere = tmp_path / "archive", tmp_path / "elsewhere"
+    archive.mkdir()
+    elsewhere.mkdir()
+    (archive / "dept").symlink_to(elsewhere)
+    for rel, fmt in {"dept/scan.pdf": "pdf", "other/page.png": "png"}.items():
+        (inbox / rel).parent.mkdir(exist_ok=True)
+        (inbox / rel).write_bytes(make_scan(fmt, len(rel)))
+    config = daemon_config(
+        tmp_path, folders, emulator.url, on_success="archive", archive_dir=str(archive)
+    )
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    assert outcome.exit_code == 1
+    failed = job(db, "dept/scan.pdf")
+    assert failed["error_code"] == "unsafe_output_path"
+    assert f"{archive / 'dept'} is a symbolic link" in failed["error_message"]
+    assert (inbox / "dept" / "scan.pdf").exists()  # refused inputs stay where they are
+    assert set(done(db)) == {"other/page.png"}
+    assert (archive / "other" / "page.png").exists()
+    assert uploads(emulator) == Counter({"page.png": 1})
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_linked_archive_folder_does_not_refuse_inputs_that_are_kept(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A rule that keeps a folder's inputs converts them even if its archive folder is a link."""
+    inbox, db = folders["inbox"], folders["state"] / "state.db"
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "dept").symlink_to(tmp_path)
+    (inbox / "dept").mkdir()
+    (inbox / "dept" / "scan.pdf").write_bytes(make_scan("pdf", 3))
+    config = daemon_config(
+        tmp_path, folders, emulator.url, on_success="archive", archive_dir=str(archive)
+    )
+    with config.open("a", encoding="utf-8") as file:
+        file.write('\n[[rules]]\nmatch = "dept/**"\non_success = "keep"\n')
+    outcome = asyncio.run(run_service(load_settings(config), once=True))
+    assert outcome is not None
+    assert outcome.exit_code == 0
+    assert set(done(db)) == {"dept/scan.pdf"}
+    assert (inbox / "dept" / "scan.pdf").exists()

@@ -5,16 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from daemon.cli import main
 from daemon.config import load_settings
+from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.service import Outcome, run_service
 from daemon.store import NewJob, Stage, Status, Store
 from tests.conftest import daemon_config
+from tests.faults import job_rows
 from tests.helpers import daemon_in_process, input_name, wait_async
 from tests.scans import make_scan
 
@@ -181,19 +184,27 @@ def test_running_daemon_picks_up_new_files_promptly(
     store.close()
 
 
+@pytest.fixture
+def slow_emulator() -> Iterator[EmulatorServer]:
+    """An emulator that takes 2 s per job, leaving time to act while the hub works."""
+    with EmulatorServer(EmulatorSettings(processing_time=2.0, seed=11)) as server:
+        yield server
+
+
 def test_an_input_that_cannot_be_archived_is_never_converted_again(
     tmp_path: Path,
     folders: dict[str, Path],
-    emulator: EmulatorServer,
+    slow_emulator: EmulatorServer,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """An input that cannot be archived keeps its completed job: it is never converted again."""
-    # A file where the archive's folder should be makes the move fail, for root as well.
+    # A file put where the archive's folder should be, while the hub works, makes the
+    # move fail, for root as well (intake would refuse the input if it were there before).
     inbox, archive = folders["inbox"], tmp_path / "archive"
     archive.mkdir()
-    (archive / "x").write_text("not a folder", encoding="utf-8")
     (inbox / "x").mkdir()
     (inbox / "x" / "scan.png").write_bytes(make_scan("png", 21))
+    emulator = slow_emulator
     config = daemon_config(
         tmp_path,
         folders,
@@ -202,7 +213,17 @@ def test_an_input_that_cannot_be_archived_is_never_converted_again(
         archive_dir=str(archive),
         max_attempts=1,
     )
-    assert once(config).exit_code == 0
+    db = folders["state"] / "state.db"
+
+    async def block_archive_while_converting() -> Outcome | None:
+        running = asyncio.create_task(run_service(load_settings(config), once=True))
+        await wait_async(lambda: any(r["remote_job_id"] for r in job_rows(db)), 30, "a job")
+        (archive / "x").write_text("not a folder", encoding="utf-8")
+        return await running
+
+    outcome = asyncio.run(block_archive_while_converting())
+    assert outcome is not None
+    assert outcome.exit_code == 0
     assert (folders["outbox"] / "x" / "scan.docx").exists()
     assert (inbox / "x" / "scan.png").read_bytes() == make_scan("png", 21)
     store = Store(f"sqlite:///{folders['state'] / 'state.db'}")

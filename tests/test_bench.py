@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import perf, scenarios
+from bench import perf, scenarios, soak
 from bench.harness import MiB, stop_and_reap
 
 
@@ -51,3 +51,22 @@ def test_ratio_floor_spreads_the_cpu_over_the_cores() -> None:
     # The CPU is the daemon's; 12 s of it on 2 cores cannot beat 6 s, twice a 3 s reference.
     assert scenarios.ratio_floor(12.0, 3.0, cores=2) == pytest.approx(2.0)
     assert scenarios.ratio_floor(12.0, 3.0, cores=4) == pytest.approx(1.0)
+
+
+@pytest.mark.timeout(300)  # real processes, a few restarts
+def test_soak_runs_with_kills_and_reports_flat_resources(tmp_path: Path) -> None:
+    """A short soak with SIGKILLs completes every input once and prints its table."""
+    result = soak.run(tmp_path, minutes=0.4, rate=3.0, kill_every=6.0, seed=2)
+    assert result.kills >= 1
+    assert result.completed == result.files >= 50
+    assert len({s.life for s in result.samples}) == result.kills + 1
+    table = result.table()
+    assert f"{result.files} files, {result.kills} SIGKILLs" in table
+    assert "MB/h" in table
+
+
+def test_slope_is_least_squares() -> None:
+    """The soak's slope is the least-squares line's, and 0 for a single instant."""
+    assert soak.slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
+    assert soak.slope([0, 1, 2], [5, 4, 6]) == pytest.approx(0.5)
+    assert soak.slope([4, 4], [1, 9]) == 0.0

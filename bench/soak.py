@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import os
 import random
 import signal
@@ -26,7 +27,7 @@ import sqlite3
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 
 from bench import harness
@@ -239,6 +240,14 @@ def _restart(daemon: harness.Daemon, config: Path, root: Path) -> harness.Daemon
     return fresh
 
 
+def write_samples(samples: list[Sample], path: Path) -> None:
+    """The samples as CSV, one row each, for a plot."""
+    with path.open("w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow([f.name for f in fields(Sample)])
+        writer.writerows(astuple(sample) for sample in samples)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -247,10 +256,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kill-every", type=float, default=300.0, help="mean seconds; 0 = never")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--work", type=Path, help="folder for the run (default: a temporary one)")
+    parser.add_argument("--samples", type=Path, help="also write every sample to this CSV file")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ldx-soak-", dir=args.work) as work:
         result = run(Path(work), args.minutes, args.rate, args.kill_every, args.seed)
     print(result.table())
+    if args.samples:
+        write_samples(result.samples, args.samples)
     return 0
 
 

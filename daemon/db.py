@@ -1,10 +1,17 @@
-"""The single writer: every store call of the running daemon goes through one thread.
+"""The single writer: every store call of the running daemon is committed in one place.
 
 SQLite allows one writer at a time, and its WAL reset bug makes concurrent writers
-unsafe on older libraries; funnelling every call through one thread also keeps the
-event loop free while a commit waits for fsync. Calls that queue up while a commit is
-under way are run together in the next transaction (group commit): one fsync for many
-small state changes. A caller's await returns only after its change is committed.
+unsafe on older libraries. Calls made while a commit is under way are run together in
+the next transaction (group commit): one fsync for many small state changes. A caller's
+await returns only after its change is committed.
+
+Where they run is the ``Offload``'s decision. With an SQLite file on a local disk a
+commit takes a fraction of a millisecond, so the calls made in one turn of the event
+loop are committed at the end of that turn on the loop itself, with no thread hop. A
+PostgreSQL server (network round trips), or a commit that turned out slow, sends them to
+one dedicated thread instead, which keeps the event loop free while a commit waits. The
+loop only goes back to committing inline once that thread has nothing in hand, so the
+two never write at once.
 
 PostgreSQL aborts a whole transaction at the first failed statement, where SQLite only
 fails that statement; so when a call of a batch fails in the database, the batch is
@@ -23,6 +30,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
+from daemon.offload import Offload
 from daemon.store import Store
 
 P = ParamSpec("P")
@@ -57,20 +65,51 @@ def _settle_all(calls: list[_Call]) -> None:
 
 
 class Db:
-    """Runs ``Store`` methods on one dedicated thread, awaitable from the event loop."""
+    """Runs ``Store`` methods in group commits, awaitable from the event loop: inline at
+    the end of a loop turn when ``offload`` allows it, else on one dedicated thread."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, offload: Offload | None = None) -> None:
         self.store = store
+        self.offload = offload  # None: always the thread
         self._queue: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._in_thread = 0  # calls handed to the thread and not yet settled
+        self._pending: list[_Call] = []  # inline calls waiting for the end of the turn
         self._thread = threading.Thread(target=self._serve, name="db-writer", daemon=True)
         self._thread.start()
 
     async def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-        """Run ``fn(*args, **kwargs)`` on the writer thread; return once it is committed."""
+        """Run ``fn(*args, **kwargs)`` in the next group commit; return once committed."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._queue.put(_Call(lambda: fn(*args, **kwargs), loop, future))
+        call = _Call(lambda: fn(*args, **kwargs), loop, future)
+        if self._inline(loop):
+            if not self._pending:
+                loop.call_soon(self._commit_pending)
+            self._pending.append(call)
+        else:
+            self._in_thread += 1
+            self._queue.put(call)
         return await future
+
+    def _inline(self, loop: asyncio.AbstractEventLoop) -> bool:
+        if self.offload is None or self._in_thread:
+            return False
+        if self._pending and self._pending[0].loop is not loop:
+            return False
+        return bool(self._pending) or self.offload.inline_now()
+
+    def _commit_pending(self) -> None:
+        """Commit the calls of this loop turn, on the loop (scheduled by ``call``)."""
+        batch, self._pending = self._pending, []
+        if not batch or self.offload is None:
+            return
+        with self.offload.timing("state commit"):
+            self._commit(batch)
+        _settle_all(batch)
+
+    def _settle_from_thread(self, calls: list[_Call]) -> None:
+        self._in_thread -= len(calls)
+        _settle_all(calls)
 
     def _serve(self) -> None:
         while True:
@@ -95,14 +134,18 @@ class Db:
         return batch, False
 
     def _run(self, batch: list[_Call]) -> None:
-        if not self._run_together(batch) and len(batch) > 1:
-            for call in batch:
-                self._run_together([call])
+        self._commit(batch)
         by_loop: dict[asyncio.AbstractEventLoop, list[_Call]] = {}
         for call in batch:
             by_loop.setdefault(call.loop, []).append(call)
         for loop, calls in by_loop.items():
-            loop.call_soon_threadsafe(_settle_all, calls)  # one wake-up per batch, not per call
+            # one wake-up per batch, not per call
+            loop.call_soon_threadsafe(self._settle_from_thread, calls)
+
+    def _commit(self, batch: list[_Call]) -> None:
+        if not self._run_together(batch) and len(batch) > 1:
+            for call in batch:
+                self._run_together([call])
 
     def _run_together(self, batch: list[_Call]) -> bool:
         """Run ``batch`` in one transaction; False when it was rolled back because a
@@ -126,6 +169,8 @@ class Db:
 
     def close(self) -> None:
         """Finish pending calls, then close the store."""
+        if self._pending:  # only when a loop turn ended in close() itself
+            self._commit_pending()
         self._queue.put(None)
         self._thread.join(timeout=30)
         self.store.close()

@@ -30,6 +30,7 @@ from daemon.hooks import Hooks
 from daemon.intake import Intake
 from daemon.logs import get_logger
 from daemon.mounts import stale_size_warnings_for
+from daemon.offload import Offload
 from daemon.permissions import OutputPermissions, tighten_umask
 from daemon.permissions import check as check_permissions
 from daemon.progress import ProgressBar, follow
@@ -100,10 +101,18 @@ class Service:
         self.stop = asyncio.Event()
         self.ready = asyncio.Event()  # set once the watcher runs and the start-up scan is done
         metrics.set_instance(settings.instance_id)
-        self.db = Db(_open_store(settings))
+        store = _open_store(settings)
+        offload = Offload()
+        # A local SQLite commit is short enough for the event loop; a server's round trips
+        # are not (daemon/offload.py).
+        self.db = Db(store, offload if store.engine.dialect.name == "sqlite" else None)
         self.client = _hub_client(settings, api_key)
         self.pipeline = Pipeline(
-            settings, self.db, self.client, key_source=lambda: resolve_api_key(settings.hub)
+            settings,
+            self.db,
+            self.client,
+            key_source=lambda: resolve_api_key(settings.hub),
+            offload=offload,
         )
         self.intake = Intake(settings, self.db, self.pipeline.wake, reject_empty=once)
         self.pipeline.on_input_changed = self.intake.forget

@@ -68,6 +68,7 @@ from daemon.inputs import (
 )
 from daemon.layout import upload_name
 from daemon.logs import get_logger
+from daemon.offload import Offload
 from daemon.ooxml import OoxmlProblem, verify_package
 from daemon.permissions import OutputPermissions, make_dirs
 from daemon.stability import Signature
@@ -122,8 +123,10 @@ class Pipeline:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.settings = settings
+        self.offload = offload or Offload()
         self.inbox = settings.inbox.absolute()
         self.outbox = settings.outbox.absolute()
         self.db = db
@@ -577,7 +580,7 @@ class Pipeline:
         try:
             with open_input(self.inbox, job.path, allow_hardlinks=allow) as fd:
                 _check_unchanged(fd, _signature(job), job.path)
-                digest = await asyncio.to_thread(sha256_of, fd)
+                digest = await self.offload.run(job.size, sha256_of, fd)
                 job, earlier = await self._begin_upload(job, digest)
                 if earlier is not None:
                     done = await self._reuse_earlier(job, digest, earlier)
@@ -798,7 +801,7 @@ class Pipeline:
         try:
             written = await self.client.download(job.output_file_id, tmp)
             failpoints.hit("mid-download")
-            await asyncio.to_thread(self._place_output, tmp, final, job)
+            await self.offload.run(written, self._place_output, tmp, final, job)
             metrics.record_downloaded(written)
             failpoints.hit("after-publish")
         except RemoteNotFound:
@@ -831,10 +834,10 @@ class Pipeline:
         policy = job.on_success or self.settings.on_success
         if policy == "delete":
             expected = Signature(job.size, job.mtime_ns, job.inode)
-            await asyncio.to_thread(outbox.delete_input, self.inbox, job.path, expected)
+            await self.offload.run(0, outbox.delete_input, self.inbox, job.path, expected)
         elif policy == "archive" and self.settings.archive_dir is not None:
             archive = self.settings.archive_dir.absolute()
-            await asyncio.to_thread(outbox.archive_input, self.inbox, archive, job.path)
+            await self.offload.run(0, outbox.archive_input, self.inbox, archive, job.path)
         failpoints.hit("before-done")
         return await self._advance(job, Stage.DONE)
 

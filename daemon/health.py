@@ -57,7 +57,7 @@ class Snapshot:
 
 
 def take_snapshot(store: Store) -> Snapshot:
-    """Read the queue (runs on the writer thread)."""
+    """Read the queue (runs in the single writer)."""
     return Snapshot(store.counts(), store.oldest_unfinished())
 
 

@@ -74,7 +74,7 @@ QUIET_MARGIN = 0.002  # look just after a quiet period ends, never just before
 WATCH_CHECK_SECONDS = 2.0
 CLAIM_CANDIDATES = 50
 FIRST_CANDIDATES = 2
-TAKE_BATCH = 200  # candidates inspected and inserted per call of the writer thread
+TAKE_BATCH = 200  # candidates inspected and inserted per call of the single writer
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
 # The hub takes at most "200 MB" in one POST /files (ldxhub-api.md), read here as MiB, the
 # lenient reading the emulator uses too: a larger file is refused before it is uploaded
@@ -455,7 +455,7 @@ class Intake:
         return looks
 
     async def _record(self, records: list[Record]) -> None:
-        """Insert the rows of a batch in one call of the writer thread."""
+        """Insert the rows of a batch in one call of the single writer."""
         news = []
         for index, (rel, found, refused) in enumerate(records):
             new, route_problem = self._new_job(rel, found)
@@ -499,7 +499,7 @@ class Intake:
     def _store_jobs(
         self, news: list[tuple[NewJob, tuple[str, str] | None]], now: float
     ) -> list[Job | None]:
-        """Claim output names and insert rows (runs on the writer thread).
+        """Claim output names and insert rows (runs in the single writer).
 
         Intake's lock row is held until the batch commits, so several instances seeing
         the same files claim output names one after the other; the unique version key

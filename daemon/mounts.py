@@ -168,12 +168,8 @@ def stale_size_warnings(
 ) -> list[str]:
     """A warning for each NFS mount under (or holding) the inbox whose attribute cache
     outlasts ``quiet_period``: a file still being written there can look finished."""
-    real = real_inbox or str(inbox)
-    home = mount_of(real, mounts)
-    candidates = [home] if home is not None else []
-    candidates += [m for m in _deepest_last(mounts) if m.point != real and _inside(m.point, real)]
     warnings = []
-    for mount in candidates:
+    for mount in mounts_at_or_below(real_inbox or str(inbox), mounts):
         cache = attribute_cache_seconds(mount)
         if cache >= quiet_period:
             warnings.append(
@@ -183,6 +179,30 @@ def stale_size_warnings(
                 f"{cache:g} s, or mount it with actimeo=N (N below quiet_period) or noac"
             )
     return warnings
+
+
+def mounts_at_or_below(real: str, mounts: Sequence[Mount]) -> list[Mount]:
+    """The mount holding the real path ``real`` and every mount below it."""
+    home = mount_of(real, mounts)
+    below = [m for m in _deepest_last(mounts) if m.point != real and _inside(m.point, real)]
+    return ([home] if home is not None else []) + below
+
+
+def remote_storage(real_paths: Sequence[str], mounts: Sequence[Mount]) -> list[str]:
+    """The mount points of network filesystems at or below any of ``real_paths``."""
+    points = {
+        mount.point
+        for real in real_paths
+        for mount in mounts_at_or_below(real, mounts)
+        if needs_polling(mount.fstype)
+    }
+    return sorted(points)
+
+
+def remote_storage_for(folders: Sequence[Path]) -> list[str]:
+    """``remote_storage`` of ``folders`` from this machine's mount table."""
+    reals = [os.path.realpath(folder) for folder in folders]
+    return remote_storage(reals, read_mount_table())
 
 
 def _deepest_last(mounts: Sequence[Mount]) -> list[Mount]:

@@ -9,7 +9,8 @@ hops around them: run on the loop they cut the daemon's CPU per file by about a 
 so every inline call is timed, and one that waits (wall time less the thread's own CPU
 time: computing holds the GIL in a thread too) over ``SLOW_SECONDS`` sends all such work
 to threads for ``COOL_DOWN_SECONDS`` before the loop tries again. Large inputs and outputs
-always go to a thread.
+always go to a thread, and so does everything when a folder is on network storage: a
+hung share would otherwise freeze the whole loop, not one thread.
 """
 
 from __future__ import annotations
@@ -47,13 +48,17 @@ def threaded_until_after(waited: float, now: float, threaded_until: float) -> fl
 class Offload:
     """Runs blocking calls inline or in a thread; shared by the state and the file work."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, *, allowed: bool = True
+    ) -> None:
+        """``allowed=False`` (folders on network storage) keeps all such work in threads."""
         self.clock = clock
+        self.allowed = allowed
         self.threaded_until = 0.0
 
     def inline_now(self, size: int = 0) -> bool:
         """Whether work on ``size`` bytes should run on the event loop now."""
-        return runs_inline(size, self.clock(), self.threaded_until)
+        return self.allowed and runs_inline(size, self.clock(), self.threaded_until)
 
     def waited(self, seconds: float, what: str) -> None:
         """Record how long an inline call of ``what`` waited; overruns turn threads on."""

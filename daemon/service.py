@@ -29,7 +29,7 @@ from daemon.health import Liveness
 from daemon.hooks import Hooks
 from daemon.intake import Intake
 from daemon.logs import get_logger
-from daemon.mounts import stale_size_warnings_for
+from daemon.mounts import remote_storage_for, stale_size_warnings_for
 from daemon.offload import Offload
 from daemon.permissions import OutputPermissions, tighten_umask
 from daemon.permissions import check as check_permissions
@@ -102,7 +102,7 @@ class Service:
         self.ready = asyncio.Event()  # set once the watcher runs and the start-up scan is done
         metrics.set_instance(settings.instance_id)
         store = _open_store(settings)
-        offload = Offload()
+        offload = _offload_for(settings)
         # A local SQLite commit is short enough for the event loop; a server's round trips
         # are not (daemon/offload.py).
         self.db = Db(store, offload if store.engine.dialect.name == "sqlite" else None)
@@ -356,6 +356,17 @@ def _hub_client(settings: Settings, api_key: str) -> HubClient:
         min_transfer_rate=hub.min_transfer_rate,
         max_connections=settings.max_in_flight + 8,
     )
+
+
+def _offload_for(settings: Settings) -> Offload:
+    """Inline work unless a folder the daemon reads or writes is on network storage."""
+    folders = [settings.inbox, settings.outbox, _state_folder(settings)]
+    if settings.archive_dir is not None:
+        folders.append(settings.archive_dir)
+    remote = remote_storage_for([folder.absolute() for folder in folders])
+    if remote:
+        log.info("folders on network storage: file and state work runs in threads", mounts=remote)
+    return Offload(allowed=not remote)
 
 
 def _state_folder(settings: Settings) -> Path:

@@ -480,7 +480,7 @@ class Store:
         """Open the database at ``url``; an empty one gets the schema, an older one is
         upgraded when ``upgrade`` (else SchemaMismatch, as for a newer one)."""
         self.engine = make_engine(url)
-        self._local = threading.local()  # the writer thread's open batch, if any
+        self._local = threading.local()  # the open batch of the thread committing it, if any
         try:
             schema.ensure(self.engine, upgrade_older=upgrade)
         except DatabaseError as exc:

@@ -421,7 +421,7 @@ class Pipeline:
         return await self.db.call(self._advance_call(job, stage, **changes))
 
     def _advance_call(self, job: Job, stage: Stage, **changes: object) -> Callable[[], Job]:
-        """The store call that moves ``job`` to ``stage``, to run on the writer thread."""
+        """The store call that moves ``job`` to ``stage``, to run in the single writer."""
         # The worker holds the row as it stands: the store builds the new one from it.
         # Every change renews the lease; a deferred or final job is let go.
         now = self.clock()

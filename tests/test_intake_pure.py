@@ -22,6 +22,7 @@ from daemon.mounts import (
     needs_polling,
     parse_mountinfo,
     parse_proc_mounts,
+    remote_storage,
     stale_size_warnings,
     watch_plan,
 )
@@ -341,6 +342,18 @@ def test_a_quiet_period_shorter_than_the_nfs_cache_is_warned_about() -> None:
     below = stale_size_warnings(Path("/srv/scans/inbox"), 2.0, mounts)
     assert [w.split(" is on ")[0] for w in below] == ["/srv/scans/inbox/from nas/deeper"]
     assert stale_size_warnings(Path("/srv/scans/inbox/local"), 2.0, mounts) == []
+
+
+def test_network_storage_holding_or_below_a_folder_is_found() -> None:
+    """A folder on a share, or with shares mounted below it, is on network storage."""
+    mounts = parse_mountinfo(MOUNTINFO)
+    assert remote_storage(["/mnt/share/outbox"], mounts) == ["/mnt/share"]
+    assert remote_storage(["/srv/scans/inbox", "/srv/scans/outbox"], mounts) == [
+        "/srv/scans/inbox/from nas",
+        "/srv/scans/inbox/from nas/deeper",
+        "/srv/scans/inbox/remote",
+    ]
+    assert remote_storage(["/srv/scans/inbox/local", "/var/lib/state"], mounts) == []
 
 
 # -- duplicates ---------------------------------------------------------------------------

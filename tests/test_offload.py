@@ -103,6 +103,18 @@ def test_a_call_that_waits_too_long_sends_work_to_threads_for_a_while() -> None:
     assert asyncio.run(scenario()) == [False, False, True]
 
 
+def test_nothing_runs_inline_when_inline_work_is_not_allowed() -> None:
+    """An Offload for folders on network storage sends even the smallest call to a thread."""
+    work = Offload(allowed=False)
+
+    async def threads() -> tuple[int, int]:
+        return threading.get_ident(), await work.run(0, _thread_of)
+
+    loop_thread, ran_on = asyncio.run(threads())
+    assert ran_on != loop_thread
+    assert not work.inline_now()
+
+
 def test_computing_inline_for_long_does_not_count_as_waiting() -> None:
     """CPU time holds the GIL in a thread too, so only the wall time beyond it counts."""
     work = Offload()

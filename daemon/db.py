@@ -101,8 +101,9 @@ class Db:
     def _commit_pending(self) -> None:
         """Commit the calls of this loop turn, on the loop (scheduled by ``call``)."""
         batch, self._pending = self._pending, []
-        if not batch or self.offload is None:
+        if not batch:  # close() committed them already
             return
+        assert self.offload is not None  # calls are only pending inline when it is set
         with self.offload.timing("state commit"):
             self._commit(batch)
         _settle_all(batch)

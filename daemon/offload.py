@@ -79,8 +79,8 @@ class Offload:
         try:
             yield
         finally:
-            spent = time.perf_counter() - wall, time.thread_time() - cpu
-            self.waited(spent[0] - spent[1], what)
+            computed = time.thread_time() - cpu
+            self.waited(time.perf_counter() - wall - computed, what)
 
     async def run(self, size: int, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """``fn(*args, **kwargs)``, inline when ``size`` bytes are small and calls are fast."""

@@ -18,8 +18,9 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol, cast
 from urllib.parse import quote
 
 import httpx
@@ -33,7 +34,9 @@ from daemon.errors import (
     LdxError,
     RemoteNotFound,
 )
+from daemon.inputs import HashingReader, check_unchanged, open_input
 from daemon.permissions import open_output
+from daemon.stability import Signature
 from daemon.transport import LeanTransport
 
 USER_AGENT = "ldx-hotfolder"
@@ -113,6 +116,43 @@ class Engine(_Model):
 
 class _Page(_Model):
     data: list[dict[str, Any]] = []
+
+
+@dataclass(frozen=True)
+class InputUpload:
+    """An inbox input to upload, named by path so that another process can open it."""
+
+    inbox: Path
+    path: str  # relative to the inbox, as stored
+    signature: Signature  # the version the job describes; any other is refused
+    allow_hardlinks: bool
+    filename: str  # the name the hub is given
+    content_type: str
+
+
+@dataclass(frozen=True)
+class SentInput:
+    """What an upload of an input sent."""
+
+    file_id: str
+    sha256: str | None  # of the bytes actually sent; None unless read in order to the end
+
+
+class Hub(Protocol):
+    """The hub operations the daemon uses: ``HubClient`` in this process, or
+    ``daemon.transfers.TransferProcess`` serving them from a child process."""
+
+    def set_api_key(self, api_key: str) -> None: ...
+    async def aclose(self) -> None: ...
+    async def engines(self) -> list[Engine]: ...
+    async def list_files(self) -> list[FileInfo]: ...
+    async def upload_input(self, request: InputUpload) -> SentInput: ...
+    async def create_job(
+        self, file_id: str, engine: str, language: str, output_format: str
+    ) -> RemoteJob: ...
+    async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob: ...
+    async def list_jobs(self) -> list[RemoteJob]: ...
+    async def download(self, file_id: str, dest: Path) -> int: ...
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -271,6 +311,16 @@ class HubClient:
         body = await self._json("POST", "/files", "upload", files=files, extra_time=extra)
         async with _translate("upload"):
             return FileInfo(**body)
+
+    async def upload_input(self, request: InputUpload) -> SentInput:
+        """Open an inbox input, check it is the job's version, and upload it."""
+        allow = request.allow_hardlinks
+        with open_input(request.inbox, request.path, allow_hardlinks=allow) as fd:
+            check_unchanged(fd, request.signature, request.path)
+            reader = HashingReader(fd)
+            stream = cast(BinaryIO, reader)
+            info = await self.upload(stream, request.filename, request.content_type)
+            return SentInput(info.file_id, reader.hexdigest())
 
     async def create_job(
         self, file_id: str, engine: str, language: str, output_format: str

@@ -62,6 +62,12 @@ class HardLinked(JobFailed):
     code = "hard_link"
 
 
+class InputChanged(JobFailed):
+    """The input changed after it was taken; the new version becomes a new job."""
+
+    code = "input_changed"
+
+
 def hard_link_message(rel_path: str, links: int) -> str:
     """Why a file with several hard links is refused."""
     return (
@@ -83,6 +89,14 @@ def unreadable_message(reason: str) -> str:
 def signature_of(st: os.stat_result) -> Signature:
     """The stability signature of a stat result."""
     return Signature(size=st.st_size, mtime_ns=st.st_mtime_ns, inode=st.st_ino)
+
+
+def check_unchanged(fd: int, expected: Signature, rel_path: str) -> None:
+    """Raise ``InputChanged`` unless the open input still has the job's signature."""
+    if signature_of(os.fstat(fd)) != expected:
+        raise InputChanged(
+            f"{rel_path} changed after it was taken; the new version will be converted"
+        )
 
 
 @contextmanager

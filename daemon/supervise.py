@@ -15,7 +15,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from daemon.client import HubClient
+from daemon.client import Hub
 from daemon.config import HubSettings, Settings, resolve_api_key, service_manager
 from daemon.db import Db
 from daemon.errors import ConfigError
@@ -66,7 +66,7 @@ class Supervisor:
         settings: Settings,
         db: Db,
         liveness: Callable[[], Liveness],
-        client: HubClient,
+        client: Hub,
         reload_settings: Callable[[], Settings] | None = None,
     ) -> None:
         self.settings = settings

@@ -30,20 +30,18 @@ import asyncio
 import contextlib
 import errno
 import functools
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO, cast
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from daemon import duplicates, failpoints, metrics, outbox
 from daemon.backoff import retry_delay
 from daemon.breaker import Breaker
-from daemon.client import HubClient, RemoteJob, current_job
+from daemon.client import Hub, InputUpload, RemoteJob, current_job
 from daemon.config import Settings
 from daemon.db import Db
 from daemon.duplicates import Action
@@ -60,11 +58,11 @@ from daemon.formats import InputFormat
 from daemon.hooks import HookEvent, Hooks
 from daemon.inputs import (
     MIME_TYPES,
-    HashingReader,
+    InputChanged,
     InputGone,
+    check_unchanged,
     open_input,
     sha256_of,
-    signature_of,
 )
 from daemon.layout import upload_name
 from daemon.logs import get_logger
@@ -105,12 +103,6 @@ class _Requeue(Exception):
         self.stage, self.delay, self.code, self.message = stage, delay, code, message
 
 
-class InputChanged(JobFailed):
-    """The input changed after it was taken; the new version becomes a new job."""
-
-    code = "input_changed"
-
-
 class Pipeline:
     """Schedules job tasks and runs their steps."""
 
@@ -118,7 +110,7 @@ class Pipeline:
         self,
         settings: Settings,
         db: Db,
-        client: HubClient,
+        client: Hub,
         key_source: Callable[[], str],
         *,
         clock: Callable[[], float] = time.time,
@@ -579,7 +571,7 @@ class Pipeline:
         allow = self.settings.allow_hardlinks
         try:
             with open_input(self.inbox, job.path, allow_hardlinks=allow) as fd:
-                _check_unchanged(fd, _signature(job), job.path)
+                check_unchanged(fd, _signature(job), job.path)
                 digest = await self.offload.run(job.size, sha256_of, fd)
                 job, earlier = await self._begin_upload(job, digest)
                 if earlier is not None:
@@ -621,18 +613,25 @@ class Pipeline:
         return await self.db.call(run)
 
     async def _send_input(self, job: Job, fd: int, digest: str) -> str:
-        """Upload the open input; InputChanged when it changed meanwhile (its signature,
-        or the hash of the bytes actually sent)."""
+        """Upload the input; InputChanged when it changed meanwhile (its signature, or
+        the hash of the bytes actually sent). ``fd`` stays open, so the version checked
+        here is the one the upload opened again by its path (maybe in another process)."""
         fmt = InputFormat(job.input_format) if job.input_format else InputFormat.PDF
-        reader = HashingReader(fd)
-        stream = cast(BinaryIO, reader)
-        info = await self.client.upload(stream, upload_name(job.path, digest), MIME_TYPES[fmt])
-        _check_unchanged(fd, _signature(job), job.path)
-        if reader.hexdigest() != digest:
+        request = InputUpload(
+            inbox=self.inbox,
+            path=job.path,
+            signature=_signature(job),
+            allow_hardlinks=self.settings.allow_hardlinks,
+            filename=upload_name(job.path, digest),
+            content_type=MIME_TYPES[fmt],
+        )
+        sent = await self.client.upload_input(request)
+        check_unchanged(fd, _signature(job), job.path)
+        if sent.sha256 != digest:
             raise InputChanged(
                 f"{job.path} changed while it was uploaded; the new version will be converted"
             )
-        return info.file_id
+        return sent.file_id
 
     async def _reuse_earlier(self, job: Job, digest: str, found: tuple[Job, bool]) -> Job | None:
         """Apply ``on_duplicate`` to an input whose content was converted before (``found``:
@@ -863,13 +862,6 @@ async def _wait(event: asyncio.Event, seconds: float) -> None:
 
 def _signature(job: Job) -> Signature:
     return Signature(job.size, job.mtime_ns, job.inode)
-
-
-def _check_unchanged(fd: int, expected: Signature, rel_path: str) -> None:
-    if signature_of(os.fstat(fd)) != expected:
-        raise InputChanged(
-            f"{rel_path} changed after it was taken; the new version will be converted"
-        )
 
 
 def _verify(path: Path, output_format: str) -> None:

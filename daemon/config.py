@@ -42,7 +42,7 @@ CREDENTIAL_NAME = "api-key"
 # Variables with our prefix that are not settings (so the unknown-key check skips them).
 _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 
-# How TOML or an environment variable may spell use_polling's true and false.
+# How TOML or an environment variable may spell true and false where "auto" is allowed.
 _POLLING_WORDS = {"true": True, "yes": True, "on": True, "1": True}
 _POLLING_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -130,6 +130,7 @@ class Settings(BaseSettings):
     allow_hardlinks: bool = False
     on_duplicate: OnDuplicate = "reuse"
     max_in_flight: int = Field(default=16, ge=1, le=1000)
+    transfer_process: Literal["auto"] | bool = "auto"
     max_attempts: int = Field(default=8, ge=1, description="transient retries of one step")
     ignore: tuple[str, ...] = ()
     auto_retry_after: float = Field(default=1800.0, ge=0, description="0 turns it off")
@@ -162,9 +163,9 @@ class Settings(BaseSettings):
         # Environment variables override the file, which arrives as init arguments.
         return (env_settings, init_settings)
 
-    @field_validator("use_polling", mode="before")
+    @field_validator("use_polling", "transfer_process", mode="before")
     @classmethod
-    def _polling_mode(cls, value: object) -> object:
+    def _auto_or_bool(cls, value: object) -> object:
         # One message naming the choices, instead of pydantic's one per member of the union.
         if isinstance(value, bool):
             return value

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import failpoints, metrics, reconcile
-from daemon.client import HubClient
+from daemon.client import Hub
 from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_key
 from daemon.db import Db
 from daemon.diskspace import DiskMonitor
@@ -37,6 +37,7 @@ from daemon.progress import ProgressBar, follow
 from daemon.rules import check_rules, offer_from_engines
 from daemon.store import Instance, StateDamaged, Status, Store, damaged_message
 from daemon.supervise import Supervisor, Unhealthy
+from daemon.transfers import ClientConfig, TransferProcess
 from daemon.watcher import Watcher
 from daemon.worker import Pipeline
 
@@ -345,10 +346,11 @@ def _open_store(settings: Settings) -> Store:
     return store
 
 
-def _hub_client(settings: Settings, api_key: str) -> HubClient:
-    """The hub client, with room in its pool for every job in flight and a few lookups."""
+def _hub_client(settings: Settings, api_key: str) -> Hub:
+    """The hub client, with room in its pool for every job in flight and a few lookups;
+    in a child process of its own when there is a core for it (``daemon.transfers``)."""
     hub = settings.hub
-    return HubClient(
+    config = ClientConfig(
         hub.base_url,
         api_key,
         timeout=hub.timeout + hub.poll_wait,
@@ -356,6 +358,14 @@ def _hub_client(settings: Settings, api_key: str) -> HubClient:
         min_transfer_rate=hub.min_transfer_rate,
         max_connections=settings.max_in_flight + 8,
     )
+    if use_transfer_process(settings.transfer_process, len(os.sched_getaffinity(0))):
+        return TransferProcess(config)
+    return config.client()
+
+
+def use_transfer_process(setting: bool | str, cores: int) -> bool:
+    """Whether the HTTP work runs in a child: asked for, or "auto" with 2 or more cores."""
+    return setting if isinstance(setting, bool) else cores >= 2
 
 
 def _offload_for(settings: Settings) -> Offload:

@@ -1,0 +1,274 @@
+"""The transfer process: the hub client served from a child, its framing, and its deaths."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from daemon.client import InputUpload
+from daemon.emulator.hub import DEFAULT_API_KEY
+from daemon.emulator.hub import HubSettings as EmulatorSettings
+from daemon.emulator.server import EmulatorServer
+from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed
+from daemon.inputs import InputChanged, signature_of
+from daemon.service import use_transfer_process
+from daemon.transfers import ClientConfig, Frames, TransferProcess, frame, portable
+from tests.helpers import alive, wait_async, wait_for
+from tests.scans import make_scan
+
+
+def config_for(url: str, key: str = DEFAULT_API_KEY) -> ClientConfig:
+    """Client settings for a test against the emulator at ``url``."""
+    return ClientConfig(
+        url, key, timeout=30.0, deadline=60.0, min_transfer_rate=1024.0, max_connections=8
+    )
+
+
+def upload_of(inbox: Path, name: str) -> InputUpload:
+    """The request to upload ``inbox/name`` as it is now."""
+    signature = signature_of((inbox / name).stat())
+    return InputUpload(inbox, name, signature, False, name, "image/png")
+
+
+@pytest.fixture
+def slow_hub() -> Iterator[EmulatorServer]:
+    """An emulator whose jobs take a minute, so that a long poll stays open."""
+    with EmulatorServer(EmulatorSettings(processing_time=60.0, seed=3)) as server:
+        yield server
+
+
+def test_round_trip_through_the_child(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """Upload, create, long-poll, list and download all work through the child process."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    data = make_scan("png", seed=4)
+    (inbox / "a.png").write_bytes(data)
+
+    async def scenario() -> tuple[int | None, int]:
+        hub = TransferProcess(config_for(emulator.url))
+        try:
+            sent = await hub.upload_input(upload_of(inbox, "a.png"))
+            job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
+            done = await hub.get_job(job.job_id, wait=10)
+            assert done.status == "completed"
+            assert done.output_file_id is not None
+            size = await hub.download(done.output_file_id, tmp_path / "out.docx")
+            assert [j.job_id for j in await hub.list_jobs()] == [job.job_id]
+            assert sent.file_id in {f.file_id for f in await hub.list_files()}
+            assert await hub.engines()
+            assert sent.sha256 == hashlib.sha256(data).hexdigest()
+            return hub.pid, size
+        finally:
+            await hub.aclose()
+
+    pid, size = asyncio.run(scenario())
+    assert pid is not None
+    assert pid != os.getpid()
+    assert (tmp_path / "out.docx").stat().st_size == size > 0
+    wait_for(lambda: not alive(pid), 10, "the child to exit after aclose")
+
+
+def test_errors_cross_with_their_class_and_fields(emulator: EmulatorServer, tmp_path: Path) -> None:
+    """A refusal in the child arrives as the daemon's own exception class, code included."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(make_scan("png"))
+    stale = upload_of(inbox, "a.png")
+    (inbox / "a.png").write_bytes(make_scan("png", seed=9) + b"more")
+
+    async def scenario() -> BaseException:
+        hub = TransferProcess(config_for(emulator.url))
+        try:
+            with pytest.raises(InputChanged) as caught:
+                await hub.upload_input(stale)
+            return caught.value
+        finally:
+            await hub.aclose()
+
+    error = asyncio.run(scenario())
+    assert isinstance(error, JobFailed)
+    assert error.code == "input_changed"
+    assert "a.png changed" in str(error)
+
+
+def test_api_key_change_reaches_the_running_child(emulator: EmulatorServer) -> None:
+    """A wrong key is rejected; ``set_api_key`` fixes the running child without a restart."""
+
+    async def scenario() -> tuple[int | None, int | None]:
+        hub = TransferProcess(config_for(emulator.url, key="wrong-key"))
+        try:
+            with pytest.raises(AuthRejected):
+                await hub.list_jobs()
+            before = hub.pid
+            hub.set_api_key(DEFAULT_API_KEY)
+            assert await hub.list_jobs() == []
+            return before, hub.pid
+        finally:
+            await hub.aclose()
+
+    before, after = asyncio.run(scenario())
+    assert before == after is not None
+
+
+def test_killed_child_fails_calls_in_flight_and_is_replaced(
+    slow_hub: EmulatorServer, tmp_path: Path
+) -> None:
+    """SIGKILL of the child mid-call fails that call as retryable; the next call respawns."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(make_scan("png"))
+
+    async def scenario() -> tuple[int, int | None, HubUnavailable]:
+        hub = TransferProcess(config_for(slow_hub.url))
+        try:
+            sent = await hub.upload_input(upload_of(inbox, "a.png"))
+            job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
+            first = hub.pid
+            assert first is not None
+            polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
+            await wait_async(lambda: bool(hub._pending), 10, "the long poll to be sent")
+            os.kill(first, signal.SIGKILL)
+            with pytest.raises(HubUnavailable) as caught:
+                await asyncio.wait_for(polling, 20)
+            again = await hub.get_job(job.job_id)
+            assert again.job_id == job.job_id
+            return first, hub.pid, caught.value
+        finally:
+            await hub.aclose()
+
+    first, second, error = asyncio.run(scenario())
+    assert error.code == "transfer_process"
+    assert second is not None
+    assert second != first
+
+
+def test_cancelled_call_is_dropped_and_the_child_serves_on(
+    slow_hub: EmulatorServer, tmp_path: Path
+) -> None:
+    """Cancelling a call in the daemon cancels it in the child; the same child goes on."""
+    (tmp_path / "a.png").write_bytes(make_scan("png"))
+
+    async def scenario() -> None:
+        hub = TransferProcess(config_for(slow_hub.url))
+        try:
+            sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
+            job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
+            pid = hub.pid
+            polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
+            await wait_async(lambda: bool(hub._pending), 10, "the call to be sent")
+            polling.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await polling
+            assert hub._pending == {}
+            assert len(await asyncio.wait_for(hub.list_jobs(), 10)) == 1
+            assert hub.pid == pid
+        finally:
+            await hub.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_closed_process_refuses_new_calls(emulator: EmulatorServer) -> None:
+    """After ``aclose`` a call fails as retryable instead of starting another child."""
+
+    async def scenario() -> HubUnavailable:
+        hub = TransferProcess(config_for(emulator.url))
+        await hub.list_jobs()
+        await hub.aclose()
+        with pytest.raises(HubUnavailable) as caught:
+            await hub.list_jobs()
+        assert hub.pid is None
+        return caught.value
+
+    assert asyncio.run(scenario()).code == "stopping"
+
+
+_ORPHAN = textwrap.dedent(
+    """
+    import asyncio, sys
+    from daemon.transfers import ClientConfig, TransferProcess
+
+    async def main():
+        config = ClientConfig(sys.argv[1], "k", timeout=5.0, deadline=5.0,
+                              min_transfer_rate=1.0, max_connections=2)
+        hub = TransferProcess(config)
+        await hub.start()
+        print("PID", hub.pid, flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_child_dies_with_a_killed_daemon(emulator: EmulatorServer) -> None:
+    """SIGKILL of the daemon takes its transfer process with it (no orphan holds the pool)."""
+    with subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN, emulator.url], stdout=subprocess.PIPE, text=True
+    ) as parent:
+        try:
+            assert parent.stdout is not None
+            lines = iter(parent.stdout.readline, "")
+            child = next(int(line.split()[1]) for line in lines if line.startswith("PID "))
+            assert alive(child)
+            parent.kill()
+            parent.wait(10)
+            wait_for(lambda: not alive(child), 10, "the orphaned child to die")
+        finally:
+            parent.kill()
+
+
+@given(
+    messages=st.lists(
+        st.one_of(st.integers(), st.text(), st.binary(max_size=300), st.none()), max_size=8
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=4000), max_size=12),
+)
+def test_frames_survive_any_chunking(messages: list[Any], cuts: list[int]) -> None:
+    """Messages cut into arbitrary pieces come out whole, in order, each exactly once."""
+    stream = b"".join(frame(m) for m in messages)
+    received: list[Any] = []
+    frames = Frames(received.append)
+    points = sorted({0, len(stream), *(c for c in cuts if c < len(stream))})
+    for start, end in itertools.pairwise(points):
+        frames.feed(stream[start:end])
+    assert received == messages
+
+
+def test_portable_keeps_fields_and_replaces_what_cannot_cross() -> None:
+    """The daemon's exceptions cross with their fields; others become a RuntimeError."""
+    busy = HubBusy("slow down", retry_after=2.5)
+    crossed = pickle.loads(pickle.dumps(portable(busy)))
+    assert isinstance(crossed, HubBusy)
+    assert crossed.retry_after == 2.5
+    assert crossed.code == "rate_limited"
+
+    class Local(Exception):
+        """Defined in a function, so pickle cannot name it."""
+
+    replaced = portable(Local("boom"))
+    assert type(replaced) is RuntimeError
+    assert "Local: boom" in str(replaced)
+
+
+@pytest.mark.parametrize(
+    ("setting", "cores", "expected"),
+    [("auto", 1, False), ("auto", 2, True), ("auto", 8, True), (False, 8, False), (True, 1, True)],
+)
+def test_transfer_process_decision(setting: bool | str, cores: int, expected: bool) -> None:
+    """ "auto" uses a child with two or more cores; a boolean setting always wins."""
+    assert use_transfer_process(setting, cores) is expected

@@ -5,8 +5,8 @@ the daemon (``ldx-hotfolder run``) as subprocesses on loopback, exactly as an op
 would, so that what is measured includes process start, imports, real sockets and real
 fsyncs. This module starts and stops them, writes the daemon's configuration, makes
 inputs, and reads what the processes report: the emulator's ledger, the daemon's
-``READY=1`` (over a ``NOTIFY_SOCKET`` of our own), its CPU time from ``/proc`` and its
-peak RSS from ``wait4``.
+``READY=1`` (over a ``NOTIFY_SOCKET`` of our own), and its CPU time and peak RSS from
+``/proc``, its children's (the transfer process) included.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ PYTHON = sys.executable
 PY_SPY = Path(sys.executable).with_name("py-spy")
 # When set (``perf --profile DIR``), every daemon and emulator runs under py-spy record.
 PROFILE_DIR: Path | None = None
+# Settings every daemon of this run gets (``bench.perf --set``), to compare variants.
+SETTINGS: dict[str, Any] = {}
 _profiles = itertools.count(1)  # numbers the profile files in start order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KiB = 1024
@@ -63,10 +65,32 @@ def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.01
 # -- processes ----------------------------------------------------------------------------
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process (all its threads)."""
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its running descendants (the daemon's transfer process, hooks)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def _own_cpu(pid: int) -> float:
+    # utime + stime, plus cutime + cstime: children that ended and were waited for.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return sum(int(value) for value in fields[11:15]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process (all its threads) and of its
+    children, running or ended."""
+    total = _own_cpu(pid)
+    for child in process_tree(pid)[1:]:
+        with contextlib.suppress(OSError):
+            total += _own_cpu(child)
+    return total
 
 
 def rss_bytes(pid: int) -> tuple[int, int]:
@@ -93,18 +117,37 @@ def profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
     )
 
 
-def reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
-    """Wait for ``proc`` with ``wait4``; return its peak RSS in bytes (VmHWM).
+def tree_rss(pid: int) -> int:
+    """Current RSS of ``pid`` and its children, summed."""
+    total = 0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += rss_bytes(member)[0]
+    return total
+
+
+def tree_peak_rss(pid: int, peaks: dict[int, int]) -> int:
+    """Update ``peaks`` (peak RSS per process) from ``pid``'s tree; return their sum:
+    the memory the daemon and its children may take at once."""
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):  # gone, or a zombie with no memory left
+            peaks[member] = max(peaks.get(member, 0), rss_bytes(member)[1])
+    return sum(peaks.values())
+
+
+def reap(proc: subprocess.Popen[bytes], timeout: float, peaks: dict[int, int] | None = None) -> int:
+    """Wait for ``proc`` with ``wait4``; return the peak RSS in bytes (VmHWM) of it
+    and its children, summed (``peaks``: what was seen of them before).
 
     The peak is read from /proc while the process lives, not from ``ru_maxrss``: on
     Linux a child's ``ru_maxrss`` starts from its parent's RSS at the fork before exec,
     so it reported the bench's own size (168 MB) whenever that was larger.
     """
     deadline = time.monotonic() + timeout
+    peaks = {} if peaks is None else peaks
     peak = 0
     while True:
-        with contextlib.suppress(OSError):  # gone, or a zombie with no memory left
-            peak = max(peak, rss_bytes(proc.pid)[1])
+        peak = max(peak, tree_peak_rss(proc.pid, peaks))
         pid, status, _ = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
@@ -118,12 +161,11 @@ def reap(proc: subprocess.Popen[bytes], timeout: float) -> int:
 def stop_and_reap(proc: subprocess.Popen[bytes], sig: int, timeout: float) -> int:
     """Send ``sig``, wait; return the peak RSS in bytes (read first: a fast exit would
     leave nothing to read)."""
-    peak = 0
-    with contextlib.suppress(OSError):
-        peak = rss_bytes(proc.pid)[1]
+    peaks: dict[int, int] = {}
+    tree_peak_rss(proc.pid, peaks)
     with contextlib.suppress(ProcessLookupError):
         proc.send_signal(sig)
-    return max(peak, reap(proc, timeout))
+    return reap(proc, timeout, peaks)
 
 
 def _finish_profile(profiler: subprocess.Popen[bytes] | None) -> None:
@@ -226,6 +268,7 @@ def write_config(folders: Folders, url: str, hub: dict[str, Any] | None = None, 
         "outbox": str(folders.outbox),
         "state_db": str(folders.db),
         "log_format": "json",
+        **SETTINGS,
         **top,
     }
     hub_settings = {"base_url": url, "api_key_file": str(key_file), **(hub or {})}

@@ -134,7 +134,7 @@ def _state(db: Path, now: float) -> tuple[int, float]:
 
 def _sample(daemon: harness.Daemon, life: int, db: Path) -> Sample | None:
     try:
-        rss = harness.rss_bytes(daemon.pid)[0]
+        rss = harness.tree_rss(daemon.pid)
         fds = len(os.listdir(f"/proc/{daemon.pid}/fd"))
     except OSError:
         return None  # between a kill and the next start

@@ -111,7 +111,7 @@ def profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
     out = PROFILE_DIR / f"{next(_profiles):02d}-{name}.txt"
     args = [str(PY_SPY), "record", "--pid", str(pid), "--output", str(out), "--rate", "200"]
     return subprocess.Popen(
-        [*args, "--format", "raw", "--gil", "--nonblocking"],
+        [*args, "--format", "raw", "--gil", "--nonblocking", "--subprocesses"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

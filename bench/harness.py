@@ -36,7 +36,7 @@ PYTHON = sys.executable
 PY_SPY = Path(sys.executable).with_name("py-spy")
 # When set (``perf --profile DIR``), every daemon and emulator runs under py-spy record.
 PROFILE_DIR: Path | None = None
-# Settings every daemon of this run gets (``bench.perf --set``), to compare variants.
+# Settings every daemon of this run gets, over the scenario's own (``bench.perf --set``).
 SETTINGS: dict[str, Any] = {}
 _profiles = itertools.count(1)  # numbers the profile files in start order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -268,8 +268,8 @@ def write_config(folders: Folders, url: str, hub: dict[str, Any] | None = None, 
         "outbox": str(folders.outbox),
         "state_db": str(folders.db),
         "log_format": "json",
-        **SETTINGS,
         **top,
+        **SETTINGS,
     }
     hub_settings = {"base_url": url, "api_key_file": str(key_file), **(hub or {})}
     lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]

@@ -6,6 +6,7 @@ numbers mean nothing. The real runs are made by hand (see README, "Performance")
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from bench import perf, scenarios, soak
-from bench.harness import MiB, stop_and_reap
+from bench.harness import MiB, process_tree, stop_and_reap
 
 
 @pytest.mark.timeout(400)  # seven scenarios, each starting real processes
@@ -70,3 +71,34 @@ def test_slope_is_least_squares() -> None:
     assert soak.slope([0, 1, 2, 3], [1, 3, 5, 7]) == pytest.approx(2.0)
     assert soak.slope([0, 1, 2], [5, 4, 6]) == pytest.approx(0.5)
     assert soak.slope([4, 4], [1, 9]) == 0.0
+
+
+def test_set_takes_toml_values_and_refuses_garbage() -> None:
+    """``perf --set`` reads each KEY=VALUE as TOML and rejects what is not."""
+    assert perf.parse_settings(["transfer_process=false", "max_in_flight=64"]) == {
+        "transfer_process": False,
+        "max_in_flight": 64,
+    }
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        perf.parse_settings(["transfer_process"])
+
+
+def test_process_tree_includes_grandchildren() -> None:
+    """The daemon's tree holds its children's children (CPU and RSS count them all)."""
+    script = (
+        "import subprocess, sys; "
+        "p = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], "
+        "stdin=subprocess.PIPE); print(p.pid, flush=True); sys.stdin.read(); p.stdin.close(); "
+        "p.wait()"
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    ) as proc:
+        assert proc.stdout is not None
+        assert proc.stdin is not None
+        grandchild = int(proc.stdout.readline())
+        tree = process_tree(os.getpid())
+        proc.stdin.close()
+        proc.wait(30)
+    assert proc.pid in tree
+    assert grandchild in tree

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tomllib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,14 @@ _profiles = itertools.count(1)  # numbers the profile files in start order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KiB = 1024
 MiB = 1024 * KiB
+
+
+def parse_settings(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs with TOML values, as ``--set`` takes them."""
+    try:
+        return tomllib.loads("\n".join(pairs))
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"--set takes KEY=VALUE with a TOML value ({exc})") from exc
 
 
 def clean_env(**extra: str) -> dict[str, str]:

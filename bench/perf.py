@@ -18,11 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench import harness, scenarios
 from bench.harness import spread
@@ -209,14 +207,6 @@ def machine() -> str:
     return f"{cpus} CPUs, load average {' '.join(load)} at the end, Python {sys.version.split()[0]}"
 
 
-def parse_settings(pairs: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs with TOML values, as ``--set`` takes them."""
-    try:
-        return tomllib.loads("\n".join(pairs))
-    except tomllib.TOMLDecodeError as exc:
-        raise SystemExit(f"--set takes KEY=VALUE with a TOML value ({exc})") from exc
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -235,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     harness.PROFILE_DIR = args.profile
-    harness.SETTINGS.update(parse_settings(args.set))
+    harness.SETTINGS.update(harness.parse_settings(args.set))
     chosen = [plan for plan in PLANS if plan.letter in args.only]
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import perf, scenarios, soak
+from bench import harness, perf, scenarios, soak
 from bench.harness import MiB, process_tree, stop_and_reap
 
 
@@ -75,12 +75,12 @@ def test_slope_is_least_squares() -> None:
 
 def test_set_takes_toml_values_and_refuses_garbage() -> None:
     """``perf --set`` reads each KEY=VALUE as TOML and rejects what is not."""
-    assert perf.parse_settings(["transfer_process=false", "max_in_flight=64"]) == {
+    assert harness.parse_settings(["transfer_process=false", "max_in_flight=64"]) == {
         "transfer_process": False,
         "max_in_flight": 64,
     }
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        perf.parse_settings(["transfer_process"])
+        harness.parse_settings(["transfer_process"])
 
 
 def test_process_tree_includes_grandchildren() -> None:

@@ -11,6 +11,7 @@ inputs, and reads what the processes report: the emulator's ledger, the daemon's
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import itertools
 import os
@@ -43,6 +44,17 @@ _profiles = itertools.count(1)  # numbers the profile files in start order
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KiB = 1024
 MiB = 1024 * KiB
+
+
+def add_set_option(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE``, repeatable: a top-level setting for every daemon of the run."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=TOML",
+        help="a top-level daemon setting for every run, e.g. transfer_process=true",
+    )
 
 
 def parse_settings(pairs: list[str]) -> dict[str, Any]:

@@ -216,13 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, help="work folder (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write every run's numbers here")
     parser.add_argument("--profile", type=Path, help="py-spy flame graphs of every process here")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=TOML",
-        help="a top-level daemon setting for every run, e.g. transfer_process=false",
-    )
+    harness.add_set_option(parser)
     args = parser.parse_args(argv)
     harness.PROFILE_DIR = args.profile
     harness.SETTINGS.update(harness.parse_settings(args.set))

@@ -260,13 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--work", type=Path, help="folder for the run (default: a temporary one)")
     parser.add_argument("--samples", type=Path, help="also write every sample to this CSV file")
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=TOML",
-        help="a top-level daemon setting, e.g. transfer_process=true",
-    )
+    harness.add_set_option(parser)
     args = parser.parse_args(argv)
     harness.SETTINGS.update(harness.parse_settings(args.set))
     with tempfile.TemporaryDirectory(prefix="ldx-soak-", dir=args.work) as work:

@@ -43,8 +43,8 @@ CREDENTIAL_NAME = "api-key"
 _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 
 # How TOML or an environment variable may spell true and false where "auto" is allowed.
-_POLLING_WORDS = {"true": True, "yes": True, "on": True, "1": True}
-_POLLING_WORDS |= {"false": False, "no": False, "off": False, "0": False}
+_BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _ARCHIVE_NEEDS_DIR = "on_success = 'archive' needs archive_dir to be set"
 
@@ -172,8 +172,8 @@ class Settings(BaseSettings):
         word = value.strip().lower() if isinstance(value, str) else None
         if word == "auto":
             return "auto"
-        if word in _POLLING_WORDS:
-            return _POLLING_WORDS[word]
+        if word in _BOOL_WORDS:
+            return _BOOL_WORDS[word]
         raise ValueError('should be "auto", true or false')
 
     @field_validator("output_mode", mode="before")

@@ -348,7 +348,7 @@ def _open_store(settings: Settings) -> Store:
 
 def _hub_client(settings: Settings, api_key: str) -> Hub:
     """The hub client, with room in its pool for every job in flight and a few lookups;
-    in a child process of its own when there is a core for it (``daemon.transfers``)."""
+    in a child process of its own when ``transfer_process`` asks for it (``daemon.transfers``)."""
     hub = settings.hub
     config = ClientConfig(
         hub.base_url,

@@ -4,7 +4,8 @@ A Python process runs on one core at a time. About half of the daemon's CPU goes
 the four HTTP requests of each job (httpx, httpcore, h11), the other half to the state,
 the checks and the publish. ``TransferProcess`` moves the ``HubClient`` into a child
 (``python -m daemon.transfers``) and gives the worker a proxy with the same methods
-(``client.Hub``), so that on two or more cores both halves run at once.
+(``client.Hub``), so that on two or more cores both halves run at once. It is off by
+default (setting ``transfer_process``): the child is a second Python of about 45 MB.
 
 The daemon keeps the state (SQLite's one writer), every decision, the hash of the input
 taken before its upload, the OOXML check and the publish. The child only talks HTTP: it

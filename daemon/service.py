@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from daemon import failpoints, metrics, reconcile
-from daemon.client import Hub
+from daemon.client import Hub, HubClient
 from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_key
 from daemon.db import Db
 from daemon.diskspace import DiskMonitor
@@ -37,7 +37,8 @@ from daemon.progress import ProgressBar, follow
 from daemon.rules import check_rules, offer_from_engines
 from daemon.store import Instance, StateDamaged, Status, Store, damaged_message
 from daemon.supervise import Supervisor, Unhealthy
-from daemon.transfers import ClientConfig, TransferProcess
+from daemon.transfer_child import ClientConfig
+from daemon.transfers import TransferProcess
 from daemon.watcher import Watcher
 from daemon.worker import Pipeline
 
@@ -359,8 +360,8 @@ def _hub_client(settings: Settings, api_key: str) -> Hub:
         max_connections=settings.max_in_flight + 8,
     )
     if use_transfer_process(settings.transfer_process, len(os.sched_getaffinity(0))):
-        return TransferProcess(config)
-    return config.client()
+        return HubClient.over(TransferProcess(config))
+    return HubClient.over(config.api())
 
 
 def use_transfer_process(setting: bool | str, cores: int) -> bool:

@@ -2,156 +2,39 @@
 
 A Python process runs on one core at a time. About half of the daemon's CPU goes to
 the four HTTP requests of each job (httpx, httpcore, h11), the other half to the state,
-the checks and the publish. ``TransferProcess`` moves the ``HubClient`` into a child
-(``python -m daemon.transfers``) and gives the worker a proxy with the same methods
-(``client.Hub``), so that on two or more cores both halves run at once. It is off by
-default (setting ``transfer_process``): the child is a second Python of about 45 MB.
+the checks and the publish. ``TransferProcess`` makes the hub's calls
+(``daemon.hubapi.Calls``) in a child process (``daemon.transfer_child``), and the
+``HubClient`` over it reads the answers into models here, so that on two or more cores
+both halves run at once. It is off by default (setting ``transfer_process``).
 
 The daemon keeps the state (SQLite's one writer), every decision, the hash of the input
 taken before its upload, the OOXML check and the publish. The child only talks HTTP: it
 opens an input itself by its path and refuses any version but the job's (the daemon then
 compares the hash of the bytes sent with its own), and streams a download into the
 temporary file the daemon names.
-
-Messages are length-prefixed pickles on the child's stdin and stdout, between two ends
-of this program and nothing else. The child ignores SIGINT and SIGTERM, since a stop
-signal sent to the whole process group must let the daemon finish its transfers; it
-exits when its input ends, and dies with the daemon (PR_SET_PDEATHSIG) when that is
-killed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import os
-import pickle
-import signal
-import struct
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from daemon.client import (
-    Engine,
-    FileInfo,
-    HubClient,
-    InputUpload,
-    RemoteJob,
-    SentInput,
-    current_job,
-)
 from daemon.errors import HubUnavailable
+from daemon.hubapi import InputUpload, Sent, current_job
 from daemon.logs import get_logger
+from daemon.transfer_child import ClientConfig, Frames, Outbox
 
 log = get_logger(component="transfers")
 
-_HEADER = struct.Struct(">I")
-_PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 10.0  # seconds the child gets to close its connections on a clean stop
-
-# What the child may be asked to run: the methods of ``client.Hub`` that talk to the hub.
-CALLS = frozenset(
-    {"engines", "list_files", "upload_input", "create_job", "get_job", "list_jobs", "download"}
-)
-
-
-@dataclass(frozen=True)
-class ClientConfig:
-    """How to build the ``HubClient`` (sent to the child on its input, never in argv)."""
-
-    base_url: str
-    api_key: str = field(repr=False)
-    timeout: float
-    deadline: float
-    min_transfer_rate: float
-    max_connections: int
-
-    def client(self) -> HubClient:
-        """The client these settings describe."""
-        return HubClient(
-            self.base_url,
-            self.api_key,
-            timeout=self.timeout,
-            deadline=self.deadline,
-            min_transfer_rate=self.min_transfer_rate,
-            max_connections=self.max_connections,
-        )
-
-
-def frame(message: object) -> bytes:
-    """One message as it goes down a pipe."""
-    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    return _HEADER.pack(len(data)) + data
-
-
-class Frames:
-    """Cuts a byte stream into messages, calling ``on_message`` for each whole one.
-
-    Parsing in the protocol's callback, rather than awaiting a header and then a body,
-    spares two task wakeups per message: the pipes carry four messages per job."""
-
-    def __init__(self, on_message: Callable[[Any], None]) -> None:
-        self._buffer = bytearray()
-        self._on_message = on_message
-
-    def feed(self, data: bytes) -> None:
-        """Take the next bytes of the stream."""
-        buffer = self._buffer
-        buffer += data
-        start = 0
-        while len(buffer) - start >= _HEADER.size:
-            (length,) = _HEADER.unpack_from(buffer, start)
-            end = start + _HEADER.size + length
-            if len(buffer) < end:
-                break
-            message = pickle.loads(buffer[start + _HEADER.size : end])  # noqa: S301 (own child)
-            start = end
-            self._on_message(message)
-        del buffer[:start]
-
-
-class Outbox:
-    """Sends messages down a pipe, all of one event-loop turn in a single write."""
-
-    def __init__(self, transport: asyncio.WriteTransport) -> None:
-        self._transport = transport
-        self._chunks: list[bytes] = []
-
-    def send(self, message: object) -> None:
-        """Queue one message; it leaves at the end of this loop turn."""
-        if not self._chunks:
-            asyncio.get_running_loop().call_soon(self.flush)
-        self._chunks.append(frame(message))
-
-    def flush(self) -> None:
-        """Write what is queued now."""
-        if not self._chunks:
-            return
-        data = b"".join(self._chunks)
-        self._chunks.clear()
-        if not self._transport.is_closing():
-            self._transport.write(data)
-
-    def close(self) -> None:
-        """Write what is queued, then end the stream (the other end sees EOF)."""
-        self.flush()
-        self._transport.close()
-
-
-def portable(exc: BaseException) -> BaseException:
-    """``exc`` if it survives pickling as it is (the daemon's exceptions and OSError
-    do), else a RuntimeError that names it."""
-    try:
-        pickle.loads(pickle.dumps(exc))  # noqa: S301 (made here)
-    except Exception:
-        return RuntimeError(f"in the transfer process: {type(exc).__name__}: {exc}")
-    return exc
 
 
 class _Child(asyncio.SubprocessProtocol):
@@ -185,7 +68,7 @@ class _Running:
 
 
 class TransferProcess:
-    """``client.Hub`` served by a child process, started on first use and again after
+    """``hubapi.Calls`` made by a child process, started on first use and again after
     it died (its calls in flight then fail as ``HubUnavailable``, to be retried)."""
 
     def __init__(self, config: ClientConfig) -> None:
@@ -219,7 +102,7 @@ class TransferProcess:
 
     async def _spawn(self) -> _Running:
         loop = asyncio.get_running_loop()
-        command = [sys.executable, "-m", "daemon.transfers", str(os.getpid())]
+        command = [sys.executable, "-m", "daemon.transfer_child", str(os.getpid())]
         transport, protocol = await loop.subprocess_exec(
             lambda: _Child(self._settle),
             *command,
@@ -301,141 +184,32 @@ class TransferProcess:
         if self._watcher is not None:
             await self._watcher
 
-    async def engines(self) -> list[Engine]:
-        """``HubClient.engines`` in the child."""
-        return cast(list[Engine], await self._call("engines"))
+    async def engines(self) -> Any:
+        """``HubApi.engines`` in the child."""
+        return await self._call("engines")
 
-    async def list_files(self) -> list[FileInfo]:
-        """``HubClient.list_files`` in the child."""
-        return cast(list[FileInfo], await self._call("list_files"))
+    async def list_files(self) -> Any:
+        """``HubApi.list_files`` in the child."""
+        return await self._call("list_files")
 
-    async def upload_input(self, request: InputUpload) -> SentInput:
-        """``HubClient.upload_input`` in the child."""
-        return cast(SentInput, await self._call("upload_input", request))
+    async def upload_input(self, request: InputUpload) -> Sent:
+        """``HubApi.upload_input`` in the child."""
+        sent: Sent = await self._call("upload_input", request)
+        return sent
 
-    async def create_job(
-        self, file_id: str, engine: str, language: str, output_format: str
-    ) -> RemoteJob:
-        """``HubClient.create_job`` in the child."""
-        args = (file_id, engine, language, output_format)
-        return cast(RemoteJob, await self._call("create_job", *args))
+    async def create_job(self, file_id: str, engine: str, language: str, output_format: str) -> Any:
+        """``HubApi.create_job`` in the child."""
+        return await self._call("create_job", file_id, engine, language, output_format)
 
-    async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob:
-        """``HubClient.get_job`` in the child."""
-        return cast(RemoteJob, await self._call("get_job", job_id, wait))
+    async def get_job(self, job_id: str, wait: int = 0) -> Any:
+        """``HubApi.get_job`` in the child."""
+        return await self._call("get_job", job_id, wait)
 
-    async def list_jobs(self) -> list[RemoteJob]:
-        """``HubClient.list_jobs`` in the child."""
-        return cast(list[RemoteJob], await self._call("list_jobs"))
+    async def list_jobs(self) -> Any:
+        """``HubApi.list_jobs`` in the child."""
+        return await self._call("list_jobs")
 
     async def download(self, file_id: str, dest: Path) -> int:
-        """``HubClient.download`` in the child."""
-        return cast(int, await self._call("download", file_id, dest))
-
-
-# -- the child -------------------------------------------------------------------------
-
-
-class _Server:
-    """The child's side: runs each call as a task and answers when it ends."""
-
-    def __init__(self, outbox: Outbox) -> None:
-        self.outbox = outbox
-        self.client: HubClient | None = None
-        self.tasks: dict[int, asyncio.Task[None]] = {}
-
-    def handle(self, message: Any) -> None:
-        """Act on one message from the daemon (the first one is the ``ClientConfig``)."""
-        if self.client is None:
-            self.client = cast(ClientConfig, message).client()
-            return
-        call_id, job, name, args = message
-        if name is None:  # the daemon gave up on this call
-            task = self.tasks.get(call_id)
-            if task is not None:
-                task.cancel()
-        elif name == "set_api_key":
-            self.client.set_api_key(args[0])
-        elif name in CALLS:
-            method = cast(Callable[..., Awaitable[Any]], getattr(self.client, name))
-            task = asyncio.get_running_loop().create_task(self._answer(call_id, job, method, args))
-            self.tasks[call_id] = task
-            task.add_done_callback(lambda _: self.tasks.pop(call_id, None))
-        else:
-            self.outbox.send((call_id, False, RuntimeError(f"unknown transfer call {name!r}")))
-
-    async def _answer(
-        self, call_id: int, job: int | None, method: Callable[..., Awaitable[Any]], args: Any
-    ) -> None:
-        current_job.set(job)  # this task's requests carry the daemon's job id
-        try:
-            result = await method(*args)
-        except Exception as exc:
-            self.outbox.send((call_id, False, portable(exc)))
-        else:
-            self.outbox.send((call_id, True, result))
-
-    async def close(self) -> None:
-        """Stop what runs, close the connections and send the last answers."""
-        for task in self.tasks.values():
-            task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        if self.client is not None:
-            await self.client.aclose()
-        self.outbox.close()
-
-
-class _Input(asyncio.Protocol):
-    """The child's end of its input pipe."""
-
-    def __init__(self, on_message: Callable[[Any], None]) -> None:
-        self.frames = Frames(on_message)
-        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def data_received(self, data: bytes) -> None:
-        self.frames.feed(data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.ended.done():
-            self.ended.set_result(None)
-
-
-async def serve() -> None:
-    """Answer the daemon's calls until it closes the pipe."""
-    loop = asyncio.get_running_loop()
-    # Messages use the original stdout; anything printed goes to stderr instead.
-    out = os.fdopen(os.dup(1), "wb", buffering=0)
-    os.dup2(2, 1)
-    transport, _ = await loop.connect_write_pipe(asyncio.Protocol, out)
-    server = _Server(Outbox(transport))
-    _, reader = await loop.connect_read_pipe(
-        lambda: _Input(server.handle), os.fdopen(0, "rb", buffering=0)
-    )
-    try:
-        await reader.ended
-    finally:
-        await server.close()
-
-
-def _die_with(parent: int) -> None:
-    # Killed when the daemon dies, even by SIGKILL; the check after closes the window in
-    # which it died before the request was made.
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:
-        os._exit(0)
-
-
-def main(argv: list[str]) -> None:
-    """Entry point of the child: ``python -m daemon.transfers DAEMON_PID``."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with(int(argv[0]))
-    asyncio.run(serve())
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+        """``HubApi.download`` in the child."""
+        written: int = await self._call("download", file_id, dest)
+        return written

@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from daemon import duplicates, failpoints, metrics, outbox
 from daemon.backoff import retry_delay
 from daemon.breaker import Breaker
-from daemon.client import Hub, InputUpload, RemoteJob, current_job
+from daemon.client import Hub, RemoteJob
 from daemon.config import Settings
 from daemon.db import Db
 from daemon.duplicates import Action
@@ -56,6 +56,7 @@ from daemon.errors import (
 )
 from daemon.formats import InputFormat
 from daemon.hooks import HookEvent, Hooks
+from daemon.hubapi import InputUpload, current_job
 from daemon.inputs import (
     MIME_TYPES,
     InputChanged,

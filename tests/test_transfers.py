@@ -19,14 +19,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.client import InputUpload
+from daemon.client import HubClient
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed
+from daemon.hubapi import InputUpload
 from daemon.inputs import InputChanged, signature_of
 from daemon.service import use_transfer_process
-from daemon.transfers import ClientConfig, Frames, TransferProcess, frame, portable
+from daemon.transfer_child import ClientConfig, Frames, frame, portable
+from daemon.transfers import TransferProcess
 from tests.helpers import alive, wait_async, wait_for
 from tests.scans import make_scan
 
@@ -59,7 +61,8 @@ def test_round_trip_through_the_child(emulator: EmulatorServer, tmp_path: Path) 
     (inbox / "a.png").write_bytes(data)
 
     async def scenario() -> tuple[int | None, int]:
-        hub = TransferProcess(config_for(emulator.url))
+        proc = TransferProcess(config_for(emulator.url))
+        hub = HubClient.over(proc)
         try:
             sent = await hub.upload_input(upload_of(inbox, "a.png"))
             job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
@@ -71,7 +74,7 @@ def test_round_trip_through_the_child(emulator: EmulatorServer, tmp_path: Path) 
             assert sent.file_id in {f.file_id for f in await hub.list_files()}
             assert await hub.engines()
             assert sent.sha256 == hashlib.sha256(data).hexdigest()
-            return hub.pid, size
+            return proc.pid, size
         finally:
             await hub.aclose()
 
@@ -91,7 +94,8 @@ def test_errors_cross_with_their_class_and_fields(emulator: EmulatorServer, tmp_
     (inbox / "a.png").write_bytes(make_scan("png", seed=9) + b"more")
 
     async def scenario() -> BaseException:
-        hub = TransferProcess(config_for(emulator.url))
+        proc = TransferProcess(config_for(emulator.url))
+        hub = HubClient.over(proc)
         try:
             with pytest.raises(InputChanged) as caught:
                 await hub.upload_input(stale)
@@ -109,14 +113,15 @@ def test_api_key_change_reaches_the_running_child(emulator: EmulatorServer) -> N
     """A wrong key is rejected; ``set_api_key`` fixes the running child without a restart."""
 
     async def scenario() -> tuple[int | None, int | None]:
-        hub = TransferProcess(config_for(emulator.url, key="wrong-key"))
+        proc = TransferProcess(config_for(emulator.url, key="wrong-key"))
+        hub = HubClient.over(proc)
         try:
             with pytest.raises(AuthRejected):
                 await hub.list_jobs()
-            before = hub.pid
+            before = proc.pid
             hub.set_api_key(DEFAULT_API_KEY)
             assert await hub.list_jobs() == []
-            return before, hub.pid
+            return before, proc.pid
         finally:
             await hub.aclose()
 
@@ -133,20 +138,21 @@ def test_killed_child_fails_calls_in_flight_and_is_replaced(
     (inbox / "a.png").write_bytes(make_scan("png"))
 
     async def scenario() -> tuple[int, int | None, HubUnavailable]:
-        hub = TransferProcess(config_for(slow_hub.url))
+        proc = TransferProcess(config_for(slow_hub.url))
+        hub = HubClient.over(proc)
         try:
             sent = await hub.upload_input(upload_of(inbox, "a.png"))
             job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
-            first = hub.pid
+            first = proc.pid
             assert first is not None
             polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
-            await wait_async(lambda: bool(hub._pending), 10, "the long poll to be sent")
+            await wait_async(lambda: bool(proc._pending), 10, "the long poll to be sent")
             os.kill(first, signal.SIGKILL)
             with pytest.raises(HubUnavailable) as caught:
                 await asyncio.wait_for(polling, 20)
             again = await hub.get_job(job.job_id)
             assert again.job_id == job.job_id
-            return first, hub.pid, caught.value
+            return first, proc.pid, caught.value
         finally:
             await hub.aclose()
 
@@ -163,19 +169,20 @@ def test_cancelled_call_is_dropped_and_the_child_serves_on(
     (tmp_path / "a.png").write_bytes(make_scan("png"))
 
     async def scenario() -> None:
-        hub = TransferProcess(config_for(slow_hub.url))
+        proc = TransferProcess(config_for(slow_hub.url))
+        hub = HubClient.over(proc)
         try:
             sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
             job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
-            pid = hub.pid
+            pid = proc.pid
             polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
-            await wait_async(lambda: bool(hub._pending), 10, "the call to be sent")
+            await wait_async(lambda: bool(proc._pending), 10, "the call to be sent")
             polling.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await polling
-            assert hub._pending == {}
+            assert proc._pending == {}
             assert len(await asyncio.wait_for(hub.list_jobs(), 10)) == 1
-            assert hub.pid == pid
+            assert proc.pid == pid
         finally:
             await hub.aclose()
 
@@ -186,12 +193,13 @@ def test_closed_process_refuses_new_calls(emulator: EmulatorServer) -> None:
     """After ``aclose`` a call fails as retryable instead of starting another child."""
 
     async def scenario() -> HubUnavailable:
-        hub = TransferProcess(config_for(emulator.url))
+        proc = TransferProcess(config_for(emulator.url))
+        hub = HubClient.over(proc)
         await hub.list_jobs()
         await hub.aclose()
         with pytest.raises(HubUnavailable) as caught:
             await hub.list_jobs()
-        assert hub.pid is None
+        assert proc.pid is None
         return caught.value
 
     assert asyncio.run(scenario()).code == "stopping"
@@ -200,7 +208,8 @@ def test_closed_process_refuses_new_calls(emulator: EmulatorServer) -> None:
 _ORPHAN = textwrap.dedent(
     """
     import asyncio, sys
-    from daemon.transfers import ClientConfig, TransferProcess
+    from daemon.transfer_child import ClientConfig
+    from daemon.transfers import TransferProcess
 
     async def main():
         config = ClientConfig(sys.argv[1], "k", timeout=5.0, deadline=5.0,
@@ -272,3 +281,35 @@ def test_portable_keeps_fields_and_replaces_what_cannot_cross() -> None:
 def test_transfer_process_decision(setting: bool | str, cores: int, expected: bool) -> None:
     """ "auto" uses a child with two or more cores; a boolean setting always wins."""
     assert use_transfer_process(setting, cores) is expected
+
+
+def test_child_imports_stay_small() -> None:
+    """The transfer process loads no pydantic, SQLAlchemy, logging setup or httpx CLI."""
+    probe = (
+        "import sys, daemon.transfer_child\n"
+        "heavy = ('pydantic', 'sqlalchemy', 'structlog', 'daemon.logs', 'daemon.client',"
+        " 'rich', 'click', 'pygments', 'prometheus_client')\n"
+        "print(' '.join(m for m in heavy if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split() == []
+
+
+def test_client_reads_the_childs_bodies_into_models(emulator: EmulatorServer) -> None:
+    """Bodies come back from the child as plain JSON; the daemon's client makes the models."""
+
+    async def scenario() -> tuple[Any, Any]:
+        proc = TransferProcess(config_for(emulator.url))
+        try:
+            raw = await proc.list_jobs()
+            engines = await HubClient.over(proc).engines()
+            return raw, engines
+        finally:
+            await proc.aclose()
+
+    raw, engines = asyncio.run(scenario())
+    assert raw["data"] == []
+    assert engines
+    assert all(engine.id for engine in engines)

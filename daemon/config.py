@@ -130,7 +130,7 @@ class Settings(BaseSettings):
     allow_hardlinks: bool = False
     on_duplicate: OnDuplicate = "reuse"
     max_in_flight: int = Field(default=16, ge=1, le=1000)
-    transfer_process: Literal["auto"] | bool = False
+    transfer_process: Literal["auto"] | bool = "auto"
     max_attempts: int = Field(default=8, ge=1, description="transient retries of one step")
     ignore: tuple[str, ...] = ()
     auto_retry_after: float = Field(default=1800.0, ge=0, description="0 turns it off")

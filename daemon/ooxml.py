@@ -2,18 +2,22 @@
 
 The daemon runs ``verify_package`` on every file it fetches from the hub before it moves
 the file to the outbox. It uses only the standard library and stays memory-flat for big
-files: the ZIP is read member by member in chunks (``testzip``), and the few XML parts it
-looks at are parsed incrementally with expat, never read whole. DTDs are refused, as the
+files: a big ZIP is read member by member in chunks (``testzip``), and the few XML parts
+it looks at are parsed incrementally with expat, never read whole; a small package (up
+to 1 MiB, as most are) is read once into memory and checked there. DTDs are refused, as the
 Open Packaging Conventions forbid them, which also shuts out entity-expansion bombs.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import pathlib
 import posixpath
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO
 from urllib.parse import unquote
@@ -56,6 +60,7 @@ _NS_RELATIONSHIPS = "http://schemas.openxmlformats.org/package/2006/relationship
 _CONTENT_TYPES_PART = "[Content_Types].xml"
 _ROOT_RELS_PART = "_rels/.rels"
 _CHUNK = 64 * 1024
+_IN_MEMORY = 1024 * 1024  # a package up to this size is read once, then checked in memory
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -172,22 +177,36 @@ class _Members:
 # --- the checks ---------------------------------------------------------------------------
 
 
-def _open_archive(path: pathlib.Path) -> zipfile.ZipFile:
-    """Open ``path`` as a ZIP, naming the problem if it is unreadable or no ZIP at all."""
+@contextlib.contextmanager
+def _readable(path: pathlib.Path) -> Iterator[IO[bytes]]:
+    """``path`` open for reading; a small one read at once into memory, since zipfile
+    seeks and reads in small pieces (dozens of system calls for one package)."""
     try:
         with path.open("rb") as handle:
-            head = handle.read(len(_ZIP_MAGIC))
-        is_zip = zipfile.is_zipfile(path)
+            if os.fstat(handle.fileno()).st_size > _IN_MEMORY:
+                yield handle
+                return
+            data = handle.read()
     except OSError as error:
         raise OoxmlProblem(f"cannot read the file: {error.strerror or error}") from None
-    if not is_zip:
-        if head == _ZIP_MAGIC:
-            raise OoxmlProblem("truncated or damaged ZIP archive (no central directory)")
-        raise OoxmlProblem("not a ZIP archive")
+    yield io.BytesIO(data)
+
+
+def _open_archive(source: IO[bytes]) -> zipfile.ZipFile:
+    """Open ``source`` as a ZIP, naming the problem if it is no ZIP or a damaged one."""
+    head = source.read(len(_ZIP_MAGIC))
+    source.seek(0)
     try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
-        raise OoxmlProblem(f"damaged ZIP archive: {error}") from None
+        return zipfile.ZipFile(source)
+    except OSError as error:
+        raise OoxmlProblem(f"cannot read the file: {error.strerror or error}") from None
+    except (zipfile.BadZipFile, ValueError, EOFError) as error:
+        source.seek(0)
+        if zipfile.is_zipfile(source):
+            raise OoxmlProblem(f"damaged ZIP archive: {error}") from None
+    if head == _ZIP_MAGIC:
+        raise OoxmlProblem("truncated or damaged ZIP archive (no central directory)")
+    raise OoxmlProblem("not a ZIP archive")
 
 
 def _check_crcs(archive: zipfile.ZipFile) -> None:
@@ -260,6 +279,6 @@ def verify_package(path: pathlib.Path, expected_format: str) -> None:
     """Raise OoxmlProblem unless path is a readable OOXML package of expected_format."""
     if expected_format not in MAIN_CONTENT_TYPES:
         raise ValueError(f"unknown format {expected_format!r}; expected docx, xlsx or pptx")
-    with _open_archive(path) as archive:
+    with _readable(path) as source, _open_archive(source) as archive:
         _check_crcs(archive)
         _verify_archive(archive, expected_format)

@@ -53,7 +53,7 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=TOML",
-        help="a top-level daemon setting for every run, e.g. transfer_process=true",
+        help="a top-level daemon setting for every run, e.g. transfer_process=false",
     )
 
 

@@ -5,7 +5,7 @@ the four HTTP requests of each job (httpx, httpcore, h11), the other half to the
 the checks and the publish. ``TransferProcess`` makes the hub's calls
 (``daemon.hubapi.Calls``) in a child process (``daemon.transfer_child``), and the
 ``HubClient`` over it reads the answers into models here, so that on two or more cores
-both halves run at once. It is off by default (setting ``transfer_process``).
+both halves run at once (setting ``transfer_process``: on by default with 2+ cores).
 
 The daemon keeps the state (SQLite's one writer), every decision, the hash of the input
 taken before its upload, the OOXML check and the publish. The child only talks HTTP: it

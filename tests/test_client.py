@@ -145,6 +145,25 @@ def test_garbage_success_body_is_transient() -> None:
         run(_upload(mock_client(handler)))
 
 
+@pytest.mark.parametrize("body", [[], {"data": "x"}, {"job_id": "j1"}, "ok"])
+def test_success_body_of_the_wrong_shape_is_transient(body: object) -> None:
+    """Valid JSON of the wrong shape (a list, a field missing) is a retried bad_response."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(201, json=body)
+
+    async def create_and_list() -> None:
+        client = mock_client(handler)
+        with pytest.raises(HubUnavailable) as created:
+            await client.create_job("f1", "ki/ocr", "jpn", "docx")
+        assert created.value.code == "bad_response"
+        if body != {"job_id": "j1"}:  # that one is a valid page: no data, no jobs
+            with pytest.raises(HubUnavailable, match="unreadable"):
+                await client.list_jobs()
+
+    run(create_and_list())
+
+
 def test_short_download_is_detected(tmp_path: Path) -> None:
     """Fewer bytes than Content-Length is a transient fault, not a finished file."""
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.errors import HubUnavailable
@@ -135,27 +134,9 @@ def read_page(model: type[M], body: Any, what: str) -> list[M]:
 class HubClient:
     """Async client for the RenderOCR part of the LDX hub API, answering in models."""
 
-    def __init__(
-        self,
-        base_url: str,
-        api_key: str,
-        *,
-        timeout: float = 60.0,
-        deadline: float = 120.0,
-        min_transfer_rate: float = 50_000.0,
-        max_connections: int = 64,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        api = HubApi(
-            base_url,
-            api_key,
-            timeout=timeout,
-            deadline=deadline,
-            min_transfer_rate=min_transfer_rate,
-            max_connections=max_connections,
-            transport=transport,
-        )
-        self.calls: Calls = api
+    def __init__(self, base_url: str, api_key: str, **options: Any) -> None:
+        """A client making its calls in this process (``options`` as for ``HubApi``)."""
+        self.calls: Calls = HubApi(base_url, api_key, **options)
 
     @classmethod
     def over(cls, calls: Calls) -> HubClient:

@@ -25,7 +25,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from daemon.errors import HubUnavailable
 from daemon.hubapi import InputUpload, Sent, current_job
@@ -35,6 +35,7 @@ from daemon.transfer_child import ClientConfig, Frames, Outbox
 log = get_logger(component="transfers")
 
 STOP_TIMEOUT = 10.0  # seconds the child gets to close its connections on a clean stop
+STUCK_FACTOR = 2.0  # a call unanswered for this many times its own deadline: a stuck child
 
 
 class _Child(asyncio.SubprocessProtocol):
@@ -65,6 +66,21 @@ class _Running:
     @property
     def alive(self) -> bool:
         return self.transport.get_returncode() is None and not self.protocol.gone.done()
+
+
+def answer_limit(config: ClientConfig, name: str, args: tuple[Any, ...]) -> float | None:
+    """How long the daemon waits for the child to answer call ``name`` (pure): twice the
+    deadline the child itself applies, so only a stuck child ever reaches it. None for a
+    download, whose deadline the child extends by the size the hub announces; a stuck
+    child is then caught by the next other call."""
+    if name == "download":
+        return None
+    extra = 0.0
+    if name == "get_job" and len(args) > 1:
+        extra = float(args[1])  # the long poll's wait
+    elif name == "upload_input" and args:
+        extra = cast(InputUpload, args[0]).signature.size / config.min_transfer_rate
+    return STUCK_FACTOR * (config.deadline + extra)
 
 
 class TransferProcess:
@@ -153,12 +169,26 @@ class TransferProcess:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
         child.outbox.send((call_id, current_job.get(), name, args))
+        limit = answer_limit(self._config, name, args)
         try:
-            return await future
+            async with asyncio.timeout(limit):
+                return await future
+        except TimeoutError:
+            self._pending.pop(call_id, None)
+            raise self._stuck(child, name, limit) from None
         except asyncio.CancelledError:
             if self._pending.pop(call_id, None) is not None and child.alive:
                 child.outbox.send((call_id, None, None, None))  # cancel it there too
             raise
+
+    def _stuck(self, child: _Running, name: str, limit: float | None) -> HubUnavailable:
+        """Kill a child that let a call outlive its own deadline (stopped, or blocked in a
+        system call): its other calls fail too, and the next call starts a new one."""
+        log.error("the transfer process stopped answering; replacing it", call=name, limit=limit)
+        with contextlib.suppress(ProcessLookupError):
+            child.transport.kill()
+        message = f"the transfer process did not answer {name} within {limit} s"
+        return HubUnavailable(message, code="transfer_process")
 
     def set_api_key(self, api_key: str) -> None:
         """Use another key from now on, in the running child and in any later one."""

@@ -27,8 +27,9 @@ from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed
 from daemon.hubapi import InputUpload
 from daemon.inputs import InputChanged, signature_of
 from daemon.service import use_transfer_process
+from daemon.stability import Signature
 from daemon.transfer_child import ClientConfig, Frames, frame, portable
-from daemon.transfers import TransferProcess
+from daemon.transfers import TransferProcess, answer_limit
 from tests.helpers import alive, wait_async, wait_for
 from tests.scans import make_scan
 
@@ -187,6 +188,54 @@ def test_cancelled_call_is_dropped_and_the_child_serves_on(
             await hub.aclose()
 
     asyncio.run(scenario())
+
+
+def test_stopped_child_is_replaced_after_twice_its_deadline(emulator: EmulatorServer) -> None:
+    """A child that stops answering (SIGSTOP) fails the call as retryable and is replaced."""
+    config = ClientConfig(
+        emulator.url,
+        DEFAULT_API_KEY,
+        timeout=1.0,
+        deadline=1.0,
+        min_transfer_rate=1024.0,
+        max_connections=4,
+    )
+
+    async def scenario() -> tuple[int, HubUnavailable, float, int | None]:
+        proc = TransferProcess(config)
+        hub = HubClient.over(proc)
+        try:
+            assert await hub.list_jobs() == []
+            first = proc.pid
+            assert first is not None
+            os.kill(first, signal.SIGSTOP)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(HubUnavailable) as caught:
+                await hub.list_jobs()
+            waited = asyncio.get_running_loop().time() - started
+            await wait_async(lambda: proc.pid is None, 10, "the stuck child to be reaped")
+            assert await hub.list_jobs() == []
+            return first, caught.value, waited, proc.pid
+        finally:
+            await proc.aclose()
+
+    first, error, waited, second = asyncio.run(scenario())
+    assert error.code == "transfer_process"
+    assert "did not answer list_jobs" in str(error)
+    assert 1.5 <= waited < 10
+    assert not alive(first)
+    assert second is not None
+    assert second != first
+
+
+def test_answer_limit_is_twice_the_childs_own_deadline() -> None:
+    """The daemon's wait for an answer covers the long poll and the upload's size."""
+    config = config_for("http://hub.test")  # deadline 60 s, 1 KiB/s at least
+    upload = InputUpload(Path("/in"), "a.pdf", Signature(10240, 0, 1), False, "a.pdf", "x")
+    assert answer_limit(config, "list_jobs", ()) == 120.0
+    assert answer_limit(config, "get_job", ("j1", 10)) == 140.0
+    assert answer_limit(config, "upload_input", (upload,)) == 140.0
+    assert answer_limit(config, "download", ("f1", Path("/out"))) is None
 
 
 def test_closed_process_refuses_new_calls(emulator: EmulatorServer) -> None:

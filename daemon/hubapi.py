@@ -150,6 +150,12 @@ async def _translate(what: str) -> AsyncIterator[None]:
         raise HubUnavailable(f"{what}: unreadable response ({exc})", code="bad_response") from exc
 
 
+def transfer_deadline(deadline: float, size: int, min_rate: float) -> float:
+    """Seconds a whole transfer of ``size`` bytes may take: the deadline of any request,
+    plus the time the slowest acceptable rate needs for the bytes."""
+    return deadline + size / min_rate
+
+
 class HubApi:
     """The RenderOCR part of the LDX hub API over one httpx connection pool."""
 
@@ -195,7 +201,7 @@ class HubApi:
 
     def transfer_deadline(self, size: int) -> float:
         """Seconds a whole transfer of ``size`` bytes may take."""
-        return self._deadline + size / self._min_rate
+        return transfer_deadline(self._deadline, size, self._min_rate)
 
     async def _json(
         self,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from daemon.errors import HubUnavailable
-from daemon.hubapi import InputUpload, Sent, current_job
+from daemon.hubapi import InputUpload, Sent, current_job, transfer_deadline
 from daemon.logs import get_logger
 from daemon.transfer_child import ClientConfig, Frames, Outbox
 
@@ -75,12 +75,13 @@ def answer_limit(config: ClientConfig, name: str, args: tuple[Any, ...]) -> floa
     child is then caught by the next other call."""
     if name == "download":
         return None
-    extra = 0.0
+    own = config.deadline
     if name == "get_job" and len(args) > 1:
-        extra = float(args[1])  # the long poll's wait
+        own += float(args[1])  # the long poll's wait
     elif name == "upload_input" and args:
-        extra = cast(InputUpload, args[0]).signature.size / config.min_transfer_rate
-    return STUCK_FACTOR * (config.deadline + extra)
+        size = cast(InputUpload, args[0]).signature.size
+        own = transfer_deadline(config.deadline, size, config.min_transfer_rate)
+    return STUCK_FACTOR * own
 
 
 class TransferProcess:

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.client import HubClient
+from daemon.client import HubClient, RemoteJob
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
@@ -52,6 +52,17 @@ def slow_hub() -> Iterator[EmulatorServer]:
     """An emulator whose jobs take a minute, so that a long poll stays open."""
     with EmulatorServer(EmulatorSettings(processing_time=60.0, seed=3)) as server:
         yield server
+
+
+async def long_poll_in_flight(
+    proc: TransferProcess, hub: HubClient, inbox: Path
+) -> tuple[RemoteJob, asyncio.Future[RemoteJob]]:
+    """Upload ``inbox/a.png``, create its job, and leave its long poll open in the child."""
+    sent = await hub.upload_input(upload_of(inbox, "a.png"))
+    job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
+    polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
+    await wait_async(lambda: bool(proc._pending), 10, "the long poll to be sent")
+    return job, polling
 
 
 def test_round_trip_through_the_child(emulator: EmulatorServer, tmp_path: Path) -> None:
@@ -142,12 +153,9 @@ def test_killed_child_fails_calls_in_flight_and_is_replaced(
         proc = TransferProcess(config_for(slow_hub.url))
         hub = HubClient.over(proc)
         try:
-            sent = await hub.upload_input(upload_of(inbox, "a.png"))
-            job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
+            job, polling = await long_poll_in_flight(proc, hub, inbox)
             first = proc.pid
             assert first is not None
-            polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
-            await wait_async(lambda: bool(proc._pending), 10, "the long poll to be sent")
             os.kill(first, signal.SIGKILL)
             with pytest.raises(HubUnavailable) as caught:
                 await asyncio.wait_for(polling, 20)
@@ -173,11 +181,8 @@ def test_cancelled_call_is_dropped_and_the_child_serves_on(
         proc = TransferProcess(config_for(slow_hub.url))
         hub = HubClient.over(proc)
         try:
-            sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
-            job = await hub.create_job(sent.file_id, "ki/ocr", "jpn", "docx")
+            _, polling = await long_poll_in_flight(proc, hub, tmp_path)
             pid = proc.pid
-            polling = asyncio.ensure_future(hub.get_job(job.job_id, wait=30))
-            await wait_async(lambda: bool(proc._pending), 10, "the call to be sent")
             polling.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await polling

@@ -9,6 +9,8 @@ process (``daemon.transfers``) while the models are still read here.
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -16,7 +18,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.errors import HubUnavailable
-from daemon.hubapi import Calls, HubApi, InputUpload
+from daemon.hubapi import Calls, HubApi, InputUpload, JobRun
 
 M = TypeVar("M", bound="_Model")
 
@@ -101,6 +103,16 @@ class SentInput:
     sha256: str | None  # of the bytes actually sent; None unless read in order to the end
 
 
+@dataclass(frozen=True)
+class RunEvent:
+    """One step of ``HubClient.run_job``: ``kind`` is "created" or "polled" (with the
+    job), "download" (its output is being fetched) or "written" (with the bytes)."""
+
+    kind: str
+    job: RemoteJob | None = None
+    written: int = 0
+
+
 class Hub(Protocol):
     """The hub operations the daemon uses (``HubClient``; tests may stand in for it)."""
 
@@ -115,6 +127,7 @@ class Hub(Protocol):
     async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob: ...
     async def list_jobs(self) -> list[RemoteJob]: ...
     async def download(self, file_id: str, dest: Path) -> int: ...
+    def run_job(self, run: JobRun) -> AsyncGenerator[RunEvent, None]: ...
 
 
 def read(model: type[M], body: Any, what: str) -> M:
@@ -196,3 +209,15 @@ class HubClient:
     async def download(self, file_id: str, dest: Path) -> int:
         """Stream ``GET /files/{id}/content`` into ``dest``; return the bytes written."""
         return await self.calls.download(file_id, dest)
+
+    async def run_job(self, run: JobRun) -> AsyncGenerator[RunEvent, None]:
+        """Create a job, follow it and fetch its output in one call (``HubApi.run_job``),
+        each step read as it comes."""
+        async with aclosing(self.calls.run_job(run)) as steps:
+            async for kind, value in steps:
+                if kind == "created":
+                    yield RunEvent(kind, job=read(RemoteJob, value, "create job"))
+                elif kind == "polled":
+                    yield RunEvent(kind, job=read(RemoteJob, value, "poll job"))
+                else:
+                    yield RunEvent(kind, written=value if kind == "written" else 0)

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -67,6 +67,25 @@ class Sent:
     sha256: str | None  # of the bytes actually sent; None unless read in order to the end
 
 
+@dataclass(frozen=True)
+class JobRun:
+    """A conversion to create, follow to its end and fetch in one call (``run_job``)."""
+
+    file_id: str  # the uploaded input
+    engine: str
+    language: str
+    output_format: str
+    wait: int  # long-poll seconds per poll
+    interval: float  # least seconds from one poll of the job to the next
+    dest: Path  # the temporary file the output is streamed into
+
+
+# What ``run_job`` yields, in this order: ("created", job body), ("polled", job body) for
+# each poll, then for a completed job ("download", output file id) and ("written", bytes).
+Progress = tuple[str, Any]
+FOLLOWED = ("queued", "processing")  # a job in these states is polled again
+
+
 class Calls(Protocol):
     """The hub's calls as the daemon makes them: ``HubApi`` in this process, or
     ``daemon.transfers.TransferProcess`` making them in a child process."""
@@ -82,6 +101,7 @@ class Calls(Protocol):
     async def get_job(self, job_id: str, wait: int = 0) -> Any: ...
     async def list_jobs(self) -> Any: ...
     async def download(self, file_id: str, dest: Path) -> int: ...
+    def run_job(self, run: JobRun) -> AsyncGenerator[Progress, None]: ...
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -290,6 +310,36 @@ class HubApi:
                     f"download: got {written} of {expected} bytes", code="short_download"
                 )
             return written
+
+    async def run_job(self, run: JobRun) -> AsyncGenerator[Progress, None]:
+        """Create the job, poll it until it leaves ``FOLLOWED`` (long polls, at most one
+        per ``run.interval``) and download the output of a completed one, yielding each
+        step's outcome as it comes: the daemon commits the job id while the job runs,
+        and across the transfer pipe three requests cost one round trip instead of three.
+        Bodies are yielded undecoded; one without a job id or a status ends the run."""
+        args = (run.file_id, run.engine, run.language, run.output_format)
+        body = await self.create_job(*args)
+        yield "created", body
+        job_id = _field(body, "job_id")
+        if not isinstance(job_id, str):
+            return
+        while True:
+            asked = time.monotonic()
+            body = await self.get_job(job_id, run.wait)
+            yield "polled", body
+            if _field(body, "status") not in FOLLOWED:
+                break
+            # A hub that ignores ?wait answers at once: never poll faster than the interval.
+            await asyncio.sleep(max(0.0, run.interval - (time.monotonic() - asked)))
+        output = _field(body, "output_file_id")
+        if _field(body, "status") == "completed" and isinstance(output, str):
+            yield "download", output
+            yield "written", await self.download(output, run.dest)
+
+
+def _field(body: Any, name: str) -> Any:
+    """``body[name]`` of a JSON object, None for anything else (read strictly later)."""
+    return body.get(name) if isinstance(body, dict) else None
 
 
 async def _save(response: httpx.Response, dest: Path) -> int:

@@ -100,16 +100,25 @@ class StageTimer:
     def __init__(self, clock: Callable[[], float]) -> None:
         self._clock = clock
         self.seconds: dict[str, float] = {}
+        self._running: tuple[str, float] | None = None  # the step timed now, since when
         _current_timer.set(self)
 
     @contextmanager
     def stage(self, stage: Stage) -> Iterator[None]:
         """Time the step that runs from ``stage``, whether it succeeds or raises."""
-        started = self._clock()
+        self._running = (step_name(stage), self._clock())
         try:
             yield
         finally:
-            self.add(step_name(stage), self._clock() - started)
+            self.switch(None)
+
+    def switch(self, stage: Stage | None) -> None:
+        """End the step timed now; go on timing the one of ``stage`` (a call that does
+        several steps at once, like creating, following and fetching a job)."""
+        now = self._clock()
+        if self._running is not None:
+            self.add(self._running[0], now - self._running[1])
+        self._running = None if stage is None else (step_name(stage), now)
 
     def add(self, name: str, seconds: float) -> None:
         """Count ``seconds`` towards step ``name``."""
@@ -120,6 +129,13 @@ class StageTimer:
     def summary(self) -> dict[str, float]:
         """Seconds per step, rounded, for the job's summary log line."""
         return {name: round(value, 3) for name, value in self.seconds.items()}
+
+
+def switch_stage(stage: Stage) -> None:
+    """Time what the current job task does from now on as the step of ``stage``."""
+    timer = _current_timer.get()
+    if timer is not None:
+        timer.switch(stage)
 
 
 def stage_summary() -> dict[str, float]:

@@ -7,10 +7,12 @@ daemon reads them into models). It imports asyncio, httpx and that module, not p
 SQLAlchemy or the logging setup, so it stays a small process (about 25 MB).
 
 Messages are length-prefixed pickles on the child's stdin and stdout, between two ends
-of this program and nothing else. The child ignores SIGINT and SIGTERM, since a stop
-signal sent to the whole process group must let the daemon finish its transfers; it
-exits when its input ends, and dies with the daemon (PR_SET_PDEATHSIG) when that is
-killed.
+of this program and nothing else: ``(call id, job id, name, args)`` down, and up
+``(call id, True, result)``, ``(call id, False, exception)`` or, for each step of a
+call that yields progress, ``(call id, None, item)`` before its ``(call id, True, None)``.
+The child ignores SIGINT and SIGTERM, since a stop signal sent to the whole process
+group must let the daemon finish its transfers; it exits when its input ends, and dies
+with the daemon (PR_SET_PDEATHSIG) when that is killed.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import pickle
 import signal
 import struct
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -32,10 +34,12 @@ from daemon.hubapi import HubApi, current_job
 _HEADER = struct.Struct(">I")
 _PR_SET_PDEATHSIG = 1
 
-# What the child may be asked to run: the calls of ``daemon.hubapi.Calls`` that talk to the hub.
+# What the child may be asked to run: the calls of ``daemon.hubapi.Calls`` that talk to
+# the hub, answered once, and those that yield progress, answered as they go.
 CALLS = frozenset(
     {"engines", "list_files", "upload_input", "create_job", "get_job", "list_jobs", "download"}
 )
+STREAMS = frozenset({"run_job"})
 
 
 @dataclass(frozen=True)
@@ -151,9 +155,10 @@ class _Server:
                 task.cancel()
         elif name == "set_api_key":
             self.api.set_api_key(args[0])
-        elif name in CALLS:
-            method = cast(Callable[..., Awaitable[Any]], getattr(self.api, name))
-            task = asyncio.get_running_loop().create_task(self._answer(call_id, job, method, args))
+        elif name in CALLS or name in STREAMS:
+            answer = self._answer if name in CALLS else self._stream
+            work = answer(call_id, job, getattr(self.api, name), args)
+            task = asyncio.get_running_loop().create_task(work)
             self.tasks[call_id] = task
             task.add_done_callback(lambda _: self.tasks.pop(call_id, None))
         else:
@@ -169,6 +174,18 @@ class _Server:
             self.outbox.send((call_id, False, portable(exc)))
         else:
             self.outbox.send((call_id, True, result))
+
+    async def _stream(
+        self, call_id: int, job: int | None, method: Callable[..., AsyncIterator[Any]], args: Any
+    ) -> None:
+        current_job.set(job)
+        try:
+            async for item in method(*args):
+                self.outbox.send((call_id, None, item))
+        except Exception as exc:
+            self.outbox.send((call_id, False, portable(exc)))
+        else:
+            self.outbox.send((call_id, True, None))
 
     async def close(self) -> None:
         """Stop what runs, close the connections and send the last answers."""

@@ -22,13 +22,13 @@ import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 from daemon.errors import HubUnavailable
-from daemon.hubapi import InputUpload, Sent, current_job, transfer_deadline
+from daemon.hubapi import InputUpload, JobRun, Progress, Sent, current_job, transfer_deadline
 from daemon.logs import get_logger
 from daemon.transfer_child import ClientConfig, Frames, Outbox
 
@@ -94,6 +94,7 @@ class TransferProcess:
         self._watcher: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._streams: dict[int, asyncio.Queue[tuple[bool | None, Any]]] = {}
         self._ids = itertools.count(1)
         self._closing = False
 
@@ -148,8 +149,12 @@ class TransferProcess:
             )
         self._fail_pending(f"the transfer process exited (code {code})")
 
-    def _settle(self, message: tuple[int, bool, Any]) -> None:
+    def _settle(self, message: tuple[int, bool | None, Any]) -> None:
         call_id, ok, value = message
+        stream = self._streams.get(call_id)
+        if stream is not None:
+            stream.put_nowait((ok, value))
+            return
         future = self._pending.pop(call_id, None)
         if future is None or future.done():
             return  # cancelled meanwhile
@@ -163,6 +168,8 @@ class TransferProcess:
         for future in pending.values():
             if not future.done():
                 future.set_exception(HubUnavailable(message, code="transfer_process"))
+        for stream in self._streams.values():
+            stream.put_nowait((False, HubUnavailable(message, code="transfer_process")))
 
     async def _call(self, name: str, *args: Any) -> Any:
         child = await self._running()
@@ -244,3 +251,35 @@ class TransferProcess:
         """``HubApi.download`` in the child."""
         written: int = await self._call("download", file_id, dest)
         return written
+
+    async def run_job(self, run: JobRun) -> AsyncGenerator[Progress, None]:
+        """``HubApi.run_job`` in the child, its progress passed on as it arrives. Until
+        the download starts, each step must come within the answer limit of a poll."""
+        child = await self._running()
+        call_id = next(self._ids)
+        stream: asyncio.Queue[tuple[bool | None, Any]] = asyncio.Queue()
+        self._streams[call_id] = stream
+        child.outbox.send((call_id, current_job.get(), "run_job", (run,)))
+        limit = answer_limit(self._config, "get_job", (run.file_id, run.wait))
+        ended = False
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(limit):
+                        ok, value = await stream.get()
+                except TimeoutError:
+                    ended = True
+                    raise self._stuck(child, "run_job", limit) from None
+                if ok is None:
+                    progress = cast(Progress, value)
+                    limit = None if progress[0] == "download" else limit
+                    yield progress
+                    continue
+                ended = True
+                if not ok:
+                    raise value
+                return
+        finally:
+            self._streams.pop(call_id, None)
+            if not ended and child.alive:
+                child.outbox.send((call_id, None, None, None))  # stopped early: cancel it there

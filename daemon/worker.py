@@ -32,7 +32,7 @@ import errno
 import functools
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from daemon import duplicates, failpoints, metrics, outbox
 from daemon.backoff import retry_delay
 from daemon.breaker import Breaker
-from daemon.client import Hub, RemoteJob
+from daemon.client import Hub, RemoteJob, RunEvent
 from daemon.config import Settings
 from daemon.db import Db
 from daemon.duplicates import Action
@@ -56,7 +56,7 @@ from daemon.errors import (
 )
 from daemon.formats import InputFormat
 from daemon.hooks import HookEvent, Hooks
-from daemon.hubapi import InputUpload, current_job
+from daemon.hubapi import FOLLOWED, InputUpload, JobRun, current_job
 from daemon.inputs import (
     MIME_TYPES,
     InputChanged,
@@ -719,23 +719,64 @@ class Pipeline:
         return await self._create_remote(job, file_id, fresh)
 
     async def _create_remote(self, job: Job, file_id: str, fresh: bool) -> Job:
+        """Create the remote job and, in the same hub call, follow it and fetch its
+        output (``run_job``); its id is committed as soon as the hub gives it."""
+        if job.output is None:  # only a hand-edited row gets here
+            return await self._advance(job, Stage.PENDING)
+        final, tmp = self._temp_output(job)
+        hub = self.settings.hub
+        args = (job.engine, job.language, job.output_format, hub.poll_wait, hub.poll_interval)
+        steps = self.client.run_job(JobRun(file_id, *args, tmp))
         try:
-            remote = await self.client.create_job(
-                file_id, job.engine, job.language, job.output_format
-            )
-        except JobFailed as exc:
-            if fresh or not _upload_expired(exc):
-                raise  # a file the hub has just accepted is not expired: a real refusal
-            log.warning(
-                "the uploaded file expired at the hub before its job was created; "
-                "uploading it again (uploads are not billed)",
-                job_id=job.id,
-                path=job.path,
-                reason=exc.message,
-            )
-            return await self._advance(job, Stage.PENDING, remote_file_id=None)
-        failpoints.hit("after-create")
-        return await self._submitted(job, remote.job_id)
+            async with contextlib.aclosing(steps):
+                try:
+                    created = (await anext(steps)).job
+                except JobFailed as exc:
+                    if fresh or not _upload_expired(exc):
+                        raise  # a file the hub has just accepted is not expired: a real refusal
+                    return await self._upload_again(job, exc)
+                assert created is not None  # run_job starts with the created job
+                failpoints.hit("after-create")
+                job = await self._submitted(job, created.job_id)
+                return await self._follow(job, steps, tmp, final)
+        except BaseException:
+            outbox.discard(tmp)
+            raise
+
+    async def _upload_again(self, job: Job, exc: JobFailed) -> Job:
+        log.warning(
+            "the uploaded file expired at the hub before its job was created; "
+            "uploading it again (uploads are not billed)",
+            job_id=job.id,
+            path=job.path,
+            reason=exc.message,
+        )
+        return await self._advance(job, Stage.PENDING, remote_file_id=None)
+
+    async def _follow(
+        self, job: Job, steps: AsyncGenerator[RunEvent, None], tmp: Path, final: Path
+    ) -> Job:
+        """The rest of a ``run_job``: the polls until the job ends, then its download."""
+        output_file_id = None
+        self.polling.add(job.id)
+        metrics.switch_stage(Stage.SUBMITTED)
+        try:
+            async for event in steps:
+                if event.kind == "polled" and event.job is not None:
+                    if event.job.status not in FOLLOWED:
+                        self.polling.discard(job.id)
+                        output_file_id = self._judge(job, event.job)
+                elif event.kind == "download":
+                    metrics.switch_stage(Stage.DOWNLOADING)
+                elif event.kind == "written" and output_file_id is not None:
+                    await self._place(tmp, final, job, event.written)
+                    return await self._published(job, output_file_id=output_file_id)
+        except RemoteNotFound:
+            # The hub forgot the job or its output (expired): convert again from the input.
+            return await self._advance(job, Stage.PENDING, remote_job_id=None)
+        finally:
+            self.polling.discard(job.id)
+        raise RetryLater("the hub's job ended without its output being fetched")
 
     async def _submitted(self, job: Job, remote_job_id: str) -> Job:
         return await self._advance(
@@ -760,6 +801,12 @@ class Pipeline:
             return await self._advance(job, Stage.PENDING, remote_job_id=None)
         finally:
             self.polling.discard(job.id)
+        output = self._judge(job, remote)
+        return await self._advance(job, Stage.DOWNLOADING, output_file_id=output, attempts=0)
+
+    def _judge(self, job: Job, remote: RemoteJob) -> str:
+        """The output file id of a remote job that left ``queued`` and ``processing``;
+        raises what its failure (or an unknown status) means for this job."""
         if remote.status == "failed":
             error = remote.error
             code = error.code if error else "remote_failed"
@@ -769,41 +816,41 @@ class Pipeline:
                 delay = min(6 * base, base * 2 ** (job.submits - 1)) * self.rng.uniform(1, 1.25)
                 raise _Requeue(Stage.UPLOADED, delay, code, message)
             raise JobFailed(f"the hub could not convert it: {message}", code=code)
+        if remote.status != "completed":
+            raise RetryLater(f"the hub reported an unknown job status {remote.status!r}")
         if not remote.output_file_id:
             raise RetryLater("the hub reported completion without an output file")
-        return await self._advance(
-            job, Stage.DOWNLOADING, output_file_id=remote.output_file_id, attempts=0
-        )
+        return remote.output_file_id
 
     async def _poll_until_final(self, remote_job_id: str) -> RemoteJob:
         hub = self.settings.hub
         while True:
             asked = self.clock()
             remote = await self.client.get_job(remote_job_id, wait=hub.poll_wait)
-            if remote.is_final:
-                return remote
-            if remote.status not in ("queued", "processing"):
-                raise RetryLater(f"the hub reported an unknown job status {remote.status!r}")
+            if remote.status not in FOLLOWED:
+                return remote  # final, or unknown (judged by the caller)
             # A hub that ignores ?wait answers at once; never poll faster than poll_interval.
             pause = hub.poll_interval - (self.clock() - asked)
             if pause > 0:
                 await asyncio.sleep(pause)
 
+    def _temp_output(self, job: Job) -> tuple[Path, Path]:
+        """The output's final path (its folder made) and this instance's temporary one."""
+        assert job.output is not None  # callers check
+        final = self.outbox / job.output
+        make_dirs(self.outbox, final.parent, self.perms)
+        return final, outbox.temp_path_for(final, job.id, self.instance)
+
     async def _download(self, job: Job) -> Job:
         if job.output_file_id is None or job.output is None:  # only a hand-edited row
             return await self._advance(job, Stage.PENDING)
-        final = self.outbox / job.output
-        make_dirs(self.outbox, final.parent, self.perms)
-        tmp = outbox.temp_path_for(final, job.id, self.instance)
+        final, tmp = self._temp_output(job)
         previous = self.taken_over.get(job.id)
         if previous is not None:  # the partial download of the instance that died
             outbox.discard(outbox.temp_path_for(final, job.id, previous))
         try:
             written = await self.client.download(job.output_file_id, tmp)
-            failpoints.hit("mid-download")
-            await self.offload.run(written, self._place_output, tmp, final, job)
-            metrics.record_downloaded(written)
-            failpoints.hit("after-publish")
+            await self._place(tmp, final, job, written)
         except RemoteNotFound:
             outbox.discard(tmp)
             # The output expired at the hub before we fetched it: convert again.
@@ -811,12 +858,23 @@ class Pipeline:
         except BaseException:
             outbox.discard(tmp)
             raise
+        return await self._published(job)
+
+    async def _place(self, tmp: Path, final: Path, job: Job, written: int) -> None:
+        failpoints.hit("mid-download")
+        await self.offload.run(written, self._place_output, tmp, final, job)
+        metrics.record_downloaded(written)
+        failpoints.hit("after-publish")
+
+    async def _published(self, job: Job, **changes: object) -> Job:
         if self._disk_full_reported:
             self._disk_full_reported = False
             log.info("outputs are written again")
         # With nothing to do to the input, "published" and "done" are one write.
         stage = Stage.PUBLISHED if self._handles_input(job) else Stage.DONE
-        return await self._advance(job, stage, attempts=0, error_code=None, error_message=None)
+        return await self._advance(
+            job, stage, attempts=0, error_code=None, error_message=None, **changes
+        )
 
     def _handles_input(self, job: Job) -> bool:
         """Whether the input is deleted or archived once its output is published."""

@@ -19,12 +19,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.client import HubClient, RemoteJob
+from daemon.client import HubClient, RemoteJob, RunEvent
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed
-from daemon.hubapi import InputUpload
+from daemon.hubapi import InputUpload, JobRun
 from daemon.inputs import InputChanged, signature_of
 from daemon.service import use_transfer_process
 from daemon.stability import Signature
@@ -367,3 +367,142 @@ def test_client_reads_the_childs_bodies_into_models(emulator: EmulatorServer) ->
     assert raw["data"] == []
     assert engines
     assert all(engine.id for engine in engines)
+
+
+def run_of(file_id: str, dest: Path, wait: int = 10) -> JobRun:
+    """A ``run_job`` request for an uploaded PNG, polled at the shortest allowed interval."""
+    return JobRun(file_id, "ki/ocr", "jpn", "docx", wait, 1.0, dest)
+
+
+async def run_all(hub: HubClient, inbox: Path, name: str, dest: Path) -> list[RunEvent]:
+    """Upload ``inbox/name`` and collect every step of its ``run_job``."""
+    sent = await hub.upload_input(upload_of(inbox, name))
+    return [event async for event in hub.run_job(run_of(sent.file_id, dest))]
+
+
+@pytest.mark.parametrize("where", ["child", "in-process"])
+def test_run_job_streams_create_polls_and_download(
+    emulator: EmulatorServer, tmp_path: Path, where: str
+) -> None:
+    """One run_job call creates, long-polls and downloads, reporting each step in order."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "a.png").write_bytes(make_scan("png", seed=5))
+    dest = tmp_path / "out.docx"
+
+    async def scenario() -> list[RunEvent]:
+        config = config_for(emulator.url)
+        calls = TransferProcess(config) if where == "child" else config.api()
+        hub = HubClient.over(calls)
+        try:
+            return await run_all(hub, inbox, "a.png", dest)
+        finally:
+            await hub.aclose()
+
+    events = asyncio.run(scenario())
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "created"
+    assert kinds[-2:] == ["download", "written"]
+    assert set(kinds[1:-2]) == {"polled"}
+    created, final = events[0].job, events[-3].job
+    assert created is not None
+    assert final is not None
+    assert created.status == "queued"
+    assert final.status == "completed"
+    assert final.job_id == created.job_id
+    assert events[-1].written == dest.stat().st_size > 0
+    assert dest.read_bytes()[:2] == b"PK"
+
+
+def test_run_job_of_a_failed_job_downloads_nothing(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """A job the hub fails ends the run at its last poll: no download is attempted."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "bad.png").write_bytes(b"this is not a picture at all")
+    dest = tmp_path / "out.docx"
+
+    async def scenario() -> list[RunEvent]:
+        hub = HubClient.over(TransferProcess(config_for(emulator.url)))
+        try:
+            return await run_all(hub, inbox, "bad.png", dest)
+        finally:
+            await hub.aclose()
+
+    events = asyncio.run(scenario())
+    assert [e.kind for e in events][-1] == "polled"
+    final = events[-1].job
+    assert final is not None
+    assert final.status == "failed"
+    assert final.error is not None
+    assert not dest.exists()
+
+
+def test_closing_a_run_early_cancels_it_in_the_child(
+    slow_hub: EmulatorServer, tmp_path: Path
+) -> None:
+    """Leaving a run_job after its job is created cancels the poll there; the child serves on."""
+    (tmp_path / "a.png").write_bytes(make_scan("png"))
+
+    async def scenario() -> None:
+        proc = TransferProcess(config_for(slow_hub.url))
+        hub = HubClient.over(proc)
+        try:
+            sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
+            steps = hub.run_job(run_of(sent.file_id, tmp_path / "out.docx", wait=30))
+            first = await anext(steps)
+            assert first.kind == "created"
+
+            def polled() -> bool:
+                requests: dict[str, int] = slow_hub.hub.ledger()["requests"]
+                return requests.get("GET /renderocr/jobs/{job_id}", 0) > 0
+
+            await wait_async(polled, 10, "the first poll")
+            pid = proc.pid
+            await steps.aclose()
+            assert proc._streams == {}
+            jobs = await asyncio.wait_for(hub.list_jobs(), 10)
+            assert [j.job_id for j in jobs] == [first.job.job_id if first.job else None]
+            assert proc.pid == pid
+        finally:
+            await hub.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_stopped_child_fails_a_run_after_twice_a_polls_deadline(
+    slow_hub: EmulatorServer, tmp_path: Path
+) -> None:
+    """A child stopped (SIGSTOP) while it follows a job fails the run as retryable."""
+    (tmp_path / "a.png").write_bytes(make_scan("png"))
+    config = ClientConfig(
+        slow_hub.url,
+        DEFAULT_API_KEY,
+        timeout=1.0,
+        deadline=1.0,
+        min_transfer_rate=1024.0,
+        max_connections=4,
+    )
+
+    async def scenario() -> tuple[HubUnavailable, float]:
+        proc = TransferProcess(config)
+        hub = HubClient.over(proc)
+        try:
+            sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
+            steps = hub.run_job(run_of(sent.file_id, tmp_path / "out.docx", wait=1))
+            assert (await anext(steps)).kind == "created"
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGSTOP)
+            started = asyncio.get_running_loop().time()
+            with pytest.raises(HubUnavailable) as caught:
+                async for _ in steps:
+                    pass
+            return caught.value, asyncio.get_running_loop().time() - started
+        finally:
+            await proc.aclose()
+
+    error, waited = asyncio.run(scenario())
+    assert error.code == "transfer_process"
+    assert "did not answer run_job" in str(error)
+    assert waited < 15

@@ -13,12 +13,12 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.errors import HubUnavailable
-from daemon.hubapi import Calls, HubApi, InputUpload, JobRun
+from daemon.hubapi import Calls, HubApi, InputUpload, JobRun, Progress, Sent
 
 M = TypeVar("M", bound="_Model")
 
@@ -105,10 +105,12 @@ class SentInput:
 
 @dataclass(frozen=True)
 class RunEvent:
-    """One step of ``HubClient.run_job``: ``kind`` is "created" or "polled" (with the
-    job), "download" (its output is being fetched) or "written" (with the bytes)."""
+    """One step of ``HubClient.run_job``: ``kind`` is "uploaded" (with what was sent),
+    "created" or "polled" (with the job), "download" (its output is being fetched) or
+    "written" (with the bytes)."""
 
     kind: str
+    sent: SentInput | None = None
     job: RemoteJob | None = None
     written: int = 0
 
@@ -127,7 +129,10 @@ class Hub(Protocol):
     async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob: ...
     async def list_jobs(self) -> list[RemoteJob]: ...
     async def download(self, file_id: str, dest: Path) -> int: ...
-    def run_job(self, run: JobRun) -> AsyncGenerator[RunEvent, None]: ...
+    def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[RunEvent, None]: ...
+    def upload_and_run(
+        self, request: InputUpload, sha256: str, run: JobRun
+    ) -> AsyncGenerator[RunEvent, None]: ...
 
 
 def read(model: type[M], body: Any, what: str) -> M:
@@ -188,8 +193,7 @@ class HubClient:
 
     async def upload_input(self, request: InputUpload) -> SentInput:
         """Open an inbox input, check it is the job's version, and upload it."""
-        sent = await self.calls.upload_input(request)
-        return SentInput(read(FileInfo, sent.body, "upload").file_id, sent.sha256)
+        return _sent_input(await self.calls.upload_input(request))
 
     async def create_job(
         self, file_id: str, engine: str, language: str, output_format: str
@@ -210,14 +214,34 @@ class HubClient:
         """Stream ``GET /files/{id}/content`` into ``dest``; return the bytes written."""
         return await self.calls.download(file_id, dest)
 
-    async def run_job(self, run: JobRun) -> AsyncGenerator[RunEvent, None]:
+    def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[RunEvent, None]:
         """Create a job, follow it and fetch its output in one call (``HubApi.run_job``),
         each step read as it comes."""
-        async with aclosing(self.calls.run_job(run)) as steps:
+        return self._read_steps(self.calls.run_job(file_id, run))
+
+    def upload_and_run(
+        self, request: InputUpload, sha256: str, run: JobRun
+    ) -> AsyncGenerator[RunEvent, None]:
+        """Upload an input, then ``run_job`` if what was sent hashes to ``sha256``."""
+        return self._read_steps(self.calls.upload_and_run(request, sha256, run))
+
+    async def _read_steps(
+        self, steps: AsyncGenerator[Progress, None]
+    ) -> AsyncGenerator[RunEvent, None]:
+        async with aclosing(steps):
             async for kind, value in steps:
-                if kind == "created":
-                    yield RunEvent(kind, job=read(RemoteJob, value, "create job"))
-                elif kind == "polled":
-                    yield RunEvent(kind, job=read(RemoteJob, value, "poll job"))
-                else:
-                    yield RunEvent(kind, written=value if kind == "written" else 0)
+                yield _event(kind, value)
+
+
+def _event(kind: str, value: Any) -> RunEvent:
+    """A step of ``HubApi.run_job`` with its body read into a model."""
+    if kind == "uploaded":
+        return RunEvent(kind, sent=_sent_input(cast(Sent, value)))
+    if kind in ("created", "polled"):
+        what = "create job" if kind == "created" else "poll job"
+        return RunEvent(kind, job=read(RemoteJob, value, what))
+    return RunEvent(kind, written=value if kind == "written" else 0)
+
+
+def _sent_input(sent: Sent) -> SentInput:
+    return SentInput(read(FileInfo, sent.body, "upload").file_id, sent.sha256)

@@ -71,7 +71,6 @@ class Sent:
 class JobRun:
     """A conversion to create, follow to its end and fetch in one call (``run_job``)."""
 
-    file_id: str  # the uploaded input
     engine: str
     language: str
     output_format: str
@@ -81,7 +80,8 @@ class JobRun:
 
 
 # What ``run_job`` yields, in this order: ("created", job body), ("polled", job body) for
-# each poll, then for a completed job ("download", output file id) and ("written", bytes).
+# each poll, then for a completed job ("download", output file id) and ("written", bytes);
+# ``upload_and_run`` yields ("uploaded", Sent) first.
 Progress = tuple[str, Any]
 FOLLOWED = ("queued", "processing")  # a job in these states is polled again
 
@@ -101,7 +101,10 @@ class Calls(Protocol):
     async def get_job(self, job_id: str, wait: int = 0) -> Any: ...
     async def list_jobs(self) -> Any: ...
     async def download(self, file_id: str, dest: Path) -> int: ...
-    def run_job(self, run: JobRun) -> AsyncGenerator[Progress, None]: ...
+    def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[Progress, None]: ...
+    def upload_and_run(
+        self, request: InputUpload, sha256: str, run: JobRun
+    ) -> AsyncGenerator[Progress, None]: ...
 
 
 def retry_after_seconds(value: str | None, now: float) -> float | None:
@@ -263,6 +266,7 @@ class HubApi:
             reader = HashingReader(fd)
             stream = cast(BinaryIO, reader)
             body = await self.upload(stream, request.filename, request.content_type)
+            check_unchanged(fd, request.signature, request.path)  # changed while it was sent
             return Sent(body, reader.hexdigest())
 
     async def create_job(self, file_id: str, engine: str, language: str, output_format: str) -> Any:
@@ -311,14 +315,26 @@ class HubApi:
                 )
             return written
 
-    async def run_job(self, run: JobRun) -> AsyncGenerator[Progress, None]:
+    async def upload_and_run(
+        self, request: InputUpload, sha256: str, run: JobRun
+    ) -> AsyncGenerator[Progress, None]:
+        """Upload an input and, when the bytes sent are those hashed as ``sha256``, go on
+        with ``run_job``: the whole conversion in one call. A version other than the
+        hashed one ends the run after ("uploaded", Sent), before any job is created."""
+        sent = await self.upload_input(request)
+        yield "uploaded", sent
+        file_id = _field(sent.body, "file_id")
+        if sent.sha256 == sha256 and isinstance(file_id, str):
+            async for step in self.run_job(file_id, run):
+                yield step
+
+    async def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[Progress, None]:
         """Create the job, poll it until it leaves ``FOLLOWED`` (long polls, at most one
         per ``run.interval``) and download the output of a completed one, yielding each
         step's outcome as it comes: the daemon commits the job id while the job runs,
         and across the transfer pipe three requests cost one round trip instead of three.
         Bodies are yielded undecoded; one without a job id or a status ends the run."""
-        args = (run.file_id, run.engine, run.language, run.output_format)
-        body = await self.create_job(*args)
+        body = await self.create_job(file_id, run.engine, run.language, run.output_format)
         yield "created", body
         job_id = _field(body, "job_id")
         if not isinstance(job_id, str):

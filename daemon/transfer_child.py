@@ -39,7 +39,7 @@ _PR_SET_PDEATHSIG = 1
 CALLS = frozenset(
     {"engines", "list_files", "upload_input", "create_job", "get_job", "list_jobs", "download"}
 )
-STREAMS = frozenset({"run_job"})
+STREAMS = frozenset({"run_job", "upload_and_run"})
 
 
 @dataclass(frozen=True)

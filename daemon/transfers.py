@@ -252,15 +252,31 @@ class TransferProcess:
         written: int = await self._call("download", file_id, dest)
         return written
 
-    async def run_job(self, run: JobRun) -> AsyncGenerator[Progress, None]:
-        """``HubApi.run_job`` in the child, its progress passed on as it arrives. Until
-        the download starts, each step must come within the answer limit of a poll."""
+    def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[Progress, None]:
+        """``HubApi.run_job`` in the child, its steps passed on as they arrive."""
+        return self._stream("run_job", None, file_id, run)
+
+    def upload_and_run(
+        self, request: InputUpload, sha256: str, run: JobRun
+    ) -> AsyncGenerator[Progress, None]:
+        """``HubApi.upload_and_run`` in the child, its steps passed on as they arrive."""
+        first = answer_limit(self._config, "upload_input", (request,))
+        return self._stream("upload_and_run", first, request, sha256, run)
+
+    async def _stream(
+        self, name: str, first: float | None, *args: Any
+    ) -> AsyncGenerator[Progress, None]:
+        """A call answered step by step. The first step must come within ``first`` s (a
+        poll's answer limit when None), each next one within a poll's, until the
+        download starts: a stuck child is then killed and the call fails."""
         child = await self._running()
         call_id = next(self._ids)
         stream: asyncio.Queue[tuple[bool | None, Any]] = asyncio.Queue()
         self._streams[call_id] = stream
-        child.outbox.send((call_id, current_job.get(), "run_job", (run,)))
-        limit = answer_limit(self._config, "get_job", (run.file_id, run.wait))
+        child.outbox.send((call_id, current_job.get(), name, args))
+        run = cast(JobRun, args[-1])
+        poll = answer_limit(self._config, "get_job", ("", run.wait))
+        limit = first or poll
         ended = False
         try:
             while True:
@@ -269,10 +285,10 @@ class TransferProcess:
                         ok, value = await stream.get()
                 except TimeoutError:
                     ended = True
-                    raise self._stuck(child, "run_job", limit) from None
+                    raise self._stuck(child, name, limit) from None
                 if ok is None:
                     progress = cast(Progress, value)
-                    limit = None if progress[0] == "download" else limit
+                    limit = None if progress[0] == "download" else poll
                     yield progress
                     continue
                 ended = True

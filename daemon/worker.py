@@ -41,7 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from daemon import duplicates, failpoints, metrics, outbox
 from daemon.backoff import retry_delay
 from daemon.breaker import Breaker
-from daemon.client import Hub, RemoteJob, RunEvent
+from daemon.client import Hub, RemoteJob, RunEvent, SentInput
 from daemon.config import Settings
 from daemon.db import Db
 from daemon.duplicates import Action
@@ -136,6 +136,9 @@ class Pipeline:
         # Jobs this task moved to ``submitting`` itself with no create sent yet: nothing
         # at the hub to adopt, so no GET /renderocr/jobs before creating.
         self.fresh_submits: set[int] = set()
+        # The row of each running job as last committed: a step that commits several
+        # stages (``_convert``) and then fails is handled from where it got to.
+        self.latest: dict[int, Job] = {}
         self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
         self.breaker = Breaker()
         self.hooks: Hooks | None = None  # set by the service when hooks are configured
@@ -316,8 +319,9 @@ class Pipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            await self._handle(job, exc)
+            await self._handle(self.latest.get(job.id, job), exc)
         finally:
+            self.latest.pop(job.id, None)
             self.active.pop(job.id, None)
             self.taken_over.pop(job.id, None)
             self.fresh_submits.discard(job.id)
@@ -420,9 +424,17 @@ class Pipeline:
         now = self.clock()
         let_go = stage in FINAL_STAGES or changes.get("next_attempt_at") is not None
         changes["lease_until"] = None if let_go else now + self.lease
-        return functools.partial(
+        advance = functools.partial(
             self.db.store.advance, job.id, stage, now, current=job, owner=self.instance, **changes
         )
+
+        def run() -> Job:
+            new = advance()
+            if job.id in self.active:  # what a failure later in its step starts from
+                self.latest[job.id] = new
+            return new
+
+        return run
 
     async def _defer(self, job: Job, exc: RetryLater) -> None:
         attempts = job.attempts + 1
@@ -569,9 +581,12 @@ class Pipeline:
     # -- steps -------------------------------------------------------------------------
 
     async def _upload(self, job: Job) -> Job:
+        """Hash the input, mark the upload begun and send it; a job that may be converted
+        at once goes on in the same hub call (``_convert``) and ends published."""
         allow = self.settings.allow_hardlinks
         try:
-            with open_input(self.inbox, job.path, allow_hardlinks=allow) as fd:
+            with contextlib.ExitStack() as opened:
+                fd = opened.enter_context(open_input(self.inbox, job.path, allow_hardlinks=allow))
                 check_unchanged(fd, _signature(job), job.path)
                 digest = await self.offload.run(job.size, sha256_of, fd)
                 job, earlier = await self._begin_upload(job, digest)
@@ -580,6 +595,8 @@ class Pipeline:
                     if done is not None:  # nothing is sent for these
                         return done
                     job = await self._advance(job, Stage.UPLOADING, sha256=digest)
+                if job.output is not None and job.submits < MAX_SUBMITS:
+                    return await self._convert(job, opened, fd, digest)
                 file_id = await self._send_input(job, fd, digest)
         except InputGone as exc:
             raise InputChanged(f"{exc.message}; nothing was converted") from None
@@ -590,6 +607,31 @@ class Pipeline:
         )
         self.fresh_submits.add(job.id)
         return job
+
+    async def _convert(self, job: Job, opened: contextlib.ExitStack, fd: int, digest: str) -> Job:
+        """Upload, create, follow and fetch in one hub call. The upload's and the job's
+        ids are committed together as soon as the job exists; a restart before that
+        commit adopts the upload, then looks for its job (``_resume_upload``)."""
+        final, tmp = self._temp_output(job)
+        steps = self.client.upload_and_run(
+            self._upload_request(job, digest), digest, self._run(job, tmp)
+        )
+        try:
+            async with contextlib.aclosing(steps):
+                sent = (await _next(steps)).sent
+                assert sent is not None  # upload_and_run starts with the upload
+                self._check_sent(job, fd, digest, sent)
+                opened.close()  # the input is not read again
+                failpoints.hit("after-upload")
+                metrics.record_uploaded(job.size)
+                metrics.switch_stage(Stage.SUBMITTING)
+                created = await _created(steps)
+                failpoints.hit("after-create")
+                job = await self._submitted(job, created.job_id, remote_file_id=sent.file_id)
+                return await self._follow(job, steps, tmp, final)
+        except BaseException:
+            outbox.discard(tmp)
+            raise
 
     async def _begin_upload(self, job: Job, digest: str) -> tuple[Job, tuple[Job, bool] | None]:
         """One writer round trip: look for an earlier conversion of the same content and,
@@ -617,8 +659,13 @@ class Pipeline:
         """Upload the input; InputChanged when it changed meanwhile (its signature, or
         the hash of the bytes actually sent). ``fd`` stays open, so the version checked
         here is the one the upload opened again by its path (maybe in another process)."""
+        sent = await self.client.upload_input(self._upload_request(job, digest))
+        self._check_sent(job, fd, digest, sent)
+        return sent.file_id
+
+    def _upload_request(self, job: Job, digest: str) -> InputUpload:
         fmt = InputFormat(job.input_format) if job.input_format else InputFormat.PDF
-        request = InputUpload(
+        return InputUpload(
             inbox=self.inbox,
             path=job.path,
             signature=_signature(job),
@@ -626,13 +673,13 @@ class Pipeline:
             filename=upload_name(job.path, digest),
             content_type=MIME_TYPES[fmt],
         )
-        sent = await self.client.upload_input(request)
+
+    def _check_sent(self, job: Job, fd: int, digest: str, sent: SentInput) -> None:
         check_unchanged(fd, _signature(job), job.path)
         if sent.sha256 != digest:
             raise InputChanged(
                 f"{job.path} changed while it was uploaded; the new version will be converted"
             )
-        return sent.file_id
 
     async def _reuse_earlier(self, job: Job, digest: str, found: tuple[Job, bool]) -> Job | None:
         """Apply ``on_duplicate`` to an input whose content was converted before (``found``:
@@ -683,7 +730,9 @@ class Pipeline:
         if adopted is None:
             return await self._upload(job)
         log.info("adopted an upload from before a restart", job_id=job.id, file_id=adopted)
-        return await self._advance(job, Stage.UPLOADED, remote_file_id=adopted, attempts=0)
+        # Its job may have been created in the same call (``_convert``): ``submitting``
+        # makes the next step look for it before creating one.
+        return await self._advance(job, Stage.SUBMITTING, remote_file_id=adopted, attempts=0)
 
     async def _find_remote_file(self, job: Job) -> str | None:
         # Match by name (it carries the content hash), size and time: the upload began
@@ -724,24 +773,26 @@ class Pipeline:
         if job.output is None:  # only a hand-edited row gets here
             return await self._advance(job, Stage.PENDING)
         final, tmp = self._temp_output(job)
-        hub = self.settings.hub
-        args = (job.engine, job.language, job.output_format, hub.poll_wait, hub.poll_interval)
-        steps = self.client.run_job(JobRun(file_id, *args, tmp))
+        steps = self.client.run_job(file_id, self._run(job, tmp))
         try:
             async with contextlib.aclosing(steps):
                 try:
-                    created = (await anext(steps)).job
+                    created = await _created(steps)
                 except JobFailed as exc:
                     if fresh or not _upload_expired(exc):
                         raise  # a file the hub has just accepted is not expired: a real refusal
                     return await self._upload_again(job, exc)
-                assert created is not None  # run_job starts with the created job
                 failpoints.hit("after-create")
                 job = await self._submitted(job, created.job_id)
                 return await self._follow(job, steps, tmp, final)
         except BaseException:
             outbox.discard(tmp)
             raise
+
+    def _run(self, job: Job, tmp: Path) -> JobRun:
+        hub = self.settings.hub
+        args = (job.engine, job.language, job.output_format, hub.poll_wait, hub.poll_interval)
+        return JobRun(*args, tmp)
 
     async def _upload_again(self, job: Job, exc: JobFailed) -> Job:
         log.warning(
@@ -778,9 +829,15 @@ class Pipeline:
             self.polling.discard(job.id)
         raise RetryLater("the hub's job ended without its output being fetched")
 
-    async def _submitted(self, job: Job, remote_job_id: str) -> Job:
+    async def _submitted(self, job: Job, remote_job_id: str, **changes: object) -> Job:
+        """Record the job the hub created (and any other ``changes`` in the same commit)."""
         return await self._advance(
-            job, Stage.SUBMITTED, remote_job_id=remote_job_id, submits=job.submits + 1, attempts=0
+            job,
+            Stage.SUBMITTED,
+            remote_job_id=remote_job_id,
+            submits=job.submits + 1,
+            attempts=0,
+            **changes,
         )
 
     async def _find_remote_job(self, file_id: str) -> RemoteJob | None:
@@ -898,6 +955,22 @@ class Pipeline:
             await self.offload.run(0, outbox.archive_input, self.inbox, archive, job.path)
         failpoints.hit("before-done")
         return await self._advance(job, Stage.DONE)
+
+
+async def _next(steps: AsyncGenerator[RunEvent, None]) -> RunEvent:
+    """The next step of a hub call that must have one."""
+    try:
+        return await anext(steps)
+    except StopAsyncIteration:
+        raise HubUnavailable("the hub's answer ended too early", code="bad_response") from None
+
+
+async def _created(steps: AsyncGenerator[RunEvent, None]) -> RemoteJob:
+    """The job a ``run_job`` created (its first step)."""
+    created = (await _next(steps)).job
+    if created is None:
+        raise HubUnavailable("the hub's answer skipped the job's creation", code="bad_response")
+    return created
 
 
 def _upload_expired(exc: JobFailed) -> bool:

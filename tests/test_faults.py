@@ -17,8 +17,10 @@ from typing import Any
 
 import pytest
 
+from daemon.client import HubClient
 from daemon.config import HubSettings, load_settings
 from daemon.emulator.app import STALL_EVENT
+from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.failpoints import POINTS
@@ -232,6 +234,48 @@ def test_a_lost_upload_is_never_taken_for_another_input_of_the_same_name_and_siz
         with zipfile.ZipFile(output) as package:
             title = package.read("docProps/core.xml").decode()
         assert f".ldx-{hashlib.sha256(data).hexdigest()[:16]}.bmp" in title, rel
+
+
+def test_a_job_created_before_its_upload_was_recorded_is_adopted(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A crash after the hub created the job of an unrecorded upload: both are adopted."""
+    (folders["inbox"] / "a.png").write_bytes(make_scan("png", 12))
+    # In one process the create waits for the daemon; the transfer process sends it
+    # while the daemon commits the upload, so the crash may leave it at the hub.
+    config = daemon_config(
+        tmp_path, folders, emulator.url, quiet_period=0.1, transfer_process=False
+    )
+    crashed = run_once(config, "after-upload:1")
+    assert crashed.returncode == 137, crashed.stderr[-2000:]
+    (upload,) = emulator.hub.ledger()["uploads"]
+    assert emulator.hub.ledger()["jobs"] == []
+
+    async def create() -> None:
+        async with HubClient(emulator.url, DEFAULT_API_KEY) as hub:
+            await hub.create_job(upload["file_id"], "ki/ocr", "jpn", "docx")
+
+    asyncio.run(create())
+    assert once_in_process(config) == 0
+    ledger = emulator.hub.ledger()
+    assert (len(ledger["uploads"]), len(ledger["jobs"])) == (1, 1), "nothing sent twice"
+    verify_package(folders["outbox"] / "a.docx", "docx")  # raises unless a whole docx
+
+
+def test_a_failed_download_resumes_the_job_it_belongs_to(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A download that fails after upload and create were done in one call is retried
+    from the recorded job: nothing is uploaded or converted twice."""
+    emulator.hub.update_faults({"stall_downloads": 1})
+    (folders["inbox"] / "a.png").write_bytes(make_scan("png", 13))
+    config = daemon_config(tmp_path, folders, emulator.url, quiet_period=0.1, hub={"deadline": 1.0})
+    assert once_in_process(config) == 0
+    ledger = emulator.hub.ledger()
+    assert ledger["faults"]["stall"] == 1
+    assert (len(ledger["uploads"]), len(ledger["jobs"])) == (1, 1)
+    assert len(ledger["downloads"]) == 2, "the stalled download was fetched again"
+    verify_package(folders["outbox"] / "a.docx", "docx")  # raises unless a whole docx
 
 
 def once_in_process(config: Path) -> int:

@@ -369,15 +369,15 @@ def test_client_reads_the_childs_bodies_into_models(emulator: EmulatorServer) ->
     assert all(engine.id for engine in engines)
 
 
-def run_of(file_id: str, dest: Path, wait: int = 10) -> JobRun:
-    """A ``run_job`` request for an uploaded PNG, polled at the shortest allowed interval."""
-    return JobRun(file_id, "ki/ocr", "jpn", "docx", wait, 1.0, dest)
+def run_of(dest: Path, wait: int = 10) -> JobRun:
+    """A conversion to docx, polled at the shortest allowed interval, saved to ``dest``."""
+    return JobRun("ki/ocr", "jpn", "docx", wait, 1.0, dest)
 
 
 async def run_all(hub: HubClient, inbox: Path, name: str, dest: Path) -> list[RunEvent]:
     """Upload ``inbox/name`` and collect every step of its ``run_job``."""
     sent = await hub.upload_input(upload_of(inbox, name))
-    return [event async for event in hub.run_job(run_of(sent.file_id, dest))]
+    return [event async for event in hub.run_job(sent.file_id, run_of(dest))]
 
 
 @pytest.mark.parametrize("where", ["child", "in-process"])
@@ -450,7 +450,7 @@ def test_closing_a_run_early_cancels_it_in_the_child(
         hub = HubClient.over(proc)
         try:
             sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
-            steps = hub.run_job(run_of(sent.file_id, tmp_path / "out.docx", wait=30))
+            steps = hub.run_job(sent.file_id, run_of(tmp_path / "out.docx", wait=30))
             first = await anext(steps)
             assert first.kind == "created"
 
@@ -490,7 +490,7 @@ def test_stopped_child_fails_a_run_after_twice_a_polls_deadline(
         hub = HubClient.over(proc)
         try:
             sent = await hub.upload_input(upload_of(tmp_path, "a.png"))
-            steps = hub.run_job(run_of(sent.file_id, tmp_path / "out.docx", wait=1))
+            steps = hub.run_job(sent.file_id, run_of(tmp_path / "out.docx", wait=1))
             assert (await anext(steps)).kind == "created"
             assert proc.pid is not None
             os.kill(proc.pid, signal.SIGSTOP)
@@ -506,3 +506,53 @@ def test_stopped_child_fails_a_run_after_twice_a_polls_deadline(
     assert error.code == "transfer_process"
     assert "did not answer run_job" in str(error)
     assert waited < 15
+
+
+@pytest.mark.parametrize("where", ["child", "in-process"])
+def test_upload_and_run_converts_in_one_call(
+    emulator: EmulatorServer, tmp_path: Path, where: str
+) -> None:
+    """upload_and_run uploads, then creates, follows and fetches the job of what it sent."""
+    (tmp_path / "a.png").write_bytes(make_scan("png", seed=6))
+    digest = hashlib.sha256((tmp_path / "a.png").read_bytes()).hexdigest()
+    dest = tmp_path / "out.docx"
+
+    async def scenario() -> list[RunEvent]:
+        config = config_for(emulator.url)
+        hub = HubClient.over(TransferProcess(config) if where == "child" else config.api())
+        try:
+            steps = hub.upload_and_run(upload_of(tmp_path, "a.png"), digest, run_of(dest))
+            return [event async for event in steps]
+        finally:
+            await hub.aclose()
+
+    events = asyncio.run(scenario())
+    assert [e.kind for e in events[:2]] == ["uploaded", "created"]
+    assert [e.kind for e in events[-2:]] == ["download", "written"]
+    sent, created = events[0].sent, events[1].job
+    assert sent is not None
+    assert sent.sha256 == digest
+    assert created is not None
+    assert created.file_id == sent.file_id
+    assert events[-1].written == dest.stat().st_size > 0
+
+
+def test_upload_and_run_creates_no_job_for_other_bytes(
+    emulator: EmulatorServer, tmp_path: Path
+) -> None:
+    """When the bytes sent are not the version hashed, the run ends after the upload."""
+    (tmp_path / "a.png").write_bytes(make_scan("png", seed=7))
+
+    async def scenario() -> list[RunEvent]:
+        hub = HubClient.over(TransferProcess(config_for(emulator.url)))
+        try:
+            run = run_of(tmp_path / "out.docx")
+            steps = hub.upload_and_run(upload_of(tmp_path, "a.png"), "0" * 64, run)
+            return [event async for event in steps]
+        finally:
+            await hub.aclose()
+
+    events = asyncio.run(scenario())
+    assert [e.kind for e in events] == ["uploaded"]
+    assert len(emulator.hub.ledger()["uploads"]) == 1
+    assert emulator.hub.ledger()["jobs"] == []

@@ -13,6 +13,7 @@ the event dict before rendering and in the rendered line itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import threading
@@ -79,6 +80,7 @@ def _scrub_value(value: Any) -> Any:
     return value
 
 
+@functools.lru_cache(maxsize=4096)  # a few dozen field names, asked on every log line
 def is_sensitive_key(key: str) -> bool:
     """Whether a field named ``key`` holds a secret by its name."""
     lowered = key.lower()

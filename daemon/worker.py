@@ -807,8 +807,9 @@ class Pipeline:
     async def _follow(
         self, job: Job, steps: AsyncGenerator[RunEvent, None], tmp: Path, final: Path
     ) -> Job:
-        """The rest of a ``run_job``: the polls until the job ends, then its download."""
-        output_file_id = None
+        """The rest of a ``run_job``: the polls until the job ends, then its download
+        (read to the call's end, so that nothing is left to cancel in the child)."""
+        output_file_id, written = None, None
         self.polling.add(job.id)
         metrics.switch_stage(Stage.SUBMITTED)
         try:
@@ -819,15 +820,17 @@ class Pipeline:
                         output_file_id = self._judge(job, event.job)
                 elif event.kind == "download":
                     metrics.switch_stage(Stage.DOWNLOADING)
-                elif event.kind == "written" and output_file_id is not None:
-                    await self._place(tmp, final, job, event.written)
-                    return await self._published(job, output_file_id=output_file_id)
+                elif event.kind == "written":
+                    written = event.written
         except RemoteNotFound:
             # The hub forgot the job or its output (expired): convert again from the input.
             return await self._advance(job, Stage.PENDING, remote_job_id=None)
         finally:
             self.polling.discard(job.id)
-        raise RetryLater("the hub's job ended without its output being fetched")
+        if output_file_id is None or written is None:
+            raise RetryLater("the hub's job ended without its output being fetched")
+        await self._place(tmp, final, job, written)
+        return await self._published(job, output_file_id=output_file_id)
 
     async def _submitted(self, job: Job, remote_job_id: str, **changes: object) -> Job:
         """Record the job the hub created (and any other ``changes`` in the same commit)."""

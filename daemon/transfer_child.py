@@ -75,7 +75,7 @@ class Frames:
     """Cuts a byte stream into messages, calling ``on_message`` for each whole one.
 
     Parsing in the protocol's callback, rather than awaiting a header and then a body,
-    spares two task wakeups per message: the pipes carry four messages per job."""
+    spares two task wakeups per message: a job sends one call and gets about six back."""
 
     def __init__(self, on_message: Callable[[Any], None]) -> None:
         self._buffer = bytearray()

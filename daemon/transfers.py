@@ -11,7 +11,9 @@ The daemon keeps the state (SQLite's one writer), every decision, the hash of th
 taken before its upload, the OOXML check and the publish. The child only talks HTTP: it
 opens an input itself by its path and refuses any version but the job's (the daemon then
 compares the hash of the bytes sent with its own), and streams a download into the
-temporary file the daemon names.
+temporary file the daemon names. A call that yields its steps (``run_job``,
+``upload_and_run``) passes each one on as it arrives; until the download starts, each
+step must come within a poll's answer limit.
 """
 
 from __future__ import annotations

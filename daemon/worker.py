@@ -2,16 +2,19 @@
 
 One asyncio task per job in flight (at most ``max_in_flight``), no thread per job.
 Each step reads the job row, does one idempotent piece of work and commits the result
-(every remote id the moment it is known) before the next step, so a restart resumes
-where the job stopped:
+before the next step, so a restart resumes where the job stopped:
 
     pending/uploading -> submitting -> submitted -> downloading -> published -> done
 
 Writes that no later step depends on are folded into their neighbours, since every
-write is a round trip to the single writer: the duplicate lookup rides with the
-``uploading`` mark, the upload's file id is written with ``submitting`` (``uploaded`` is
-only where a job waits to be converted again), and an input that stays where it is
-goes from downloading straight to ``done``.
+write is a round trip to the single writer. A new job makes one hub call for its four
+requests (``_convert``): the duplicate lookup rides with the ``uploading`` mark, the
+upload's file id is written with the remote job's id (``submitted``), and the output
+once it is published (``done`` for an input that stays where it is). A restart in
+between adopts the upload (``GET /files``) and then its job (``GET /renderocr/jobs``),
+so nothing is paid for twice. A resumed job takes the stages one by one (``uploaded``
+is only where a job waits to be converted again). A failure is handled from the stage
+last committed (``latest``), never from where its step began.
 
 Faults are handled by class: ``RetryLater`` defers the step with jittered backoff,
 ``JobFailed`` fails the job with its reason, ``AuthRejected`` pauses all work without

@@ -157,7 +157,7 @@ def _status_error(response: httpx.Response, what: str) -> LdxError:
 
 @asynccontextmanager
 async def _translate(what: str) -> AsyncIterator[None]:
-    """Turn httpx's and pydantic's exceptions into the project's tree."""
+    """Turn httpx's exceptions and undecodable bodies into the project's tree."""
     try:
         yield
     except TimeoutError as exc:

@@ -44,7 +44,7 @@ STREAMS = frozenset({"run_job", "upload_and_run"})
 
 @dataclass(frozen=True)
 class ClientConfig:
-    """How to build the ``HubClient`` (sent to the child on its input, never in argv)."""
+    """How to build the ``HubApi`` (sent to the child on its input, never in argv)."""
 
     base_url: str
     api_key: str = field(repr=False)
@@ -54,7 +54,7 @@ class ClientConfig:
     max_connections: int
 
     def api(self) -> HubApi:
-        """The client these settings describe."""
+        """The hub calls these settings describe."""
         return HubApi(
             self.base_url,
             self.api_key,

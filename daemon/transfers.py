@@ -12,8 +12,7 @@ taken before its upload, the OOXML check and the publish. The child only talks H
 opens an input itself by its path and refuses any version but the job's (the daemon then
 compares the hash of the bytes sent with its own), and streams a download into the
 temporary file the daemon names. A call that yields its steps (``run_job``,
-``upload_and_run``) passes each one on as it arrives; until the download starts, each
-step must come within a poll's answer limit.
+``upload_and_run``) passes each one on as it arrives, each within its answer limit.
 """
 
 from __future__ import annotations
@@ -70,13 +69,21 @@ class _Running:
         return self.transport.get_returncode() is None and not self.protocol.gone.done()
 
 
-def answer_limit(config: ClientConfig, name: str, args: tuple[Any, ...]) -> float | None:
+def answer_limit(
+    config: ClientConfig, name: str, args: tuple[Any, ...], after: str | None = None
+) -> float | None:
     """How long the daemon waits for the child to answer call ``name`` (pure): twice the
     deadline the child itself applies, so only a stuck child ever reaches it. None for a
     download, whose deadline the child extends by the size the hub announces; a stuck
-    child is then caught by the next other call."""
-    if name == "download":
+    child is then caught by the next other call. For a call that yields its steps, the
+    wait for the step that follows step ``after`` (None: the first one): an upload's for
+    the upload, a poll's for each step up to the download, then none."""
+    if name == "download" or after == "download":
         return None
+    if name == "upload_and_run" and after is None:
+        return answer_limit(config, "upload_input", args[:1])
+    if name in ("run_job", "upload_and_run"):
+        return answer_limit(config, "get_job", ("", cast(JobRun, args[-1]).wait))
     own = config.deadline
     if name == "get_job" and len(args) > 1:
         own += float(args[1])  # the long poll's wait
@@ -256,29 +263,23 @@ class TransferProcess:
 
     def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[Progress, None]:
         """``HubApi.run_job`` in the child, its steps passed on as they arrive."""
-        return self._stream("run_job", None, file_id, run)
+        return self._stream("run_job", file_id, run)
 
     def upload_and_run(
         self, request: InputUpload, sha256: str, run: JobRun
     ) -> AsyncGenerator[Progress, None]:
         """``HubApi.upload_and_run`` in the child, its steps passed on as they arrive."""
-        first = answer_limit(self._config, "upload_input", (request,))
-        return self._stream("upload_and_run", first, request, sha256, run)
+        return self._stream("upload_and_run", request, sha256, run)
 
-    async def _stream(
-        self, name: str, first: float | None, *args: Any
-    ) -> AsyncGenerator[Progress, None]:
-        """A call answered step by step. The first step must come within ``first`` s (a
-        poll's answer limit when None), each next one within a poll's, until the
-        download starts: a stuck child is then killed and the call fails."""
+    async def _stream(self, name: str, *args: Any) -> AsyncGenerator[Progress, None]:
+        """A call answered step by step, each step within its ``answer_limit``: a stuck
+        child is killed and the call fails."""
         child = await self._running()
         call_id = next(self._ids)
         stream: asyncio.Queue[tuple[bool | None, Any]] = asyncio.Queue()
         self._streams[call_id] = stream
         child.outbox.send((call_id, current_job.get(), name, args))
-        run = cast(JobRun, args[-1])
-        poll = answer_limit(self._config, "get_job", ("", run.wait))
-        limit = first or poll
+        limit = answer_limit(self._config, name, args)
         ended = False
         try:
             while True:
@@ -290,7 +291,7 @@ class TransferProcess:
                     raise self._stuck(child, name, limit) from None
                 if ok is None:
                     progress = cast(Progress, value)
-                    limit = None if progress[0] == "download" else poll
+                    limit = answer_limit(self._config, name, args, after=progress[0])
                     yield progress
                     continue
                 ended = True

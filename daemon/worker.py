@@ -35,7 +35,7 @@ import errno
 import functools
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -615,11 +615,9 @@ class Pipeline:
         """Upload, create, follow and fetch in one hub call. The upload's and the job's
         ids are committed together as soon as the job exists; a restart before that
         commit adopts the upload, then looks for its job (``_resume_upload``)."""
-        final, tmp = self._temp_output(job)
-        steps = self.client.upload_and_run(
-            self._upload_request(job, digest), digest, self._run(job, tmp)
-        )
-        try:
+        with self._temp_output(job) as (final, tmp):
+            request = self._upload_request(job, digest)
+            steps = self.client.upload_and_run(request, digest, self._run(job, tmp))
             async with contextlib.aclosing(steps):
                 sent = (await _next(steps)).sent
                 assert sent is not None  # upload_and_run starts with the upload
@@ -632,9 +630,6 @@ class Pipeline:
                 failpoints.hit("after-create")
                 job = await self._submitted(job, created.job_id, remote_file_id=sent.file_id)
                 return await self._follow(job, steps, tmp, final)
-        except BaseException:
-            outbox.discard(tmp)
-            raise
 
     async def _begin_upload(self, job: Job, digest: str) -> tuple[Job, tuple[Job, bool] | None]:
         """One writer round trip: look for an earlier conversion of the same content and,
@@ -775,9 +770,8 @@ class Pipeline:
         output (``run_job``); its id is committed as soon as the hub gives it."""
         if job.output is None:  # only a hand-edited row gets here
             return await self._advance(job, Stage.PENDING)
-        final, tmp = self._temp_output(job)
-        steps = self.client.run_job(file_id, self._run(job, tmp))
-        try:
+        with self._temp_output(job) as (final, tmp):
+            steps = self.client.run_job(file_id, self._run(job, tmp))
             async with contextlib.aclosing(steps):
                 try:
                     created = await _created(steps)
@@ -788,9 +782,6 @@ class Pipeline:
                 failpoints.hit("after-create")
                 job = await self._submitted(job, created.job_id)
                 return await self._follow(job, steps, tmp, final)
-        except BaseException:
-            outbox.discard(tmp)
-            raise
 
     def _run(self, job: Job, tmp: Path) -> JobRun:
         hub = self.settings.hub
@@ -897,30 +888,36 @@ class Pipeline:
             if pause > 0:
                 await asyncio.sleep(pause)
 
-    def _temp_output(self, job: Job) -> tuple[Path, Path]:
-        """The output's final path (its folder made) and this instance's temporary one."""
+    @contextlib.contextmanager
+    def _temp_output(self, job: Job) -> Iterator[tuple[Path, Path]]:
+        """The output's final path (its folder made) and this instance's temporary one,
+        which is removed when the block fails."""
         assert job.output is not None  # callers check
         final = self.outbox / job.output
         make_dirs(self.outbox, final.parent, self.perms)
-        return final, outbox.temp_path_for(final, job.id, self.instance)
+        tmp = outbox.temp_path_for(final, job.id, self.instance)
+        try:
+            yield final, tmp
+        except BaseException:
+            outbox.discard(tmp)
+            raise
 
     async def _download(self, job: Job) -> Job:
         if job.output_file_id is None or job.output is None:  # only a hand-edited row
             return await self._advance(job, Stage.PENDING)
-        final, tmp = self._temp_output(job)
-        previous = self.taken_over.get(job.id)
-        if previous is not None:  # the partial download of the instance that died
-            outbox.discard(outbox.temp_path_for(final, job.id, previous))
-        try:
-            written = await self.client.download(job.output_file_id, tmp)
-            await self._place(tmp, final, job, written)
-        except RemoteNotFound:
-            outbox.discard(tmp)
-            # The output expired at the hub before we fetched it: convert again.
-            return await self._advance(job, Stage.PENDING, remote_job_id=None, output_file_id=None)
-        except BaseException:
-            outbox.discard(tmp)
-            raise
+        with self._temp_output(job) as (final, tmp):
+            previous = self.taken_over.get(job.id)
+            if previous is not None:  # the partial download of the instance that died
+                outbox.discard(outbox.temp_path_for(final, job.id, previous))
+            try:
+                written = await self.client.download(job.output_file_id, tmp)
+                await self._place(tmp, final, job, written)
+            except RemoteNotFound:
+                outbox.discard(tmp)
+                # The output expired at the hub before we fetched it: convert again.
+                return await self._advance(
+                    job, Stage.PENDING, remote_job_id=None, output_file_id=None
+                )
         return await self._published(job)
 
     async def _place(self, tmp: Path, final: Path, job: Job, written: int) -> None:

@@ -243,6 +243,18 @@ def test_answer_limit_is_twice_the_childs_own_deadline() -> None:
     assert answer_limit(config, "download", ("f1", Path("/out"))) is None
 
 
+def test_answer_limit_of_each_step_of_a_run() -> None:
+    """A run's steps wait as an upload first (or a poll), then a poll; the download, not at all."""
+    config = config_for("http://hub.test")  # deadline 60 s, 1 KiB/s at least
+    upload = InputUpload(Path("/in"), "a.png", Signature(1024 * 20, 1, 1), False, "a", "x")
+    run = JobRun("ki/ocr", "jpn", "docx", 10, 2.0, Path("/out"))
+    assert answer_limit(config, "upload_and_run", (upload, "0" * 64, run)) == 160.0
+    assert answer_limit(config, "upload_and_run", (upload, "0" * 64, run), "uploaded") == 140.0
+    assert answer_limit(config, "run_job", ("f1", run)) == 140.0
+    assert answer_limit(config, "run_job", ("f1", run), "polled") == 140.0
+    assert answer_limit(config, "run_job", ("f1", run), "download") is None
+
+
 def test_closed_process_refuses_new_calls(emulator: EmulatorServer) -> None:
     """After ``aclose`` a call fails as retryable instead of starting another child."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ PLANS = [
             Measure("reference_fps", "reference client, files/s", "{:.1f}"),
             Measure("daemon_fps", "daemon, files/s", "{:.1f}", "≥ 100", lambda v: v >= 100),
             Measure("ratio", "daemon / reference wall time", "{:.2f}", "≤ 1.5", lambda v: v <= 1.5),
+            Measure("reference_drift", "reference run after / before the daemon's", "{:.2f}"),
             Measure("reference_cpu_ms", "reference client CPU per file, ms", "{:.2f}"),
             Measure("daemon_cpu_ms", "daemon CPU per file, ms", "{:.2f}"),
             Measure("emulator_cpu_ms", "emulator CPU per file (daemon run), ms", "{:.2f}"),
@@ -167,11 +169,17 @@ PLANS = [
 
 
 def run_plan(plan: Plan, ctx: scenarios.Context, runs: int) -> list[dict[str, float]]:
-    """Run one scenario ``runs`` times; print each run's numbers as they come."""
+    """Run one scenario ``runs`` times; print each run's numbers as they come. Each run's
+    folders are removed once it is measured: a full table would otherwise keep tens of
+    GB of inputs, outputs and hub copies until its end."""
     results = []
     for number in range(1, runs + 1):
         started = time.monotonic()
-        result = plan.run(ctx.for_run(f"{plan.letter}{number}"))
+        run_ctx = ctx.for_run(f"{plan.letter}{number}")
+        try:
+            result = plan.run(run_ctx)
+        finally:
+            shutil.rmtree(run_ctx.work, ignore_errors=True)
         took = time.monotonic() - started
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items())
         print(f"  ({plan.letter}) run {number}/{runs} in {took:.0f} s: {shown}", flush=True)

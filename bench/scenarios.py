@@ -32,6 +32,7 @@ from bench.harness import (
     count_outputs,
     percentile,
     requests_total,
+    settle_disk,
     wait_outputs,
     wait_until,
     write_config,
@@ -87,9 +88,12 @@ def _daemon_folders(ctx: Context, names: list[str]) -> tuple[Folders, Path]:
     return folders, staging
 
 
-def _reference(emu: Emulator, ctx: Context, names: list[str], naive: bool) -> dict[str, Any]:
-    inbox, outbox = ctx.work / "ref-in", ctx.work / "ref-out"
+def _reference(
+    emu: Emulator, ctx: Context, names: list[str], naive: bool, tag: str = "ref"
+) -> dict[str, Any]:
+    inbox, outbox = ctx.work / f"{tag}-in", ctx.work / f"{tag}-out"
     inputs.stage(ctx.corpus, names, inbox)
+    settle_disk()
     args = [PYTHON, "-m", "bench.reference", "--url", emu.url, "--inbox", str(inbox)]
     args += ["--outbox", str(outbox), "--concurrency", "32", "--poll", "naive" if naive else "long"]
     done = subprocess.run(args, capture_output=True, text=True, env=clean_env(), check=False)
@@ -103,6 +107,7 @@ def _drop_and_wait(
     daemon: Daemon, folders: Folders, staging: Path, names: list[str], timeout: float
 ) -> float:
     """Drop the staged inputs; return the seconds until the last output is published."""
+    settle_disk()
     started = time.monotonic()
     inputs.drop(staging, names, folders.inbox)
     finished = wait_outputs(folders.outbox, len(names), timeout)
@@ -126,8 +131,7 @@ def _wait_done(db: Path, expected: int, timeout: float) -> None:
 def throughput(ctx: Context) -> dict[str, float]:
     """2,000 files of ~100 KB at processing time 0: daemon against the reference client."""
     names = inputs.make_corpus(ctx.corpus, ctx.count(2000))
-    with Emulator(ctx.work / "emu-ref", "0") as emu:
-        reference = _reference(emu, ctx, names, naive=False)
+    before = _throughput_reference(ctx, names, "before")
     with Emulator(ctx.work / "emu-daemon", "0") as emu:
         folders, staging = _daemon_folders(ctx, names)
         config = write_config(folders, emu.url, quiet_period=0.2, max_in_flight=32)
@@ -136,17 +140,35 @@ def throughput(ctx: Context) -> dict[str, float]:
             cpu0, emu_cpu0 = daemon.cpu(), _cpu(emu)
             seconds = _drop_and_wait(daemon, folders, staging, names, timeout=900)
             cpu, emu_cpu = daemon.cpu() - cpu0, _cpu(emu) - emu_cpu0
+    after = _throughput_reference(ctx, names, "after")
     files = len(names)
+    reference_s = bracketed(before["seconds"], after["seconds"])
     return {
-        "reference_fps": reference["files_per_s"],
-        "reference_cpu_ms": reference["cpu"] / files * 1000,
+        "reference_fps": files / reference_s,
+        "reference_drift": after["seconds"] / before["seconds"],
+        "reference_cpu_ms": (before["cpu"] + after["cpu"]) / 2 / files * 1000,
         "daemon_fps": files / seconds,
-        "ratio": seconds / reference["seconds"],
+        "ratio": seconds / reference_s,
         "daemon_cpu_ms": cpu / files * 1000,
         "emulator_cpu_ms": emu_cpu / files * 1000,
         "cores_busy": (cpu + emu_cpu) / seconds,
-        "ratio_floor": ratio_floor(cpu + emu_cpu, reference["seconds"], os.cpu_count() or 1),
+        "ratio_floor": ratio_floor(cpu + emu_cpu, reference_s, os.cpu_count() or 1),
     }
+
+
+def _throughput_reference(ctx: Context, names: list[str], when: str) -> dict[str, Any]:
+    """One reference run of (a), on an emulator of its own."""
+    with Emulator(ctx.work / f"emu-ref-{when}", "0") as emu:
+        return _reference(emu, ctx, names, naive=False, tag=f"ref-{when}")
+
+
+def bracketed(before: float, after: float) -> float:
+    """The reference's wall time to set against a daemon run made between two reference
+    runs: their mean. The machine's speed drifts within minutes (the same reference run
+    has taken a third longer a minute later); one run before the daemon's would put all
+    of that drift into the ratio, the mean of one before and one after cancels a steady
+    drift."""
+    return (before + after) / 2
 
 
 def ratio_floor(cpu_seconds: float, reference_seconds: float, cores: int) -> float:

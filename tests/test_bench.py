@@ -54,6 +54,50 @@ def test_ratio_floor_spreads_the_cpu_over_the_cores() -> None:
     assert scenarios.ratio_floor(12.0, 3.0, cores=4) == pytest.approx(1.0)
 
 
+def test_each_run_folder_is_removed_once_measured(tmp_path: Path) -> None:
+    """A scenario's run folder is gone after its run, measured or failed; the corpus stays."""
+    seen: list[Path] = []
+
+    def scenario(ctx: scenarios.Context) -> dict[str, float]:
+        ctx.work.mkdir(parents=True)
+        (ctx.work / "output.docx").write_bytes(b"x" * 1024)
+        seen.append(ctx.work)
+        if len(seen) == 2:
+            raise RuntimeError("the second run fails")
+        return {"files": 1.0}
+
+    ctx = scenarios.Context(tmp_path)
+    ctx.corpus.mkdir()
+    plan = perf.Plan("z", "folders", scenario)
+    assert perf.run_plan(plan, ctx, 1) == [{"files": 1.0}]
+    with pytest.raises(RuntimeError):
+        perf.run_plan(plan, ctx, 1)
+    assert len(seen) == 2
+    assert not any(path.exists() for path in seen)
+    assert ctx.corpus.is_dir()
+
+
+def test_emulator_files_go_to_a_tmpfs_with_room_else_beside_the_run(tmp_path: Path) -> None:
+    """An emulator keeps its files off the daemon's disk when a tmpfs has room, else in the run."""
+    ram = tmp_path / "shm"
+    ram.mkdir()
+    first = harness.hub_data_dir(tmp_path / "run" / "data", tmpfs=ram)
+    second = harness.hub_data_dir(tmp_path / "run" / "data", tmpfs=ram)
+    assert first.parent == ram
+    assert second.parent == ram
+    assert first != second
+    fallback = harness.hub_data_dir(tmp_path / "run" / "data", tmpfs=tmp_path / "missing")
+    assert fallback == tmp_path / "run" / "data"
+    assert fallback.is_dir()
+
+
+def test_bracketed_reference_cancels_a_steady_drift() -> None:
+    """A daemon run between two reference runs is set against their mean wall time."""
+    # The machine slowed steadily from 6 s to 8 s per reference run: mid-way it took 7 s.
+    assert scenarios.bracketed(6.0, 8.0) == pytest.approx(7.0)
+    assert scenarios.bracketed(8.0, 6.0) == pytest.approx(7.0)
+
+
 @pytest.mark.timeout(300)  # real processes, a few restarts
 def test_soak_runs_with_kills_and_reports_flat_resources(tmp_path: Path) -> None:
     """A short soak with SIGKILLs completes every input once and prints its table."""

@@ -146,7 +146,7 @@ def throughput(ctx: Context) -> dict[str, float]:
     return {
         "reference_fps": files / reference_s,
         "reference_drift": after["seconds"] / before["seconds"],
-        "reference_cpu_ms": (before["cpu"] + after["cpu"]) / 2 / files * 1000,
+        "reference_cpu_ms": bracketed(before["cpu"], after["cpu"]) / files * 1000,
         "daemon_fps": files / seconds,
         "ratio": seconds / reference_s,
         "daemon_cpu_ms": cpu / files * 1000,
@@ -163,11 +163,11 @@ def _throughput_reference(ctx: Context, names: list[str], when: str) -> dict[str
 
 
 def bracketed(before: float, after: float) -> float:
-    """The reference's wall time to set against a daemon run made between two reference
-    runs: their mean. The machine's speed drifts within minutes (the same reference run
-    has taken a third longer a minute later); one run before the daemon's would put all
-    of that drift into the ratio, the mean of one before and one after cancels a steady
-    drift."""
+    """The reference's wall time (or CPU time) to set against a daemon run made between
+    two reference runs: their mean. The machine's speed drifts within minutes (the same
+    reference run has taken a third longer a minute later); one run before the daemon's
+    would put all of that drift into the ratio, the mean of one before and one after
+    cancels a steady drift."""
     return (before + after) / 2
 
 

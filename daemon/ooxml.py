@@ -4,8 +4,9 @@ The daemon runs ``verify_package`` on every file it fetches from the hub before 
 the file to the outbox. It uses only the standard library and stays memory-flat for big
 files: a big ZIP is read member by member in chunks (``testzip``), and the few XML parts
 it looks at are parsed incrementally with expat, never read whole; a small package (up
-to 1 MiB, as most are) is read once into memory and checked there. DTDs are refused, as the
-Open Packaging Conventions forbid them, which also shuts out entity-expansion bombs.
+to 1 MiB, as most are) is read once into memory and its members unpacked straight from
+those bytes, each once (``_unpacked``). DTDs are refused, as the Open Packaging
+Conventions forbid them, which also shuts out entity-expansion bombs.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import os
 import pathlib
 import posixpath
+import struct
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -62,6 +64,9 @@ _ROOT_RELS_PART = "_rels/.rels"
 _CHUNK = 64 * 1024
 _IN_MEMORY = 1024 * 1024  # a package up to this size is read once, then checked in memory
 _ZIP_MAGIC = b"PK\x03\x04"
+_SMALL_UNPACKED = 16 * 1024 * 1024  # members of a small package unpacked in memory, at most
+_LOCAL_HEADER = struct.Struct("<4s2xH18xHH")  # signature, flags, name and extra lengths
+_UNSUPPORTED_FLAGS = 0x1 | 0x20 | 0x40  # encrypted, patched data, strong encryption
 
 
 class OoxmlProblem(Exception):
@@ -78,7 +83,21 @@ def _refuse_dtd(*_args: object) -> None:
     raise OoxmlProblem("contains a DTD, which OOXML packages must not")
 
 
-def _parse_part(archive: zipfile.ZipFile, name: str, on_start: StartHandler) -> None:
+@dataclass
+class _Package:
+    """An opened archive, with its members already unpacked when it is small."""
+
+    archive: zipfile.ZipFile
+    unpacked: dict[str, bytes] | None = None
+
+    def open(self, name: str) -> IO[bytes]:
+        """Member ``name`` for reading."""
+        if self.unpacked is not None:
+            return io.BytesIO(self.unpacked[name])
+        return self.archive.open(name)
+
+
+def _parse_part(package: _Package, name: str, on_start: StartHandler) -> None:
     """Stream part ``name`` through expat, calling ``on_start(tag, attributes)`` per element.
 
     Tags are "namespace-uri local-name" (or the bare local name outside any namespace).
@@ -88,7 +107,7 @@ def _parse_part(archive: zipfile.ZipFile, name: str, on_start: StartHandler) -> 
     parser.EntityDeclHandler = _refuse_dtd
     parser.StartElementHandler = on_start
     try:
-        with archive.open(name) as stream:
+        with package.open(name) as stream:
             _feed(parser, stream)
     except OoxmlProblem as problem:
         raise OoxmlProblem(f"part {name} {problem}") from None
@@ -223,10 +242,73 @@ def _check_crcs(archive: zipfile.ZipFile) -> None:
         raise OoxmlProblem(f"damaged ZIP archive: member {bad} fails its CRC or header check")
 
 
-def _main_part(archive: zipfile.ZipFile, members: _Members) -> str:
+def _unpacked(archive: zipfile.ZipFile, data: bytes) -> dict[str, bytes] | None:
+    """Every member of a small package, inflated and CRC-checked straight from ``data``;
+    None when anything is unusual, and zipfile's own reader then checks the package and
+    names the problem. zipfile builds a reader object per member read, which costs
+    several times the inflating of the few KB most outputs hold."""
+    infos = archive.infolist()
+    if sum(info.file_size for info in infos) > _SMALL_UNPACKED:
+        return None  # a ZIP bomb, or just big: streamed by zipfile instead
+    unpacked = {}
+    for info in infos:
+        body = _member(data, info)
+        if body is None:
+            return None
+        unpacked[info.filename] = body
+    return unpacked
+
+
+def _member(data: bytes, info: zipfile.ZipInfo) -> bytes | None:
+    """One member's bytes, checked as zipfile checks them (local header, name, size, CRC),
+    or None when it is anything but a plain stored or deflated member that checks out."""
+    raw = _stored_bytes(data, info)
+    if raw is None:
+        return None
+    body = raw
+    if info.compress_type == zipfile.ZIP_DEFLATED:
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            body = inflater.decompress(raw, info.file_size + 1)  # never more than declared
+        except zlib.error:
+            return None
+    if len(body) != info.file_size or zlib.crc32(body) != info.CRC:
+        return None
+    return body
+
+
+def _stored_bytes(data: bytes, info: zipfile.ZipInfo) -> bytes | None:
+    """A member's bytes as stored, after its local header, which must agree with the
+    central directory; None for anything unusual."""
+    if info.flag_bits & _UNSUPPORTED_FLAGS or info.compress_type not in _PLAIN:
+        return None
+    start = info.header_offset + _LOCAL_HEADER.size
+    if info.header_offset < 0 or start > len(data):
+        return None
+    magic, _flags, name_length, extra_length = _LOCAL_HEADER.unpack_from(data, info.header_offset)
+    name = data[start : start + name_length]
+    if magic != _ZIP_MAGIC or name != _encoded_name(info):
+        return None
+    start += name_length + extra_length
+    raw = data[start : start + info.compress_size]
+    return raw if len(raw) == info.compress_size else None
+
+
+_PLAIN = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
+
+
+def _encoded_name(info: zipfile.ZipInfo) -> bytes | None:
+    """The member name as the local header should hold it (as zipfile encodes it)."""
+    try:
+        return info.orig_filename.encode("utf-8" if info.flag_bits & 0x800 else "cp437")
+    except UnicodeEncodeError:
+        return None
+
+
+def _main_part(package: _Package, members: _Members) -> str:
     """The main part's name, as _rels/.rels names it through the officeDocument relationship."""
     relationships = _RootRelationships()
-    _parse_part(archive, members.require(_ROOT_RELS_PART), relationships.on_start)
+    _parse_part(package, members.require(_ROOT_RELS_PART), relationships.on_start)
     if relationships.external:
         raise OoxmlProblem(f"{_ROOT_RELS_PART} points the main document outside the package")
     if not relationships.main_targets:
@@ -249,7 +331,7 @@ def _check_main_type(content_types: _ContentTypes, main_part: str, expected: str
     raise OoxmlProblem(f"main part {main_part} has content type {declared}, expected {expected}")
 
 
-def _check_root_element(archive: zipfile.ZipFile, member: str, expected: str) -> None:
+def _check_root_element(package: _Package, member: str, expected: str) -> None:
     """Parse the main part fully (streamed) and check its root element's name."""
     roots: list[str] = []
 
@@ -257,22 +339,22 @@ def _check_root_element(archive: zipfile.ZipFile, member: str, expected: str) ->
         if not roots:
             roots.append(tag.rpartition(" ")[2])
 
-    _parse_part(archive, member, on_start)
+    _parse_part(package, member, on_start)
     wanted = _ROOT_ELEMENTS[expected]
     if roots != [wanted]:
         found = roots[0] if roots else "nothing"
         raise OoxmlProblem(f"part {member} starts with <{found}>, expected <{wanted}>")
 
 
-def _verify_archive(archive: zipfile.ZipFile, expected: str) -> None:
+def _verify_archive(package: _Package, expected: str) -> None:
     """Run the package-level checks on an opened, CRC-checked archive."""
-    members = _Members(archive)
+    members = _Members(package.archive)
     content_types = _ContentTypes()
-    _parse_part(archive, members.require(_CONTENT_TYPES_PART), content_types.on_start)
-    main_part = _main_part(archive, members)
+    _parse_part(package, members.require(_CONTENT_TYPES_PART), content_types.on_start)
+    main_part = _main_part(package, members)
     member = members.require(main_part)
     _check_main_type(content_types, main_part, expected)
-    _check_root_element(archive, member, expected)
+    _check_root_element(package, member, expected)
 
 
 def verify_package(path: pathlib.Path, expected_format: str) -> None:
@@ -280,5 +362,9 @@ def verify_package(path: pathlib.Path, expected_format: str) -> None:
     if expected_format not in MAIN_CONTENT_TYPES:
         raise ValueError(f"unknown format {expected_format!r}; expected docx, xlsx or pptx")
     with _readable(path) as source, _open_archive(source) as archive:
-        _check_crcs(archive)
-        _verify_archive(archive, expected_format)
+        package = _Package(archive)
+        if isinstance(source, io.BytesIO):
+            package.unpacked = _unpacked(archive, source.getvalue())
+        if package.unpacked is None:
+            _check_crcs(archive)
+        _verify_archive(package, expected_format)

@@ -12,9 +12,11 @@ import docx
 import openpyxl
 import pptx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.emulator.documents import render_document
-from daemon.ooxml import MAIN_CONTENT_TYPES, OoxmlProblem, verify_package
+from daemon.ooxml import MAIN_CONTENT_TYPES, OoxmlProblem, _unpacked, verify_package
 
 FORMATS = ("docx", "xlsx", "pptx")
 MAIN_PARTS = {
@@ -232,6 +234,43 @@ def test_rejects_bad_crc(tmp_path: Path) -> None:
     assert (
         message == "damaged ZIP archive: member ppt/media/image1.bin fails its CRC or header check"
     )
+
+
+_SAMPLE = rendered("xlsx")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, len(_SAMPLE) - 1), st.integers(1, 255))
+def test_unpacking_in_memory_agrees_with_zipfile(offset: int, flip: int) -> None:
+    """Whatever byte is damaged, the in-memory unpacking accepts only what zipfile reads
+    without error, with the same bytes, and leaves everything else to zipfile."""
+    data = bytearray(_SAMPLE)
+    data[offset] ^= flip
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(bytes(data)))
+    except zipfile.BadZipFile:
+        return  # the central directory itself is damaged: nothing is unpacked
+    unpacked = _unpacked(archive, bytes(data))
+    if unpacked is None:
+        return
+    assert archive.testzip() is None
+    assert unpacked == {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def test_unpacks_small_packages_in_memory() -> None:
+    """A rendered package is unpacked from memory, not through zipfile's readers."""
+    with zipfile.ZipFile(io.BytesIO(_SAMPLE)) as archive:
+        unpacked = _unpacked(archive, _SAMPLE)
+        assert unpacked == {info.filename: archive.read(info) for info in archive.infolist()}
+
+
+def test_leaves_a_zip_bomb_to_zipfile() -> None:
+    """A package whose members would unpack to more than 16 MiB is not unpacked in memory."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("zeros.bin", bytes(17 * 1024 * 1024))
+    with zipfile.ZipFile(io.BytesIO(out.getvalue())) as archive:
+        assert _unpacked(archive, out.getvalue()) is None
 
 
 def test_rejects_malformed_main_part(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import random
 
@@ -90,6 +91,18 @@ def test_filter_checks_every_path_component() -> None:
     assert nf.ignored_part("@eaDir/scan.pdf") == ("@eaDir", "@eaDir")
     assert nf.ignored_part("a/b/old.BAK") == ("old.BAK", "*.bak")
     assert nf.ignored_part("a/b/scan.pdf") is None
+
+
+_GLOB = st.text(alphabet="ab.*?[]!~$#Ä", max_size=6)
+
+
+@given(st.lists(_GLOB, max_size=4), st.text(alphabet="abAB.~$#äÄ", max_size=8))
+def test_filter_names_the_first_matching_pattern(extra: list[str], name: str) -> None:
+    """The filter names the first pattern that matches, case-folded, as fnmatch does."""
+    nf = NameFilter.with_extra(extra)
+    folded = name.casefold()
+    expected = next((p for p in nf.patterns if fnmatch.fnmatchcase(folded, p.casefold())), None)
+    assert nf.match(name) == expected
 
 
 def test_backoff_grows_and_is_capped() -> None:

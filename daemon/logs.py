@@ -178,7 +178,9 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     structlog.configure(
         processors=[*shared_processors(), *tail],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(out),
+        # One write per line (print() makes two): fewer system calls, and lines from
+        # several threads never interleave.
+        logger_factory=structlog.WriteLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
     _route_stdlib(numeric, out, tail)

@@ -33,6 +33,28 @@ def _restore_logging() -> Iterator[None]:
     logs.configure("info", "auto")
 
 
+class Writes(io.StringIO):
+    """A text stream that keeps each write apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.writes.append(text)
+        return super().write(text)
+
+
+def test_each_line_is_one_write() -> None:
+    """A log line and its newline leave in one write, so lines of threads never mix."""
+    stream = Writes()
+    logs.configure("info", "json", stream)
+    logs.get_logger().info("converted", job_id=1)
+    logs.get_logger().info("converted", job_id=2)
+    assert len(stream.writes) == 2
+    assert all(w.endswith("}\n") and w.count("\n") == 1 for w in stream.writes)
+
+
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 

@@ -26,6 +26,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from itertools import islice
 from pathlib import Path, PurePosixPath
 
@@ -510,31 +511,32 @@ class Intake:
 
     def _store_job(self, new: NewJob, refused: tuple[str, str] | None, now: float) -> Job | None:
         store: Store = self.db.store
-        latest = store.latest_for_path(new.path)
-        if latest is not None and (latest.size, latest.mtime_ns, latest.inode) == (
-            new.size,
-            new.mtime_ns,
-            new.inode,
-        ):
+        # The first candidates nearly always do: make (and look up) the long list only
+        # when they are taken, since every candidate costs a path join and a parameter.
+        first = list(islice(output_candidates(new.path, new.output_format), FIRST_CANDIDATES))
+        claims = store.name_claims(new.path, first)
+        if claims.latest == (new.size, new.mtime_ns, new.inode):
             return None  # never queue a known version twice
-        output = self._claim_output(store, new.path, new.output_format)
+        output = self._free_output(first, claims.taken, claims.mine)
+        if output is None:
+            more = list(islice(output_candidates(new.path, new.output_format), CLAIM_CANDIDATES))
+            taken = store.outputs_taken(more, except_path=new.path)
+            output = self._free_output(more, taken, claims.mine) or more[-1]
         if refused is not None:
             return store.reject(new, output, refused[0], refused[1], now)
         return store.enqueue(new, output, now)
 
-    def _claim_output(self, store: Store, rel: str, output_format: str) -> str:
-        mine = store.outputs_of_path(rel)
-        # The first candidates nearly always do: make (and look up) the long list only
-        # when they are taken, since every candidate costs a path join and a parameter.
-        for limit in (FIRST_CANDIDATES, CLAIM_CANDIDATES):
-            candidates = list(islice(output_candidates(rel, output_format), limit))
-            taken = store.outputs_taken(candidates, except_path=rel)
-            for candidate in candidates:
-                if candidate in taken:
-                    continue
-                if candidate in mine or not (self.outbox / candidate).exists():
-                    return candidate
-        return candidates[-1]
+    def _free_output(
+        self, candidates: list[str], taken: AbstractSet[str], mine: AbstractSet[str]
+    ) -> str | None:
+        """The first candidate no other input's job claims, and that is this input's own
+        or free in the outbox; None when there is none."""
+        for candidate in candidates:
+            if candidate in taken:
+                continue
+            if candidate in mine or not (self.outbox / candidate).exists():
+                return candidate
+        return None
 
     async def _write_error_file(self, job: Job, code: str, message: str) -> None:
         text = outbox.error_text(job.path, code, message, self.clock(), job.id)

@@ -55,7 +55,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DatabaseError, NoResultFound
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import ReturningInsert
-from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 
 from daemon import schema
 from daemon.errors import ConfigError, LeaseLost
@@ -335,9 +335,6 @@ _OUTPUTS_TAKEN = select(jobs_table.c.output).where(
     jobs_table.c.output.in_(bindparam("candidates", expanding=True)),
     jobs_table.c.path != bindparam("path"),
 )
-_OUTPUTS_OF_PATH = select(jobs_table.c.output).where(
-    jobs_table.c.path == bindparam("path"), jobs_table.c.output.is_not(None)
-)
 _CLAIM = (
     select(jobs_table.c.id, jobs_table.c.owner, jobs_table.c.lease_until)
     .where(
@@ -372,6 +369,20 @@ _NEXT_DUE = select(
 _LOCK_INTAKE = select(locks_table.c.name).where(locks_table.c.name == "intake").with_for_update()
 
 
+@functools.lru_cache(maxsize=8)
+def _name_claims(candidates: int) -> Select[Any]:
+    """Intake's one lookup per new input (``Store.name_claims``): every job of its path,
+    and the jobs of other paths that claim one of its first candidate names. One bound
+    parameter per candidate: an expanding one is rendered anew on every call."""
+    names: list[BindParameter[str]] = [bindparam(f"c{index}") for index in range(candidates)]
+    columns = (jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns, jobs_table.c.inode)
+    return (
+        select(*columns, jobs_table.c.output)
+        .where(or_(jobs_table.c.path == bindparam("path"), jobs_table.c.output.in_(names)))
+        .order_by(jobs_table.c.id.desc())
+    )
+
+
 def _converted_before_query() -> Select[Any]:
     newer = jobs_table.alias("newer")
     superseded = (
@@ -404,6 +415,15 @@ def _converted_before_query() -> Select[Any]:
 
 
 _CONVERTED_BEFORE = _converted_before_query()
+
+
+@dataclass(frozen=True)
+class NameClaims:
+    """What intake knows of an input's path before it claims an output name for it."""
+
+    latest: tuple[int, int, int] | None  # (size, mtime_ns, inode) its newest job took
+    mine: frozenset[str]  # output names its own jobs claimed
+    taken: frozenset[str]  # the candidate names the jobs of other inputs claim
 
 
 @dataclass(frozen=True)
@@ -606,10 +626,24 @@ class Store:
         with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query)]
 
-    def outputs_of_path(self, path: str) -> set[str]:
-        """Output names that earlier jobs of the same input path claimed."""
+    def name_claims(self, path: str, candidates: Sequence[str]) -> NameClaims:
+        """What queueing input ``path`` needs to know, in one statement: the version its
+        newest job took, the output names its jobs claimed, and which of ``candidates``
+        the jobs of other inputs claim."""
+        latest: tuple[int, int, int] | None = None
+        mine: set[str] = set()
+        taken: set[str] = set()
+        params = {"path": path} | {f"c{index}": name for index, name in enumerate(candidates)}
         with self._read() as conn:
-            return {row.output for row in conn.execute(_OUTPUTS_OF_PATH, {"path": path})}
+            for row in conn.execute(_name_claims(len(candidates)), params):
+                if row.path != path:
+                    taken.add(row.output)
+                    continue
+                if latest is None:
+                    latest = (row.size, row.mtime_ns, row.inode)
+                if row.output is not None:
+                    mine.add(row.output)
+        return NameClaims(latest, frozenset(mine), frozenset(taken))
 
     def versions(self) -> dict[str, tuple[int, int, int]]:
         """Latest (size, mtime_ns, inode) per input path: the versions intake already took."""

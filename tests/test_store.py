@@ -90,7 +90,20 @@ def test_outputs_taken_ignores_same_path(store: Store) -> None:
     store.enqueue(new("scan.pdf"), "scan.docx", 1.0)
     assert store.outputs_taken(["scan.docx", "scan.png.docx"], "scan.png") == {"scan.docx"}
     assert store.outputs_taken(["scan.docx"], "scan.pdf") == set()
-    assert store.outputs_of_path("scan.pdf") == {"scan.docx"}
+
+
+def test_name_claims_in_one_lookup(store: Store) -> None:
+    """One lookup gives the path's newest version, its own names and others' claims."""
+    store.enqueue(new("scan.pdf", size=1, mtime_ns=1), "scan.docx", 1.0)
+    store.enqueue(new("scan.pdf", size=2, mtime_ns=2), "scan (2).docx", 2.0)
+    store.enqueue(new("scan.png"), "scan.png.docx", 3.0)
+    store.enqueue(new("other.pdf"), "other.docx", 4.0)
+    claims = store.name_claims("scan.pdf", ["scan.docx", "scan.png.docx", "x.docx"])
+    assert claims.latest == (2, 2, new("scan.pdf").inode)
+    assert claims.mine == {"scan.docx", "scan (2).docx"}
+    assert claims.taken == {"scan.png.docx"}
+    unknown = store.name_claims("new.pdf", ["scan.docx"])
+    assert (unknown.latest, unknown.mine, unknown.taken) == (None, set(), {"scan.docx"})
 
 
 def test_requeue_only_failed_and_resets(store: Store) -> None:

@@ -219,6 +219,8 @@ def _open_archive(source: IO[bytes]) -> zipfile.ZipFile:
         return zipfile.ZipFile(source)
     except OSError as error:
         raise OoxmlProblem(f"cannot read the file: {error.strerror or error}") from None
+    except NotImplementedError as error:  # a damaged version field reads as a newer ZIP
+        raise OoxmlProblem(f"unsupported or damaged ZIP archive: {error}") from None
     except (zipfile.BadZipFile, ValueError, EOFError) as error:
         source.seek(0)
         if zipfile.is_zipfile(source):
@@ -232,7 +234,8 @@ def _check_crcs(archive: zipfile.ZipFile) -> None:
     """Read every member in chunks so that damaged or undecodable data is caught now."""
     try:
         bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as error:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as error:
+        # ValueError: a damaged member offset makes zipfile seek before the start
         raise OoxmlProblem(f"damaged ZIP archive: {error}") from None
     except NotImplementedError as error:  # e.g. Deflate64 or bzip2 variants zipfile lacks
         raise OoxmlProblem(f"unsupported ZIP compression: {error}") from None

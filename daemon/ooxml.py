@@ -67,6 +67,7 @@ _ZIP_MAGIC = b"PK\x03\x04"
 _SMALL_UNPACKED = 16 * 1024 * 1024  # members of a small package unpacked in memory, at most
 _LOCAL_HEADER = struct.Struct("<4s2xH18xHH")  # signature, flags, name and extra lengths
 _UNSUPPORTED_FLAGS = 0x1 | 0x20 | 0x40  # encrypted, patched data, strong encryption
+_PLAIN = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the methods unpacked in memory
 
 
 class OoxmlProblem(Exception):
@@ -83,7 +84,7 @@ def _refuse_dtd(*_args: object) -> None:
     raise OoxmlProblem("contains a DTD, which OOXML packages must not")
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Package:
     """An opened archive, with its members already unpacked when it is small."""
 
@@ -297,9 +298,6 @@ def _stored_bytes(data: bytes, info: zipfile.ZipInfo) -> bytes | None:
     return raw if len(raw) == info.compress_size else None
 
 
-_PLAIN = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)
-
-
 def _encoded_name(info: zipfile.ZipInfo) -> bytes | None:
     """The member name as the local header should hold it (as zipfile encodes it)."""
     try:
@@ -365,9 +363,9 @@ def verify_package(path: pathlib.Path, expected_format: str) -> None:
     if expected_format not in MAIN_CONTENT_TYPES:
         raise ValueError(f"unknown format {expected_format!r}; expected docx, xlsx or pptx")
     with _readable(path) as source, _open_archive(source) as archive:
-        package = _Package(archive)
-        if isinstance(source, io.BytesIO):
-            package.unpacked = _unpacked(archive, source.getvalue())
+        # _readable hands a small package over in memory: unpack it from there
+        in_memory = source.getvalue() if isinstance(source, io.BytesIO) else None
+        package = _Package(archive, None if in_memory is None else _unpacked(archive, in_memory))
         if package.unpacked is None:
             _check_crcs(archive)
         _verify_archive(package, expected_format)

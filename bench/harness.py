@@ -116,6 +116,23 @@ def _own_cpu(pid: int) -> float:
     return sum(int(value) for value in fields[11:15]) / CLK_TCK
 
 
+def sched_seconds(text: str) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) from the text of a
+    ``/proc/PID/task/TID/schedstat`` file (nanoseconds, then the count of time slices)."""
+    on_cpu, waiting = text.split()[:2]
+    return int(on_cpu) / 1e9, int(waiting) / 1e9
+
+
+def sched_totals(pid: int) -> tuple[float, float]:
+    """``sched_seconds`` summed over the threads of a running process (Linux)."""
+    on_cpu = waiting = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            ran, waited = sched_seconds((task / "schedstat").read_text())
+            on_cpu, waiting = on_cpu + ran, waiting + waited
+    return on_cpu, waiting
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of a running process (all its threads) and of its
     children, running or ended."""

@@ -63,6 +63,16 @@ PLANS = [
             Measure("reference_cpu_ms", "reference client CPU per file, ms", "{:.2f}"),
             Measure("daemon_cpu_ms", "daemon CPU per file, ms", "{:.2f}"),
             Measure("emulator_cpu_ms", "emulator CPU per file (daemon run), ms", "{:.2f}"),
+            Measure("daemon_own_cpu_ms", "daemon process alone, CPU per file, ms", "{:.2f}"),
+            Measure("transfer_own_cpu_ms", "transfer process, CPU per file, ms", "{:.2f}"),
+            Measure("daemon_on_cpu", "daemon process: share of the run on a CPU", "{:.2f}"),
+            Measure(
+                "daemon_waiting", "daemon process: share runnable, waiting for a CPU", "{:.2f}"
+            ),
+            Measure("transfer_on_cpu", "transfer process: share of the run on a CPU", "{:.2f}"),
+            Measure(
+                "transfer_waiting", "transfer process: share runnable, waiting for a CPU", "{:.2f}"
+            ),
             Measure("cores_busy", "cores busy in the daemon run (daemon + emulator)", "{:.2f}"),
             Measure("ratio_floor", "ratio floor: (daemon + emulator CPU) / cores", "{:.2f}"),
         ],

@@ -31,7 +31,9 @@ from bench.harness import (
     count_errors,
     count_outputs,
     percentile,
+    process_tree,
     requests_total,
+    sched_totals,
     settle_disk,
     wait_outputs,
     wait_until,
@@ -138,12 +140,14 @@ def throughput(ctx: Context) -> dict[str, float]:
         with Daemon(config, folders.root) as daemon:
             daemon.wait_ready()
             cpu0, emu_cpu0 = daemon.cpu(), _cpu(emu)
+            sched0 = _sched_by_process(daemon.pid)
             seconds = _drop_and_wait(daemon, folders, staging, names, timeout=900)
             cpu, emu_cpu = daemon.cpu() - cpu0, _cpu(emu) - emu_cpu0
+            split = _sched_split(sched0, _sched_by_process(daemon.pid), seconds, len(names))
     after = _throughput_reference(ctx, names, "after")
     files = len(names)
     reference_s = bracketed(before["seconds"], after["seconds"])
-    return {
+    return split | {
         "reference_fps": files / reference_s,
         "reference_drift": after["seconds"] / before["seconds"],
         "reference_cpu_ms": bracketed(before["cpu"], after["cpu"]) / files * 1000,
@@ -154,6 +158,36 @@ def throughput(ctx: Context) -> dict[str, float]:
         "cores_busy": (cpu + emu_cpu) / seconds,
         "ratio_floor": ratio_floor(cpu + emu_cpu, reference_s, os.cpu_count() or 1),
     }
+
+
+def _sched_by_process(daemon_pid: int) -> dict[str, tuple[float, float]]:
+    """Scheduler times of the daemon and, when it runs one, its transfer process."""
+    tree = process_tree(daemon_pid)
+    found = {"daemon": sched_totals(daemon_pid)}
+    if len(tree) > 1:
+        found["transfer"] = sched_totals(tree[1])
+    return found
+
+
+def _sched_split(
+    before: dict[str, tuple[float, float]],
+    after: dict[str, tuple[float, float]],
+    seconds: float,
+    files: int,
+) -> dict[str, float]:
+    """Each process's CPU per file, and its share of the timed section on a CPU and
+    runnable but waiting for one: which process bounds the pipeline (NaN: no transfer
+    process)."""
+    split = {}
+    for name in ("daemon", "transfer"):
+        if name in before and name in after:
+            ran, waited = (after[name][i] - before[name][i] for i in (0, 1))
+        else:
+            ran = waited = float("nan")
+        split[f"{name}_own_cpu_ms"] = ran / files * 1000
+        split[f"{name}_on_cpu"] = ran / seconds
+        split[f"{name}_waiting"] = waited / seconds
+    return split
 
 
 def _throughput_reference(ctx: Context, names: list[str], when: str) -> dict[str, Any]:

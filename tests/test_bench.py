@@ -54,6 +54,14 @@ def test_ratio_floor_spreads_the_cpu_over_the_cores() -> None:
     assert scenarios.ratio_floor(12.0, 3.0, cores=4) == pytest.approx(1.0)
 
 
+def test_schedstat_gives_seconds_on_a_cpu_and_waiting_for_one() -> None:
+    """A schedstat line reads as seconds on a CPU and seconds waiting; a live process has some."""
+    assert harness.sched_seconds("2500000000 750000000 42\n") == (2.5, 0.75)
+    on_cpu, waiting = harness.sched_totals(os.getpid())
+    assert on_cpu > 0.0
+    assert waiting >= 0.0
+
+
 def test_each_run_folder_is_removed_once_measured(tmp_path: Path) -> None:
     """A scenario's run folder is gone after its run, measured or failed; the corpus stays."""
     seen: list[Path] = []

@@ -160,28 +160,29 @@ def throughput(ctx: Context) -> dict[str, float]:
     }
 
 
-def _sched_by_process(daemon_pid: int) -> dict[str, tuple[float, float]]:
-    """Scheduler times of the daemon and, when it runs one, its transfer process."""
+def _sched_by_process(daemon_pid: int) -> dict[str, tuple[int, float, float]]:
+    """(pid, seconds on a CPU, seconds waiting for one) of the daemon and, when it runs
+    one, its transfer process."""
     tree = process_tree(daemon_pid)
-    found = {"daemon": sched_totals(daemon_pid)}
+    found = {"daemon": (daemon_pid, *sched_totals(daemon_pid))}
     if len(tree) > 1:
-        found["transfer"] = sched_totals(tree[1])
+        found["transfer"] = (tree[1], *sched_totals(tree[1]))
     return found
 
 
 def _sched_split(
-    before: dict[str, tuple[float, float]],
-    after: dict[str, tuple[float, float]],
+    before: dict[str, tuple[int, float, float]],
+    after: dict[str, tuple[int, float, float]],
     seconds: float,
     files: int,
 ) -> dict[str, float]:
     """Each process's CPU per file, and its share of the timed section on a CPU and
     runnable but waiting for one: which process bounds the pipeline (NaN: no transfer
-    process)."""
+    process, or not the same one at both ends)."""
     split = {}
     for name in ("daemon", "transfer"):
-        if name in before and name in after:
-            ran, waited = (after[name][i] - before[name][i] for i in (0, 1))
+        if name in before and name in after and before[name][0] == after[name][0]:
+            ran, waited = (after[name][i] - before[name][i] for i in (1, 2))
         else:
             ran = waited = float("nan")
         split[f"{name}_own_cpu_ms"] = ran / files * 1000

@@ -6,6 +6,7 @@ numbers mean nothing. The real runs are made by hand (see README, "Performance")
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -60,6 +61,17 @@ def test_schedstat_gives_seconds_on_a_cpu_and_waiting_for_one() -> None:
     on_cpu, waiting = harness.sched_totals(os.getpid())
     assert on_cpu > 0.0
     assert waiting >= 0.0
+
+
+def test_sched_split_is_per_file_and_per_second_and_nan_for_a_replaced_process() -> None:
+    """The split gives CPU per file and shares of the run; a replaced child gives NaN."""
+    before = {"daemon": (10, 1.0, 0.5), "transfer": (11, 2.0, 0.0)}
+    after = {"daemon": (10, 3.0, 1.5), "transfer": (12, 9.0, 1.0)}
+    split = scenarios._sched_split(before, after, seconds=4.0, files=1000)
+    assert split["daemon_own_cpu_ms"] == pytest.approx(2.0)
+    assert split["daemon_on_cpu"] == pytest.approx(0.5)
+    assert split["daemon_waiting"] == pytest.approx(0.25)
+    assert math.isnan(split["transfer_on_cpu"])
 
 
 def test_each_run_folder_is_removed_once_measured(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ effect). For a scan of 100 KB, hashing it, checking and fsyncing its output and 
 its state changes take well under a millisecond each on a local disk, far less than the
 hops around them: run on the loop they cut the daemon's CPU per file by about a quarter
 (bench/perf (a)). On a slow disk or a network share the same calls can block for long,
-so every inline call is timed, and one that waits (wall time less the thread's own CPU
-time: computing holds the GIL in a thread too) over ``SLOW_SECONDS`` sends all such work
-to threads for ``COOL_DOWN_SECONDS`` before the loop tries again. Large inputs and outputs
+so every inline call is timed, and one that waits over ``SLOW_SECONDS`` sends all such
+work to threads for ``COOL_DOWN_SECONDS`` before the loop tries again. Waiting is the wall
+time less the thread's own CPU time (computing holds the GIL in a thread too) and less
+the time it was runnable but waiting for a CPU (Linux's schedstat): on a busy machine a
+preempted call is not a slow disk, and threads would only add switching. Large inputs and outputs
 always go to a thread, and so does everything when a folder is on network storage: a
 hung share would otherwise freeze the whole loop, not one thread.
 """
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import ParamSpec, TypeVar
@@ -43,6 +47,39 @@ def threaded_until_after(waited: float, now: float, threaded_until: float) -> fl
     if waited > SLOW_SECONDS:
         return max(threaded_until, now + COOL_DOWN_SECONDS)
     return threaded_until
+
+
+class _SchedstatFd:
+    """This thread's ``/proc/thread-self/schedstat``: a descriptor names the thread that
+    opened it, so each thread keeps its own, closed when the thread's locals go."""
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.fd = -1  # not Linux, or no /proc: the kernel does not say
+
+    def __del__(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+
+
+_local = threading.local()
+
+
+def run_delay() -> float:
+    """Seconds the calling thread has spent runnable but waiting for a CPU, in all; 0.0
+    where the kernel does not say (only differences between two readings mean anything)."""
+    schedstat: _SchedstatFd | None = getattr(_local, "schedstat", None)
+    if schedstat is None:
+        schedstat = _local.schedstat = _SchedstatFd()
+    if schedstat.fd < 0:
+        return 0.0
+    # "on-CPU ns, waiting ns, time slices"; pread re-reads the current values each time.
+    try:
+        return int(os.pread(schedstat.fd, 64, 0).split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):  # a kernel that words it otherwise
+        return 0.0
 
 
 class Offload:
@@ -75,12 +112,13 @@ class Offload:
     @contextlib.contextmanager
     def timing(self, what: str) -> Iterator[None]:
         """Time the inline call made inside and record how long it waited."""
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu, queued = time.perf_counter(), time.thread_time(), run_delay()
         try:
             yield
         finally:
             computed = time.thread_time() - cpu
-            self.waited(time.perf_counter() - wall - computed, what)
+            preempted = run_delay() - queued
+            self.waited(time.perf_counter() - wall - computed - preempted, what)
 
     async def run(self, size: int, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """``fn(*args, **kwargs)``, inline when ``size`` bytes are small and calls are fast."""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -123,6 +126,28 @@ def test_computing_inline_for_long_does_not_count_as_waiting() -> None:
         await work.run(0, _computes_for, SLOW_SECONDS * 1.5)
 
     asyncio.run(scenario())
+    assert work.inline_now()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs CPU affinity (Linux)")
+def test_time_waiting_for_a_cpu_does_not_count_as_waiting() -> None:
+    """A call preempted by a busy neighbour on its CPU stays inline: that is no slow disk."""
+    cpu = min(os.sched_getaffinity(0))
+    spin = f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(flush=True)\nwhile True: pass"
+    work = Offload()
+    allowed = os.sched_getaffinity(0)
+    with subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) as neighbour:
+        try:
+            assert neighbour.stdout is not None
+            neighbour.stdout.readline()  # it runs on our CPU from here on
+            os.sched_setaffinity(0, {cpu})
+            queued = offload.run_delay()
+            asyncio.run(work.run(0, _computes_for, SLOW_SECONDS * 1.5))
+            preempted = offload.run_delay() - queued
+        finally:
+            os.sched_setaffinity(0, allowed)
+            neighbour.kill()
+    assert preempted > SLOW_SECONDS  # the call really waited for the CPU that long
     assert work.inline_now()
 
 

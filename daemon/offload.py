@@ -10,9 +10,9 @@ so every inline call is timed, and one that waits over ``SLOW_SECONDS`` sends al
 work to threads for ``COOL_DOWN_SECONDS`` before the loop tries again. Waiting is the wall
 time less the thread's own CPU time (computing holds the GIL in a thread too) and less
 the time it was runnable but waiting for a CPU (Linux's schedstat): on a busy machine a
-preempted call is not a slow disk, and threads would only add switching. Large inputs and outputs
-always go to a thread, and so does everything when a folder is on network storage: a
-hung share would otherwise freeze the whole loop, not one thread.
+preempted call is not a slow disk, and threads would only add switching. Large inputs
+and outputs always go to a thread, and so does everything when a folder is on network
+storage: a hung share would otherwise freeze the whole loop, not one thread.
 """
 
 from __future__ import annotations

@@ -64,7 +64,7 @@ from daemon.stability import (
     verdict,
     with_problem,
 )
-from daemon.store import Job, NewJob, Store
+from daemon.store import Entry, Job, NameClaims, NewJob, Store
 from daemon.watcher import Watcher
 
 log = get_logger(component="intake")
@@ -504,27 +504,39 @@ class Intake:
 
         Intake's lock row is held until the batch commits, so several instances seeing
         the same files claim output names one after the other; the unique version key
-        inserts each version once whatever happens.
+        inserts each version once whatever happens. A batch costs two statements (the
+        claims, the inserts) and a rare third for an input whose first names are taken.
         """
-        self.db.store.lock_intake()
-        return [self._store_job(new, refused, now) for new, refused in news]
-
-    def _store_job(self, new: NewJob, refused: tuple[str, str] | None, now: float) -> Job | None:
         store: Store = self.db.store
+        store.lock_intake()
         # The first candidates nearly always do: make (and look up) the long list only
         # when they are taken, since every candidate costs a path join and a parameter.
-        first = list(islice(output_candidates(new.path, new.output_format), FIRST_CANDIDATES))
-        claims = store.name_claims(new.path, first)
-        if claims.latest == (new.size, new.mtime_ns, new.inode):
-            return None  # never queue a known version twice
-        output = self._free_output(first, claims.taken, claims.mine)
-        if output is None:
-            more = list(islice(output_candidates(new.path, new.output_format), CLAIM_CANDIDATES))
-            taken = store.outputs_taken(more, except_path=new.path)
-            output = self._free_output(more, taken, claims.mine) or more[-1]
-        if refused is not None:
-            return store.reject(new, output, refused[0], refused[1], now)
-        return store.enqueue(new, output, now)
+        firsts = [
+            list(islice(output_candidates(new.path, new.output_format), FIRST_CANDIDATES))
+            for new, _ in news
+        ]
+        claims = store.name_claims(
+            [(new.path, first) for (new, _), first in zip(news, firsts, strict=True)]
+        )
+        entries: list[Entry] = []
+        given: set[str] = set()  # names this batch's earlier inputs took
+        for (new, refused), first, claim in zip(news, firsts, claims, strict=True):
+            if claim.latest == (new.size, new.mtime_ns, new.inode):
+                continue  # never queue a known version twice
+            output = self._output_for(new, first, claim, given)
+            given.add(output)
+            entries.append((new, output, refused))
+        added = store.add_jobs(entries, now)
+        return [added.get(new.path) for new, _ in news]
+
+    def _output_for(self, new: NewJob, first: list[str], claim: NameClaims, given: set[str]) -> str:
+        """The output name of a new input: the first free candidate."""
+        output = self._free_output(first, claim.taken | given, claim.mine)
+        if output is not None:
+            return output
+        more = list(islice(output_candidates(new.path, new.output_format), CLAIM_CANDIDATES))
+        taken = self.db.store.outputs_taken(more, except_path=new.path) | given
+        return self._free_output(more, taken, claim.mine) or more[-1]
 
     def _free_output(
         self, candidates: list[str], taken: AbstractSet[str], mine: AbstractSet[str]

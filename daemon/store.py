@@ -55,7 +55,7 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import DatabaseError, NoResultFound
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import ReturningInsert
-from sqlalchemy.sql.elements import BindParameter, ColumnElement
+from sqlalchemy.sql.elements import ColumnElement
 
 from daemon import schema
 from daemon.errors import ConfigError, LeaseLost
@@ -369,18 +369,17 @@ _NEXT_DUE = select(
 _LOCK_INTAKE = select(locks_table.c.name).where(locks_table.c.name == "intake").with_for_update()
 
 
-@functools.lru_cache(maxsize=8)
-def _name_claims(candidates: int) -> Select[Any]:
-    """Intake's one lookup per new input (``Store.name_claims``): every job of its path,
-    and the jobs of other paths that claim one of its first candidate names. One bound
-    parameter per candidate: an expanding one is rendered anew on every call."""
-    names: list[BindParameter[str]] = [bindparam(f"c{index}") for index in range(candidates)]
-    columns = (jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns, jobs_table.c.inode)
-    return (
-        select(*columns, jobs_table.c.output)
-        .where(or_(jobs_table.c.path == bindparam("path"), jobs_table.c.output.in_(names)))
-        .order_by(jobs_table.c.id.desc())
+_NAME_CLAIMS = (
+    select(jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns, jobs_table.c.inode)
+    .add_columns(jobs_table.c.output)
+    .where(
+        or_(
+            jobs_table.c.path.in_(bindparam("paths", expanding=True)),
+            jobs_table.c.output.in_(bindparam("names", expanding=True)),
+        )
     )
+    .order_by(jobs_table.c.id.desc())
+)
 
 
 def _converted_before_query() -> Select[Any]:
@@ -440,6 +439,31 @@ class NewJob:
     output_format: str
     on_success: str | None = None
     rule: str | None = None
+
+
+Entry = tuple[NewJob, str, tuple[str, str] | None]  # (input, output name, refusal)
+
+
+def _new_row(
+    new: NewJob, output: str, refused: tuple[str, str] | None, now: float
+) -> dict[str, Any]:
+    """The jobs row of a new input: queued, or failed at once when refused."""
+    stage = Stage.PENDING if refused is None else Stage.FAILED
+    code, message = refused if refused is not None else (None, None)
+    return {
+        **new.__dict__,
+        "output": output,
+        "stage": stage.value,
+        "status": status_of(stage).value,
+        "attempts": 0,
+        "submits": 0,
+        "rearms": 0,
+        "error_code": code,
+        "error_message": message,
+        "created_at": now,
+        "updated_at": now,
+        "finished_at": None if refused is None else now,
+    }
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: ConnectionPoolEntry) -> None:
@@ -578,29 +602,23 @@ class Store:
     def enqueue(self, new: NewJob, output: str, now: float) -> Job | None:
         """Insert a queued job whose output name is ``output`` (None: the table already
         has this version of the input, inserted by another instance)."""
-        values = {**new.__dict__, "output": output}
-        return self._insert(values, Stage.PENDING, now)
+        return self.add_jobs([(new, output, None)], now).get(new.path)
 
     def reject(self, new: NewJob, output: str, code: str, message: str, now: float) -> Job | None:
         """Insert a job that failed before anything was sent (bad input)."""
-        values = {**new.__dict__, "output": output, "error_code": code, "error_message": message}
-        values["finished_at"] = now
-        return self._insert(values, Stage.FAILED, now)
+        return self.add_jobs([(new, output, (code, message))], now).get(new.path)
 
-    def _insert(self, values: dict[str, Any], stage: Stage, now: float) -> Job | None:
-        row = {
-            **values,
-            "stage": stage.value,
-            "status": status_of(stage).value,
-            "attempts": 0,
-            "submits": 0,
-            "rearms": 0,
-            "created_at": now,
-            "updated_at": now,
-        }
+    def add_jobs(self, entries: Sequence[Entry], now: float) -> dict[str, Job]:
+        """Insert one job per (input, output name, refusal) in one statement: queued, or
+        failed before anything was sent when refused as (code, message). Returns the new
+        jobs by path; a version the table already has (another instance inserted it) is
+        left out. The paths must differ."""
+        rows = [_new_row(new, output, refused, now) for new, output, refused in entries]
+        if not rows:
+            return {}
         with self._write() as conn:
-            found = conn.execute(self._insert_job, row).first()
-        return Job.from_row(found) if found is not None else None
+            inserted = conn.execute(self._insert_job, rows).all()
+        return {job.path: job for job in map(Job.from_row, inserted)}
 
     def outputs_taken(self, candidates: Sequence[str], except_path: str) -> set[str]:
         """Which of ``candidates`` another input's job already claims."""
@@ -626,24 +644,31 @@ class Store:
         with self._read() as conn:
             return [Job.from_row(r) for r in conn.execute(query)]
 
-    def name_claims(self, path: str, candidates: Sequence[str]) -> NameClaims:
-        """What queueing input ``path`` needs to know, in one statement: the version its
-        newest job took, the output names its jobs claimed, and which of ``candidates``
-        the jobs of other inputs claim."""
-        latest: tuple[int, int, int] | None = None
-        mine: set[str] = set()
-        taken: set[str] = set()
-        params = {"path": path} | {f"c{index}": name for index, name in enumerate(candidates)}
+    def name_claims(self, wanted: Sequence[tuple[str, Sequence[str]]]) -> list[NameClaims]:
+        """What queueing each input needs to know, for a whole batch in one statement: per
+        (path, candidate names), the version its newest job took, the output names its
+        jobs claimed, and which candidates the jobs of other inputs claim."""
+        params = {
+            "paths": [path for path, _ in wanted],
+            "names": sorted({name for _, names in wanted for name in names}),
+        }
+        newest: dict[str, tuple[int, int, int]] = {}
+        mine: dict[str, set[str]] = {}
+        claimants: dict[str, set[str]] = {}  # output name -> paths whose jobs claim it
         with self._read() as conn:
-            for row in conn.execute(_name_claims(len(candidates)), params):
-                if row.path != path:
-                    taken.add(row.output)
-                    continue
-                if latest is None:
-                    latest = (row.size, row.mtime_ns, row.inode)
+            for row in conn.execute(_NAME_CLAIMS, params):  # newest first
+                newest.setdefault(row.path, (row.size, row.mtime_ns, row.inode))
                 if row.output is not None:
-                    mine.add(row.output)
-        return NameClaims(latest, frozenset(mine), frozenset(taken))
+                    mine.setdefault(row.path, set()).add(row.output)
+                    claimants.setdefault(row.output, set()).add(row.path)
+        return [
+            NameClaims(
+                newest.get(path),
+                frozenset(mine.get(path, ())),
+                frozenset(name for name in names if claimants.get(name, {path}) - {path}),
+            )
+            for path, names in wanted
+        ]
 
     def versions(self) -> dict[str, tuple[int, int, int]]:
         """Latest (size, mtime_ns, inode) per input path: the versions intake already took."""

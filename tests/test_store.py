@@ -93,17 +93,36 @@ def test_outputs_taken_ignores_same_path(store: Store) -> None:
 
 
 def test_name_claims_in_one_lookup(store: Store) -> None:
-    """One lookup gives the path's newest version, its own names and others' claims."""
+    """One lookup gives each path's newest version, its own names and others' claims."""
     store.enqueue(new("scan.pdf", size=1, mtime_ns=1), "scan.docx", 1.0)
     store.enqueue(new("scan.pdf", size=2, mtime_ns=2), "scan (2).docx", 2.0)
     store.enqueue(new("scan.png"), "scan.png.docx", 3.0)
     store.enqueue(new("other.pdf"), "other.docx", 4.0)
-    claims = store.name_claims("scan.pdf", ["scan.docx", "scan.png.docx", "x.docx"])
-    assert claims.latest == (2, 2, new("scan.pdf").inode)
-    assert claims.mine == {"scan.docx", "scan (2).docx"}
-    assert claims.taken == {"scan.png.docx"}
-    unknown = store.name_claims("new.pdf", ["scan.docx"])
+    known, unknown = store.name_claims(
+        [("scan.pdf", ["scan.docx", "scan.png.docx", "x.docx"]), ("new.pdf", ["scan.docx"])]
+    )
+    assert known.latest == (2, 2, new("scan.pdf").inode)
+    assert known.mine == {"scan.docx", "scan (2).docx"}
+    assert known.taken == {"scan.png.docx"}
     assert (unknown.latest, unknown.mine, unknown.taken) == (None, set(), {"scan.docx"})
+    assert store.name_claims([]) == []
+
+
+def test_add_jobs_inserts_a_batch_in_one_statement(store: Store) -> None:
+    """A batch inserts queued and refused jobs together and leaves out a known version."""
+    store.enqueue(new("known.pdf"), "known.docx", 1.0)
+    entries = [
+        (new("known.pdf"), "known.docx", None),
+        (new("a.pdf"), "a.docx", None),
+        (new("bad.pdf"), "bad.docx", ("not_a_scan", "not a PDF")),
+    ]
+    added = store.add_jobs(entries, 2.0)
+    assert set(added) == {"a.pdf", "bad.pdf"}
+    assert (added["a.pdf"].status, added["a.pdf"].output) == (Status.QUEUED, "a.docx")
+    bad = added["bad.pdf"]
+    assert (bad.status, bad.error_code, bad.finished_at) == (Status.FAILED, "not_a_scan", 2.0)
+    assert len(store.jobs()) == 3
+    assert store.add_jobs([], 3.0) == {}
 
 
 def test_requeue_only_failed_and_resets(store: Store) -> None:

@@ -455,6 +455,30 @@ def wait_outputs(outbox: Path, expected: int, timeout: float, step: float = 0.05
     return wait_until(lambda: count_outputs(outbox) >= expected, timeout, step)
 
 
+def change_time(path: Path) -> float:
+    """A file's change time (ctime), in seconds since the epoch."""
+    return path.stat().st_ctime_ns / 1e9
+
+
+def mark(path: Path) -> float:
+    """Create ``path`` and return its change time: the start of a span that
+    ``last_published`` ends, both read from the kernel's clock for file times."""
+    path.touch(exist_ok=False)
+    return change_time(path)
+
+
+def last_published(outbox: Path, suffix: str = ".docx") -> float:
+    """The change time of the newest published output under ``outbox``: the rename that
+    published it sets it, so a span measured with it ends when the output appeared,
+    however seldom the harness looked."""
+    return max(
+        change_time(Path(folder) / name)
+        for folder, _, files in os.walk(outbox)
+        for name in files
+        if name.endswith(suffix) and not name.startswith(".")
+    )
+
+
 # -- statistics -------------------------------------------------------------------------------
 
 

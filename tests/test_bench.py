@@ -166,3 +166,22 @@ def test_process_tree_includes_grandchildren() -> None:
         proc.wait(30)
     assert proc.pid in tree
     assert grandchild in tree
+
+
+def test_a_timed_span_ends_at_the_rename_that_published_the_last_output(tmp_path: Path) -> None:
+    """The publishing rename sets the end of a span; temporary and error files do not."""
+    outbox = tmp_path / "out"
+    (outbox / "a").mkdir(parents=True)
+    tmp = outbox / "a" / ".scan.docx.tmp"
+    tmp.write_bytes(b"written before the drop")
+    written = harness.change_time(tmp)
+    marks = iter(tmp_path / f"dropped-{n}" for n in range(100_000))
+    started = harness.mark(next(marks))
+    while started <= written:  # until the file clock has moved on (a tick at most)
+        started = harness.mark(next(marks))
+    os.replace(tmp, outbox / "a" / "scan.docx")
+    (outbox / "a" / "scan.pdf.error.txt").write_text("later, not an output")
+    (outbox / "a" / ".other.docx.tmp").write_bytes(b"later, not published")
+    end = harness.last_published(outbox)
+    assert end >= started
+    assert end == harness.change_time(outbox / "a" / "scan.docx")

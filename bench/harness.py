@@ -435,11 +435,16 @@ class Daemon:
 # -- outputs --------------------------------------------------------------------------------
 
 
+def is_output(name: str, suffix: str = ".docx") -> bool:
+    """Whether a file name is a published output (temporary names start with a dot)."""
+    return name.endswith(suffix) and not name.startswith(".")
+
+
 def count_outputs(outbox: Path, suffix: str = ".docx") -> int:
-    """Published outputs under ``outbox`` (temporary names start with a dot)."""
+    """How many outputs under ``outbox`` are published (cheap: a polling loop calls it)."""
     total = 0
     for _, _, files in os.walk(outbox):
-        total += sum(1 for name in files if name.endswith(suffix) and not name.startswith("."))
+        total += sum(1 for name in files if is_output(name, suffix))
     return total
 
 
@@ -455,9 +460,9 @@ def wait_outputs(outbox: Path, expected: int, timeout: float, step: float = 0.05
     return wait_until(lambda: count_outputs(outbox) >= expected, timeout, step)
 
 
-def change_time(path: Path) -> float:
+def change_time(path: Path | str) -> float:
     """A file's change time (ctime), in seconds since the epoch."""
-    return path.stat().st_ctime_ns / 1e9
+    return os.stat(path).st_ctime_ns / 1e9
 
 
 def mark(path: Path) -> float:
@@ -472,10 +477,10 @@ def last_published(outbox: Path, suffix: str = ".docx") -> float:
     published it sets it, so a span measured with it ends when the output appeared,
     however seldom the harness looked."""
     return max(
-        change_time(Path(folder) / name)
+        change_time(os.path.join(folder, name))
         for folder, _, files in os.walk(outbox)
         for name in files
-        if name.endswith(suffix) and not name.startswith(".")
+        if is_output(name, suffix)
     )
 
 

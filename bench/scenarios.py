@@ -118,9 +118,9 @@ def _drop_and_wait(
     it neither takes CPU from the daemon's run nor adds its polling interval to it (the
     reference client times itself, with no one polling)."""
     settle_disk()
-    started, observed = mark(folders.root / "dropped"), time.monotonic()
+    started, looked_from = mark(folders.root / "dropped"), time.monotonic()
     inputs.drop(staging, names, folders.inbox)
-    observed = wait_outputs(folders.outbox, len(names), timeout, step=FINISH_POLL) - observed
+    observed = wait_outputs(folders.outbox, len(names), timeout, step=FINISH_POLL) - looked_from
     seconds = last_published(folders.outbox) - started
     if not observed - FINISH_POLL - 0.1 < seconds < observed + 0.1:
         raise RuntimeError(f"file times say {seconds:.3f} s, the harness saw {observed:.3f} s")

@@ -370,8 +370,13 @@ _LOCK_INTAKE = select(locks_table.c.name).where(locks_table.c.name == "intake").
 
 
 _NAME_CLAIMS = (
-    select(jobs_table.c.path, jobs_table.c.size, jobs_table.c.mtime_ns, jobs_table.c.inode)
-    .add_columns(jobs_table.c.output)
+    select(
+        jobs_table.c.path,
+        jobs_table.c.size,
+        jobs_table.c.mtime_ns,
+        jobs_table.c.inode,
+        jobs_table.c.output,
+    )
     .where(
         or_(
             jobs_table.c.path.in_(bindparam("paths", expanding=True)),

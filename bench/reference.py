@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 from daemon.emulator.hub import DEFAULT_API_KEY
-from daemon.transport import LeanTransport
+from daemon.hub.transport import LeanTransport
 
 MIME = {".pdf": "application/pdf", ".tif": "image/tiff", ".jpg": "image/jpeg"}
 MIME |= {".png": "image/png", ".bmp": "image/bmp"}
@@ -70,7 +70,7 @@ async def run(url: str, inbox: Path, outbox: Path, concurrency: int, naive: bool
             target = (outbox / path.relative_to(inbox)).with_suffix(".docx")
             await convert(client, path, target, naive)
 
-    # The daemon's own HTTP stack (httpx over daemon.transport's pool), so that the
+    # The daemon's own HTTP stack (httpx over daemon.hub.transport's pool), so that the
     # comparison measures what the daemon adds, not a difference of HTTP libraries.
     transport = LeanTransport(limits)
     async with httpx.AsyncClient(

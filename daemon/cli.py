@@ -16,15 +16,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, explain
-from daemon.client import HubClient
+from daemon import __version__
 from daemon.config import Settings, check_folders, config_path, load_settings, resolve_api_key
 from daemon.errors import AuthRejected, ConfigError, LdxError
-from daemon.health import EXIT_UNHEALTHY, read_heartbeat, verdict
+from daemon.fs import stored_path
+from daemon.hub.client import HubClient
+from daemon.inbox.mounts import stale_size_warnings_for
+from daemon.jobs.store import Job, Status, Store, make_engine
 from daemon.logs import configure, scrub
-from daemon.mounts import stale_size_warnings_for
-from daemon.names import stored_path
-from daemon.report import (
+from daemon.ops import explain
+from daemon.ops.health import EXIT_UNHEALTHY, read_heartbeat, verdict
+from daemon.ops.report import (
     HubCheck,
     StatusReport,
     filter_jobs,
@@ -35,7 +37,6 @@ from daemon.report import (
     purge_plan,
     render_status,
 )
-from daemon.store import Job, Status, Store, make_engine
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 HUB_CHECK_TIMEOUT = 5.0  # seconds ``status`` waits for the hub
@@ -97,8 +98,8 @@ def _store(settings: Settings) -> Store:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon, in the foreground."""
+    from daemon.ops.supervise import Unhealthy
     from daemon.service import run_service
-    from daemon.supervise import Unhealthy
 
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
@@ -242,7 +243,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_db(args: argparse.Namespace) -> int:
     """``db upgrade``: bring the state database's schema to this version's; ``db
     version``: show it."""
-    from daemon import schema
+    from daemon.jobs import schema
 
     settings = _settings(args)
     if args.action == "version":
@@ -315,7 +316,7 @@ def _find_job(store: Store, settings: Settings, target: str) -> Job | None:
             target = path.relative_to(settings.inbox.absolute()).as_posix()
         except ValueError:
             return None
-    # A name with odd bytes is stored percent-escaped (daemon.names); accept both forms.
+    # A name with odd bytes is stored percent-escaped (daemon.fs); accept both forms.
     rel = target.strip("/")
     return store.latest_for_path(stored_path(rel)) or store.latest_for_path(rel)
 

@@ -30,9 +30,9 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
+from daemon.inbox.routing import Rule
 from daemon.logs import register_secret
-from daemon.permissions import parse_mode
-from daemon.rules import Rule
+from daemon.outbox.permissions import parse_mode
 
 ENV_PREFIX = "LDX_HOTFOLDER_"
 CONFIG_ENV = "LDX_HOTFOLDER_CONFIG"

@@ -18,10 +18,10 @@ from daemon.config import HubSettings, Settings
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.layout import error_file_for
+from daemon.jobs.store import Job, Status, Store
 from daemon.logs import configure
+from daemon.outbox.layout import error_file_for
 from daemon.service import Outcome, run_service
-from daemon.store import Job, Status, Store
 
 # Sample scan -> where the demo drops it in the inbox.
 LAYOUT = {

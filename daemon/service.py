@@ -19,28 +19,29 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon import failpoints, metrics, reconcile
-from daemon.client import Hub, HubClient
 from daemon.config import Settings, check_folders, failpoint_spec, resolve_api_key
-from daemon.db import Db
-from daemon.diskspace import DiskMonitor
 from daemon.errors import ConfigError, LdxError
-from daemon.health import Liveness
-from daemon.hooks import Hooks
-from daemon.intake import Intake
+from daemon.hub.client import Hub, HubClient
+from daemon.hub.transfer_child import ClientConfig
+from daemon.hub.transfers import TransferProcess
+from daemon.inbox.intake import Intake
+from daemon.inbox.mounts import remote_storage_for, stale_size_warnings_for
+from daemon.inbox.routing import check_rules, offer_from_engines
+from daemon.inbox.watcher import Watcher
+from daemon.jobs.offload import Offload
+from daemon.jobs.store import Instance, StateDamaged, Status, Store, damaged_message
+from daemon.jobs.writer import Db
 from daemon.logs import get_logger
-from daemon.mounts import remote_storage_for, stale_size_warnings_for
-from daemon.offload import Offload
-from daemon.permissions import OutputPermissions, tighten_umask
-from daemon.permissions import check as check_permissions
-from daemon.progress import ProgressBar, follow
-from daemon.rules import check_rules, offer_from_engines
-from daemon.store import Instance, StateDamaged, Status, Store, damaged_message
-from daemon.supervise import Supervisor, Unhealthy
-from daemon.transfer_child import ClientConfig
-from daemon.transfers import TransferProcess
-from daemon.watcher import Watcher
-from daemon.worker import Pipeline
+from daemon.ops import failpoints, metrics
+from daemon.ops.diskspace import DiskMonitor
+from daemon.ops.health import Liveness
+from daemon.ops.progress import ProgressBar, follow
+from daemon.ops.supervise import Supervisor, Unhealthy
+from daemon.outbox import reconcile
+from daemon.outbox.permissions import OutputPermissions, tighten_umask
+from daemon.outbox.permissions import check as check_permissions
+from daemon.pipeline.hooks import Hooks
+from daemon.pipeline.worker import Pipeline
 
 log = get_logger(component="service")
 ENGINES_REFRESH_SECONDS = 3600.0  # the engine list checks folder files between restarts
@@ -349,7 +350,7 @@ def _open_store(settings: Settings) -> Store:
 
 def _hub_client(settings: Settings, api_key: str) -> Hub:
     """The hub client, with room in its pool for every job in flight and a few lookups;
-    in a child process of its own when ``transfer_process`` asks for it (``daemon.transfers``)."""
+    in a child process of its own when ``transfer_process`` asks for it."""
     hub = settings.hub
     config = ClientConfig(
         hub.base_url,

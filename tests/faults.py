@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.emulator.hub import Hub
-from daemon.layout import TEMP_MARKER
+from daemon.outbox.layout import TEMP_MARKER
 
 
 def job_rows(db: Path) -> list[dict[str, Any]]:

@@ -142,5 +142,5 @@ def alive(pid: int) -> bool:
 
 
 def input_name(uploaded: str) -> str:
-    """The input's own file name behind the name it was uploaded under (daemon.layout)."""
+    """The input's own file name behind the name it was uploaded under (daemon.outbox.layout)."""
     return re.sub(r"\.ldx-[0-9a-f]{16}(?=\.[^.]*$|$)", "", uploaded)

@@ -11,8 +11,8 @@ import pytest
 
 from daemon.cli import build_parser, main
 from daemon.emulator.server import EmulatorServer
-from daemon.health import Heartbeat, write_heartbeat
-from daemon.store import NewJob, Stage, Store
+from daemon.jobs.store import NewJob, Stage, Store
+from daemon.ops.health import Heartbeat, write_heartbeat
 from tests.conftest import daemon_config, write_config
 from tests.tooling import free_port
 

@@ -12,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from daemon.client import HubClient
 from daemon.emulator.app import create_app
 from daemon.emulator.hub import DEFAULT_API_KEY, Hub, HubSettings
 from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed, RemoteNotFound
-from daemon.hubapi import error_detail, retry_after_seconds
+from daemon.hub.api import error_detail, retry_after_seconds
+from daemon.hub.client import HubClient
 from tests.scans import make_scan
 
 BASE = "http://hub.test"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from daemon.demo import BROKEN, LAYOUT
 from daemon.formats import sniff
-from daemon.ooxml import verify_package
+from daemon.outbox.verify import verify_package
 
 
 def test_demo_converts_every_format_in_nested_folders(tmp_path: Path) -> None:

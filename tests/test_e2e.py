@@ -11,7 +11,7 @@ import pytest
 from bench.harness import process_tree
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.ooxml import verify_package
+from daemon.outbox.verify import verify_package
 from tests.conftest import daemon_config
 from tests.helpers import Daemon, alive, cli, jobs_json, wait_for
 from tests.scans import EXTENSIONS, FORMATS, make_scan

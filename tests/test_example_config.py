@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from daemon.config import HookSettings, HubSettings, Settings, load_settings
-from daemon.rules import Rule
+from daemon.inbox.routing import Rule
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 

@@ -17,15 +17,15 @@ from typing import Any
 
 import pytest
 
-from daemon.client import HubClient
 from daemon.config import HubSettings, load_settings
 from daemon.emulator.app import STALL_EVENT
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.failpoints import POINTS
-from daemon.layout import TEMP_MARKER
-from daemon.ooxml import verify_package
+from daemon.hub.client import HubClient
+from daemon.ops.failpoints import POINTS
+from daemon.outbox.layout import TEMP_MARKER
+from daemon.outbox.verify import verify_package
 from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.faults import assert_exactly_once, failures, job_rows, outbox_files

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
-from daemon.health import (
+from daemon.ops.health import (
     Deadman,
     Heartbeat,
     Liveness,

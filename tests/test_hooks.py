@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from daemon.config import HookSettings
-from daemon.hooks import HookEvent, Hooks
+from daemon.pipeline.hooks import HookEvent, Hooks
 from tests.conftest import WebhookReceiver
 from tests.helpers import alive, wait_async, wait_for
 

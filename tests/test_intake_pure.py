@@ -9,14 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.duplicates import Action, decide
-from daemon.explain import Facts, Rules, explain, locate
-from daemon.filters import NameFilter
 from daemon.formats import InputFormat, Reader, completeness, looks_unwritten, sniff
-from daemon.inputs import Inspection
-from daemon.intake import MAX_UPLOAD_BYTES, refusal
-from daemon.layout import output_candidates
-from daemon.mounts import (
+from daemon.fs import fs_path, is_escaped, stored_path
+from daemon.inbox.filters import NameFilter
+from daemon.inbox.inputs import Inspection
+from daemon.inbox.intake import MAX_UPLOAD_BYTES, refusal
+from daemon.inbox.mounts import (
     Mount,
     attribute_cache_seconds,
     needs_polling,
@@ -26,9 +24,19 @@ from daemon.mounts import (
     stale_size_warnings,
     watch_plan,
 )
-from daemon.names import fs_path, is_escaped, stored_path
-from daemon.stability import Patience, Signature, Verdict, observe, stall, verdict, with_problem
-from daemon.store import Waiting
+from daemon.inbox.stability import (
+    Patience,
+    Signature,
+    Verdict,
+    observe,
+    stall,
+    verdict,
+    with_problem,
+)
+from daemon.jobs.store import Waiting
+from daemon.ops.explain import Facts, Rules, explain, locate
+from daemon.outbox.duplicates import Action, decide
+from daemon.outbox.layout import output_candidates
 from tests.scans import FORMATS, make_scan
 
 JUNK = (

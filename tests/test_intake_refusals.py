@@ -16,7 +16,7 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
-from daemon.intake import MAX_UPLOAD_BYTES
+from daemon.inbox.intake import MAX_UPLOAD_BYTES
 from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.helpers import wait_for

@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import metrics
 from daemon.emulator.server import EmulatorServer
-from daemon.store import Stage
+from daemon.jobs.store import Stage
+from daemon.ops import metrics
 from tests.conftest import daemon_config
 from tests.helpers import Daemon, cli, jobs_json, wait_for
 from tests.scans import make_scan

@@ -14,10 +14,10 @@ import pytest
 from sqlalchemy import event, text
 from sqlalchemy.exc import DBAPIError
 
-from daemon import offload
-from daemon.db import Db
-from daemon.offload import COOL_DOWN_SECONDS, SLOW_SECONDS, SMALL_BYTES, Offload
-from daemon.store import NewJob, Store
+from daemon.jobs import offload
+from daemon.jobs.offload import COOL_DOWN_SECONDS, SLOW_SECONDS, SMALL_BYTES, Offload
+from daemon.jobs.store import NewJob, Store
+from daemon.jobs.writer import Db
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Tests for the daemon's OOXML package check (daemon.ooxml)."""
+"""Tests for the daemon's OOXML package check (daemon.outbox.verify)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.emulator.documents import render_document
-from daemon.ooxml import MAIN_CONTENT_TYPES, OoxmlProblem, _unpacked, verify_package
+from daemon.outbox.verify import MAIN_CONTENT_TYPES, OoxmlProblem, _unpacked, verify_package
 
 FORMATS = ("docx", "xlsx", "pptx")
 MAIN_PARTS = {

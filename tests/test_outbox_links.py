@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon import outbox
-from daemon.duplicates import copy_output
 from daemon.emulator.server import EmulatorServer
 from daemon.errors import JobFailed, RetryLater
-from daemon.permissions import (
+from daemon.outbox import publish as outbox
+from daemon.outbox.duplicates import copy_output
+from daemon.outbox.permissions import (
     OutputPermissions,
     UnsafeOutputPath,
     check_dirs,

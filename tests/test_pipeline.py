@@ -14,8 +14,8 @@ from daemon.cli import main
 from daemon.config import load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
+from daemon.jobs.store import NewJob, Stage, Status, Store
 from daemon.service import Outcome, run_service
-from daemon.store import NewJob, Stage, Status, Store
 from tests.conftest import daemon_config
 from tests.faults import job_rows
 from tests.helpers import daemon_in_process, input_name, wait_async

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 
-from daemon.polling import LeanPollingObserver, Snapshot, changes, snapshot
+from daemon.inbox.polling import LeanPollingObserver, Snapshot, changes, snapshot
 from tests.helpers import wait_for
 
 PATHS = st.sampled_from([f"/in/{name}" for name in ("a", "b", "c", "d/e", "d/f")])

@@ -9,13 +9,13 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.backoff import retry_delay
 from daemon.errors import JobFailed, RemoteNotFound
-from daemon.filters import NameFilter
 from daemon.formats import InputFormat, describe, sniff
-from daemon.layout import error_file_for, fit_name, output_candidates, temp_name, upload_name
-from daemon.stability import Signature, is_stable, observe
-from daemon.worker import _upload_expired
+from daemon.inbox.filters import NameFilter
+from daemon.inbox.stability import Signature, is_stable, observe
+from daemon.outbox.layout import error_file_for, fit_name, output_candidates, temp_name, upload_name
+from daemon.pipeline.backoff import retry_delay
+from daemon.pipeline.worker import _upload_expired
 from tests.helpers import input_name
 from tests.scans import FORMATS, make_scan
 
@@ -174,7 +174,7 @@ def test_describe_names_other_content() -> None:
 
 def test_breaker_opens_after_threshold_and_recovers() -> None:
     """Five failures in a row hold new work back for the cooldown; a success closes it."""
-    from daemon.breaker import Breaker
+    from daemon.pipeline.breaker import Breaker
 
     breaker = Breaker(threshold=5, cooldown=10.0)
     for _ in range(4):
@@ -190,7 +190,7 @@ def test_breaker_opens_after_threshold_and_recovers() -> None:
 
 def test_breaker_cooldown_grows_while_hub_stays_down() -> None:
     """Each trip without a success in between doubles the cooldown, up to a cap."""
-    from daemon.breaker import MAX_COOLDOWN, Breaker
+    from daemon.pipeline.breaker import MAX_COOLDOWN, Breaker
 
     breaker = Breaker(threshold=1, cooldown=10.0)
     waits = []

@@ -14,7 +14,7 @@ import pytest
 from daemon.cli import main
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
-from daemon.ooxml import verify_package
+from daemon.outbox.verify import verify_package
 from daemon.service import run_service
 from tests.conftest import WebhookReceiver, daemon_config
 from tests.faults import job_rows

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.rules import (
+from daemon.inbox.routing import (
     FolderFileError,
     Offer,
     RouteFields,

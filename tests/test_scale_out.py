@@ -16,7 +16,7 @@ import pytest
 from bench.scale import Cluster, timed_run
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.layout import TEMP_MARKER
+from daemon.outbox.layout import TEMP_MARKER
 from tests.faults import outbox_files
 from tests.helpers import wait_for
 from tests.scans import drop_scans

@@ -16,7 +16,7 @@ import pytest
 
 from daemon.config import load_settings
 from daemon.emulator.server import EmulatorServer
-from daemon.notify import Notifier, message, socket_address, watchdog_interval
+from daemon.ops.notify import Notifier, message, socket_address, watchdog_interval
 from daemon.service import Service, prepare
 from tests.conftest import daemon_config
 from tests.helpers import Daemon, wait_for

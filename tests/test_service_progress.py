@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from daemon.emulator.server import EmulatorServer
-from daemon.progress import counts_text, done_and_total
+from daemon.ops.progress import counts_text, done_and_total
 from tests.conftest import daemon_config
 from tests.helpers import _env, cli
 from tests.scans import make_scan

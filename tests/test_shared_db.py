@@ -17,12 +17,14 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from daemon import metrics, reconcile, schema
-from daemon.db import Db
 from daemon.errors import LeaseLost
-from daemon.schema import SchemaMismatch
+from daemon.jobs import schema
+from daemon.jobs.schema import SchemaMismatch
+from daemon.jobs.store import Instance, NewJob, Stage, Store, metadata
+from daemon.jobs.writer import Db
+from daemon.ops import metrics
+from daemon.outbox import reconcile
 from daemon.service import instance_conflict
-from daemon.store import Instance, NewJob, Stage, Store, metadata
 from tests.conftest import daemon_config
 from tests.helpers import cli
 

@@ -33,8 +33,8 @@ from hypothesis.stateful import (
 from daemon.config import load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.layout import TEMP_MARKER, error_file_for
-from daemon.ooxml import verify_package
+from daemon.outbox.layout import TEMP_MARKER, error_file_for
+from daemon.outbox.verify import verify_package
 from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.faults import integrity, job_rows, outbox_files

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from daemon.cli import main
-from daemon.store import _CONVERTED_BEFORE, NewJob, Stage, Status, Store, status_of
+from daemon.jobs.store import _CONVERTED_BEFORE, NewJob, Stage, Status, Store, status_of
 from tests.conftest import daemon_config
 
 

@@ -19,17 +19,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.client import HubClient, RemoteJob, RunEvent
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed
-from daemon.hubapi import InputUpload, JobRun
-from daemon.inputs import InputChanged, signature_of
+from daemon.hub.api import InputUpload, JobRun
+from daemon.hub.client import HubClient, RemoteJob, RunEvent
+from daemon.hub.transfer_child import ClientConfig, Frames, frame, portable
+from daemon.hub.transfers import TransferProcess, answer_limit
+from daemon.inbox.inputs import InputChanged, signature_of
+from daemon.inbox.stability import Signature
 from daemon.service import use_transfer_process
-from daemon.stability import Signature
-from daemon.transfer_child import ClientConfig, Frames, frame, portable
-from daemon.transfers import TransferProcess, answer_limit
 from tests.helpers import alive, wait_async, wait_for
 from tests.scans import make_scan
 
@@ -274,8 +274,8 @@ def test_closed_process_refuses_new_calls(emulator: EmulatorServer) -> None:
 _ORPHAN = textwrap.dedent(
     """
     import asyncio, sys
-    from daemon.transfer_child import ClientConfig
-    from daemon.transfers import TransferProcess
+    from daemon.hub.transfer_child import ClientConfig
+    from daemon.hub.transfers import TransferProcess
 
     async def main():
         config = ClientConfig(sys.argv[1], "k", timeout=5.0, deadline=5.0,
@@ -352,8 +352,8 @@ def test_transfer_process_decision(setting: bool | str, cores: int, expected: bo
 def test_child_imports_stay_small() -> None:
     """The transfer process loads no pydantic, SQLAlchemy, logging setup or httpx CLI."""
     probe = (
-        "import sys, daemon.transfer_child\n"
-        "heavy = ('pydantic', 'sqlalchemy', 'structlog', 'daemon.logs', 'daemon.client',"
+        "import sys, daemon.hub.transfer_child\n"
+        "heavy = ('pydantic', 'sqlalchemy', 'structlog', 'daemon.logs', 'daemon.hub.client',"
         " 'rich', 'click', 'pygments', 'prometheus_client')\n"
         "print(' '.join(m for m in heavy if m in sys.modules))\n"
     )

@@ -1,4 +1,4 @@
-"""The lean connection pool (daemon.transport) against real sockets."""
+"""The lean connection pool (daemon.hub.transport) against real sockets."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 import httpx
 import pytest
 
-from daemon.transport import LeanPool, LeanTransport, lean_pool_supported
+from daemon.hub.transport import LeanPool, LeanTransport, lean_pool_supported
 
 RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Type: text/plain\r\n\r\nok"
 

@@ -19,9 +19,9 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from daemon.config import Settings, load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.intake import Intake
+from daemon.inbox.intake import Intake
+from daemon.inbox.watcher import Watcher
 from daemon.service import Service, prepare
-from daemon.watcher import Watcher
 from tests.conftest import daemon_config
 from tests.helpers import wait_for
 from tests.intake_support import completed, done, outputs, running, uploads

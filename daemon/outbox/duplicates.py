@@ -23,10 +23,10 @@ import os
 import shutil
 from pathlib import Path
 
-from daemon import outbox
-from daemon.inputs import InputGone, open_input
-from daemon.ooxml import OoxmlProblem, verify_package
-from daemon.permissions import OutputPermissions, make_dirs, open_output
+from daemon.inbox.inputs import InputGone, open_input
+from daemon.outbox import publish as outbox
+from daemon.outbox.permissions import OutputPermissions, make_dirs, open_output
+from daemon.outbox.verify import OoxmlProblem, verify_package
 
 COPY_CHUNK = 1024 * 1024
 

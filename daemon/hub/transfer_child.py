@@ -1,6 +1,6 @@
-"""The transfer process: the daemon's HTTP work in a child of its own (``daemon.transfers``).
+"""The transfer process: the daemon's HTTP work in a child of its own (``daemon.hub.transfers``).
 
-The child answers the daemon's calls with ``daemon.hubapi.HubApi``: it opens an input
+The child answers the daemon's calls with ``daemon.hub.api.HubApi``: it opens an input
 by its path and refuses any version but the job's, streams a download into the
 temporary file the daemon names, and sends back the hub's JSON bodies as they came (the
 daemon reads them into models). It imports asyncio, httpx and that module, not pydantic,
@@ -29,12 +29,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from daemon.hubapi import HubApi, current_job
+from daemon.hub.api import HubApi, current_job
 
 _HEADER = struct.Struct(">I")
 _PR_SET_PDEATHSIG = 1
 
-# What the child may be asked to run: the calls of ``daemon.hubapi.Calls`` that talk to
+# What the child may be asked to run: the calls of ``daemon.hub.api.Calls`` that talk to
 # the hub, answered once, and those that yield progress, answered as they go.
 CALLS = frozenset(
     {"engines", "list_files", "upload_input", "create_job", "get_job", "list_jobs", "download"}
@@ -242,7 +242,7 @@ def _die_with(parent: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    """Entry point of the child: ``python -m daemon.transfer_child DAEMON_PID``."""
+    """Entry point of the child: ``python -m daemon.hub.transfer_child DAEMON_PID``."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _die_with(int(argv[0]))

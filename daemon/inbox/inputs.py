@@ -6,7 +6,7 @@ outside the inbox; ``O_NONBLOCK`` keeps a FIFO named like a scan from blocking t
 daemon. Every check is made on the opened descriptor, never on the path: it must be a
 regular file, and one with a single link unless ``allow_hardlinks`` (a hard link may
 be a file from outside the inbox under an innocent name). Paths come in their stored
-form (``daemon.names``) and are turned back into the bytes on disk here.
+form (``daemon.fs``) and are turned back into the bytes on disk here.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from daemon.formats import (
     looks_unwritten,
     sniff,
 )
-from daemon.names import fs_path
-from daemon.stability import Signature
+from daemon.fs import fs_path
+from daemon.inbox.stability import Signature
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC

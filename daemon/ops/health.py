@@ -26,11 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__, metrics
-from daemon.db import Db
+from daemon import __version__
+from daemon.jobs.store import Status, Store
+from daemon.jobs.writer import Db
 from daemon.logs import get_logger
-from daemon.notify import Notifier
-from daemon.store import Status, Store
+from daemon.ops import metrics
+from daemon.ops.notify import Notifier
 
 log = get_logger(component="health")
 EXIT_UNHEALTHY = 70  # EX_SOFTWARE: the service manager restarts us (Restart=on-failure)

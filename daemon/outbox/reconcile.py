@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from daemon.layout import TEMP_MARKER
 from daemon.logs import get_logger
+from daemon.outbox.layout import TEMP_MARKER
 
 log = get_logger(component="reconcile")
 STALE_SECONDS = 3600.0  # another instance's temporary file untouched this long is dead

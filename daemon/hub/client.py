@@ -1,10 +1,10 @@
 """LDX hub client: the RenderOCR API as the daemon sees it, in typed models.
 
-``HubClient`` makes each call through ``daemon.hubapi`` (httpx, every failure already
+``HubClient`` makes each call through ``daemon.hub.api`` (httpx, every failure already
 translated into the project's tree) and reads the JSON body into a model that accepts
 unknown fields and absent optional fields; a body that does not fit is the hub's
 hiccup, retried like a 5xx. The calls themselves run in this process, or in a child
-process (``daemon.transfers``) while the models are still read here.
+process (``daemon.hub.transfers``) while the models are still read here.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar, cast
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from daemon.errors import HubUnavailable
-from daemon.hubapi import Calls, HubApi, InputUpload, JobRun, Progress, Sent
+from daemon.hub.api import Calls, HubApi, InputUpload, JobRun, Progress, Sent
 
 M = TypeVar("M", bound="_Model")
 

@@ -3,7 +3,7 @@
 A Python process runs on one core at a time. About half of the daemon's CPU goes to
 the four HTTP requests of each job (httpx, httpcore, h11), the other half to the state,
 the checks and the publish. ``TransferProcess`` makes the hub's calls
-(``daemon.hubapi.Calls``) in a child process (``daemon.transfer_child``), and the
+(``daemon.hub.api.Calls``) in a child process (``daemon.hub.transfer_child``), and the
 ``HubClient`` over it reads the answers into models here, so that on two or more cores
 both halves run at once (setting ``transfer_process``: on by default with 2+ cores).
 
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, cast
 
 from daemon.errors import HubUnavailable
-from daemon.hubapi import InputUpload, JobRun, Progress, Sent, current_job, transfer_deadline
+from daemon.hub.api import InputUpload, JobRun, Progress, Sent, current_job, transfer_deadline
+from daemon.hub.transfer_child import ClientConfig, Frames, Outbox
 from daemon.logs import get_logger
-from daemon.transfer_child import ClientConfig, Frames, Outbox
 
 log = get_logger(component="transfers")
 
@@ -129,7 +129,7 @@ class TransferProcess:
 
     async def _spawn(self) -> _Running:
         loop = asyncio.get_running_loop()
-        command = [sys.executable, "-m", "daemon.transfer_child", str(os.getpid())]
+        command = [sys.executable, "-m", "daemon.hub.transfer_child", str(os.getpid())]
         transport, protocol = await loop.subprocess_exec(
             lambda: _Child(self._settle),
             *command,

@@ -19,8 +19,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from daemon.db import Db
-from daemon.store import Status
+from daemon.jobs.store import Status
+from daemon.jobs.writer import Db
 
 REFRESH_SECONDS = 0.25
 

@@ -57,8 +57,8 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import ColumnElement
 
-from daemon import schema
 from daemon.errors import ConfigError, LeaseLost
+from daemon.jobs import schema
 
 
 class Status(enum.StrEnum):

@@ -30,8 +30,8 @@ from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy.exc import DBAPIError
 
-from daemon.offload import Offload
-from daemon.store import Store
+from daemon.jobs.offload import Offload
+from daemon.jobs.store import Store
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -17,17 +17,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.errors import RetryLater
-from daemon.layout import error_file_for, temp_name
+from daemon.fs import fs_path
+from daemon.inbox.stability import Signature
 from daemon.logs import get_logger
-from daemon.names import fs_path
-from daemon.permissions import (
+from daemon.outbox.layout import error_file_for, temp_name
+from daemon.outbox.permissions import (
     OutputPermissions,
     UnsafeOutputPath,
     check_dirs,
     make_dirs,
     open_output,
 )
-from daemon.stability import Signature
 
 log = get_logger(component="outbox")
 
@@ -117,7 +117,7 @@ def remove_error_file(outbox: Path, rel_input: str) -> None:
 
 def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
     """Delete the input if it is still the version that was converted."""
-    path = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.names)
+    path = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.fs)
     try:
         st = path.lstat()
     except FileNotFoundError:
@@ -134,7 +134,7 @@ def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
 
 def archive_input(inbox: Path, archive: Path, rel_input: str) -> Path | None:
     """Move the input into the archive, mirroring its path; never overwrite."""
-    source = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.names)
+    source = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.fs)
     try:
         if not stat.S_ISREG(source.lstat().st_mode):
             return None  # replaced by a link or something else: never follow or move it

@@ -41,13 +41,7 @@ from pathlib import Path
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from daemon import duplicates, failpoints, metrics, outbox
-from daemon.backoff import retry_delay
-from daemon.breaker import Breaker
-from daemon.client import Hub, RemoteJob, RunEvent, SentInput
 from daemon.config import Settings
-from daemon.db import Db
-from daemon.duplicates import Action
 from daemon.errors import (
     AuthRejected,
     ConfigError,
@@ -58,9 +52,9 @@ from daemon.errors import (
     RetryLater,
 )
 from daemon.formats import InputFormat
-from daemon.hooks import HookEvent, Hooks
-from daemon.hubapi import FOLLOWED, InputUpload, JobRun, current_job
-from daemon.inputs import (
+from daemon.hub.api import FOLLOWED, InputUpload, JobRun, current_job
+from daemon.hub.client import Hub, RemoteJob, RunEvent, SentInput
+from daemon.inbox.inputs import (
     MIME_TYPES,
     InputChanged,
     InputGone,
@@ -68,13 +62,21 @@ from daemon.inputs import (
     open_input,
     sha256_of,
 )
-from daemon.layout import upload_name
+from daemon.inbox.stability import Signature
+from daemon.jobs.offload import Offload
+from daemon.jobs.store import FINAL_STAGES, Job, Stage
+from daemon.jobs.writer import Db
 from daemon.logs import get_logger
-from daemon.offload import Offload
-from daemon.ooxml import OoxmlProblem, verify_package
-from daemon.permissions import OutputPermissions, make_dirs
-from daemon.stability import Signature
-from daemon.store import FINAL_STAGES, Job, Stage
+from daemon.ops import failpoints, metrics
+from daemon.outbox import duplicates
+from daemon.outbox import publish as outbox
+from daemon.outbox.duplicates import Action
+from daemon.outbox.layout import upload_name
+from daemon.outbox.permissions import OutputPermissions, make_dirs
+from daemon.outbox.verify import OoxmlProblem, verify_package
+from daemon.pipeline.backoff import retry_delay
+from daemon.pipeline.breaker import Breaker
+from daemon.pipeline.hooks import HookEvent, Hooks
 
 log = get_logger(component="worker")
 MAX_SUBMITS = 3  # remote jobs per input before giving up (expired outputs, lost jobs)

@@ -19,13 +19,13 @@ from pathlib import Path
 
 from daemon.config import Settings
 from daemon.errors import JobFailed
-from daemon.filters import DEFAULT_IGNORE, NameFilter
-from daemon.health import age_text
-from daemon.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
-from daemon.layout import error_file_for
-from daemon.names import fs_path, is_escaped, stored_path
-from daemon.stability import Signature
-from daemon.store import Job, Status, Store, Waiting
+from daemon.fs import fs_path, is_escaped, stored_path
+from daemon.inbox.filters import DEFAULT_IGNORE, NameFilter
+from daemon.inbox.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
+from daemon.inbox.stability import Signature
+from daemon.jobs.store import Job, Status, Store, Waiting
+from daemon.ops.health import age_text
+from daemon.outbox.layout import error_file_for
 
 _KINDS = (
     (stat.S_ISLNK, "a symbolic link"),

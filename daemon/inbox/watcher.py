@@ -4,9 +4,9 @@ Events are only hints (the directory scan is the truth), so the watcher does no 
 its own: watchdog's observer threads emit events, and the handler hands each path to
 the event loop with ``call_soon_threadsafe``.
 
-How the inbox is watched follows ``use_polling`` and the mount table (``daemon.mounts``):
+How the inbox is watched follows ``use_polling`` and the mount table (``daemon.inbox.mounts``):
 inotify where the kernel sees every change, polling where it cannot (network and FUSE
-filesystems). Polling (``daemon.polling``) lists folders with ``lstat``, so it never
+filesystems). Polling (``daemon.inbox.polling``) lists folders with ``lstat``, so it never
 follows a symlink out of the inbox. When inotify runs out of watches the watcher names
 the sysctl to raise and polls instead. A dead observer or emitter thread is noticed by
 ``healthy`` and the watcher is restarted by its owner; an inotify queue overflow asks
@@ -36,9 +36,9 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
+from daemon.inbox.mounts import UsePolling, WatchPlan, plan_for
+from daemon.inbox.polling import LeanPollingObserver
 from daemon.logs import get_logger
-from daemon.mounts import UsePolling, WatchPlan, plan_for
-from daemon.polling import LeanPollingObserver
 
 Hint = Callable[[str, bool], None]
 log = get_logger(component="watcher")

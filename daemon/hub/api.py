@@ -2,10 +2,10 @@
 
 ``HubApi`` sends the requests and turns every foreign exception and HTTP error status
 into the project's own tree (``daemon.errors``): retry later, fail this job, or tell the
-operator. It returns bodies undecoded into models: ``daemon.client.HubClient`` reads them,
+operator. It returns bodies undecoded into models: ``daemon.hub.client.HubClient`` reads them,
 in this process or, when the transfers run in a child process, in the daemon while the
 child only talks HTTP. So this module imports neither pydantic nor the logging setup, and
-the child stays small (``daemon.transfer_child``). The transport is injectable, so tests
+the child stays small (``daemon.hub.transfer_child``). The transport is injectable, so tests
 run the same code against the emulator in-process.
 """
 
@@ -35,10 +35,10 @@ from daemon.errors import (
     LdxError,
     RemoteNotFound,
 )
-from daemon.inputs import HashingReader, check_unchanged, open_input
-from daemon.permissions import open_output
-from daemon.stability import Signature
-from daemon.transport import LeanTransport
+from daemon.hub.transport import LeanTransport
+from daemon.inbox.inputs import HashingReader, check_unchanged, open_input
+from daemon.inbox.stability import Signature
+from daemon.outbox.permissions import open_output
 
 USER_AGENT = "ldx-hotfolder"
 CHUNK = 256 * 1024
@@ -88,7 +88,7 @@ FOLLOWED = ("queued", "processing")  # a job in these states is polled again
 
 class Calls(Protocol):
     """The hub's calls as the daemon makes them: ``HubApi`` in this process, or
-    ``daemon.transfers.TransferProcess`` making them in a child process."""
+    ``daemon.hub.transfers.TransferProcess`` making them in a child process."""
 
     def set_api_key(self, api_key: str) -> None: ...
     async def aclose(self) -> None: ...

@@ -21,9 +21,9 @@ from typing import Any
 
 import httpx
 
-from daemon.backoff import retry_delay
 from daemon.config import HookSettings
 from daemon.logs import get_logger
+from daemon.pipeline.backoff import retry_delay
 
 log = get_logger(component="hooks")
 MAX_PARALLEL = 4

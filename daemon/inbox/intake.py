@@ -3,9 +3,9 @@
 Sources of candidates are the start-up scan, periodic rescans, watcher hints and the
 worker (an input that changed while it was sent); the scan is the truth and events
 only make things faster. A candidate is re-examined on every tick (one ``lstat``) until
-its signature has been unchanged for the quiet period (``daemon.stability``). Then it
+its signature has been unchanged for the quiet period (``daemon.inbox.stability``). Then it
 is opened safely, its type read from its content and its completeness checked
-(``daemon.inputs``): an incomplete file, or one the daemon may not read, keeps waiting;
+(``daemon.inbox.inputs``): an incomplete file, or one the daemon may not read, keeps waiting;
 a refused one (unsupported type, several hard links, larger than the hub takes, an
 output folder that is a link, empty, incomplete or unreadable for too long) gets a
 failed row and an error file at once, before anything is sent; anything else a queued
@@ -30,11 +30,10 @@ from collections.abc import Set as AbstractSet
 from itertools import islice
 from pathlib import Path, PurePosixPath
 
-from daemon import outbox
 from daemon.config import Settings
-from daemon.db import Db
-from daemon.filters import NameFilter
-from daemon.inputs import (
+from daemon.fs import fs_path, stored_path
+from daemon.inbox.filters import NameFilter
+from daemon.inbox.inputs import (
     InputGone,
     InputUnreadable,
     Inspection,
@@ -44,17 +43,8 @@ from daemon.inputs import (
     signature_of,
     unreadable_message,
 )
-from daemon.layout import output_candidates
-from daemon.logs import get_logger
-from daemon.names import fs_path, stored_path
-from daemon.permissions import (
-    OutputPermissions,
-    UnsafeOutputPath,
-    unsafe_component,
-    unsafe_folder_message,
-)
-from daemon.rules import Router
-from daemon.stability import (
+from daemon.inbox.routing import Router
+from daemon.inbox.stability import (
     Patience,
     Sighting,
     Signature,
@@ -64,8 +54,18 @@ from daemon.stability import (
     verdict,
     with_problem,
 )
-from daemon.store import Entry, Job, NameClaims, NewJob, Store
-from daemon.watcher import Watcher
+from daemon.inbox.watcher import Watcher
+from daemon.jobs.store import Entry, Job, NameClaims, NewJob, Store
+from daemon.jobs.writer import Db
+from daemon.logs import get_logger
+from daemon.outbox import publish as outbox
+from daemon.outbox.layout import output_candidates
+from daemon.outbox.permissions import (
+    OutputPermissions,
+    UnsafeOutputPath,
+    unsafe_component,
+    unsafe_folder_message,
+)
 
 log = get_logger(component="intake")
 Ready = tuple[str, Sighting, bool]  # (path, sighting, giving up)

@@ -15,14 +15,14 @@ import os
 import signal
 from collections.abc import Callable
 
-from daemon.client import Hub
 from daemon.config import HubSettings, Settings, resolve_api_key, service_manager
-from daemon.db import Db
 from daemon.errors import ConfigError
-from daemon.health import Deadman, Liveness, Monitor, status_line
+from daemon.hub.client import Hub
+from daemon.jobs.writer import Db
 from daemon.logs import configure, get_logger
-from daemon.metrics import MetricsServer
-from daemon.notify import Notifier, watchdog_interval
+from daemon.ops.health import Deadman, Liveness, Monitor, status_line
+from daemon.ops.metrics import MetricsServer
+from daemon.ops.notify import Notifier, watchdog_interval
 
 log = get_logger(component="supervise")
 # Settings a SIGHUP applies at once (besides reading the API key again, from the file or

@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 
 from daemon.emulator.hub import DEFAULT_API_KEY
-from daemon.hub.transport import LeanTransport
 
 MIME = {".pdf": "application/pdf", ".tif": "image/tiff", ".jpg": "image/jpeg"}
 MIME |= {".png": "image/png", ".bmp": "image/bmp"}
@@ -70,11 +69,10 @@ async def run(url: str, inbox: Path, outbox: Path, concurrency: int, naive: bool
             target = (outbox / path.relative_to(inbox)).with_suffix(".docx")
             await convert(client, path, target, naive)
 
-    # The daemon's own HTTP stack (httpx over daemon.hub.transport's pool), so that the
-    # comparison measures what the daemon adds, not a difference of HTTP libraries.
-    transport = LeanTransport(limits)
+    # The daemon's own HTTP stack (httpx with its own pool), so that the comparison
+    # measures what the daemon adds, not a difference of HTTP libraries.
     async with httpx.AsyncClient(
-        base_url=url, headers=headers, timeout=120, transport=transport
+        base_url=url, headers=headers, timeout=120, limits=limits
     ) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
     return len(paths)

@@ -26,7 +26,7 @@ from sqlalchemy import create_engine, select
 from bench.harness import Folders, write_config
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.store import jobs_table
+from daemon.jobs.tables import jobs_table
 from tests import postgres
 from tests.helpers import Daemon, wait_for
 from tests.scans import drop_scans

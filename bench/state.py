@@ -17,7 +17,9 @@ from typing import Any
 from sqlalchemy import insert
 
 from bench.harness import Folders
-from daemon.jobs.store import Stage, Status, Store, jobs_table
+from daemon.jobs.model import Stage, Status
+from daemon.jobs.store import Store
+from daemon.jobs.tables import jobs_table
 from tests.scans import make_pdf
 
 PER_FOLDER = 1000

@@ -20,9 +20,13 @@ from daemon import __version__
 from daemon.config import Settings, check_folders, config_path, load_settings, resolve_api_key
 from daemon.errors import AuthRejected, ConfigError, LdxError
 from daemon.fs import stored_path
-from daemon.hub.client import HubClient
+from daemon.hub.client import HubClient, Limits
 from daemon.inbox.mounts import stale_size_warnings_for
-from daemon.jobs.store import Job, Status, Store, make_engine
+from daemon.jobs.database import Database
+from daemon.jobs.model import Job, Status
+from daemon.jobs.store import Store
+from daemon.jobs.tables import make_engine
+from daemon.jobs.views import Views
 from daemon.logs import configure, scrub
 from daemon.ops import explain
 from daemon.ops.health import EXIT_UNHEALTHY, read_heartbeat, verdict
@@ -37,6 +41,7 @@ from daemon.ops.report import (
     purge_plan,
     render_status,
 )
+from daemon.pipeline.steps import held_path
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 HUB_CHECK_TIMEOUT = 5.0  # seconds ``status`` waits for the hub
@@ -93,12 +98,16 @@ def _store(settings: Settings) -> Store:
     return Store(settings.database_url)
 
 
+def _views(settings: Settings) -> Views:
+    return Views(Database(settings.database_url))
+
+
 # -- subcommands ---------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The daemon, in the foreground."""
-    from daemon.ops.supervise import Unhealthy
+    from daemon.errors import Unhealthy
     from daemon.service import run_service
 
     settings = _settings(args)
@@ -133,17 +142,17 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status, the oldest waiting job, recent failures, daemon and hub health."""
     settings = _settings(args)
-    store = _store(settings)
+    views = _views(settings)
     try:
-        counts = store.counts()
-        oldest = store.oldest_unfinished()
-        failures = store.jobs(Status.FAILED, limit=args.failures)
-        hook_failures = store.hook_failures(limit=args.failures)
-        stalled = store.waiting()
-        instances = store.instances()
-        held = store.held(_now())
+        counts = views.counts()
+        oldest = views.oldest_unfinished()
+        failures = views.jobs(Status.FAILED, limit=args.failures)
+        hook_failures = views.hook_failures(limit=args.failures)
+        stalled = views.waiting()
+        instances = views.instances()
+        held = views.held(_now())
     finally:
-        store.close()
+        views.database.close()
     hub = HubCheck(None, None, "skipped (--no-hub)") if args.no_hub else _hub_check(settings)
     report = StatusReport(
         now=_now(),
@@ -205,7 +214,8 @@ def _hub_check(settings: Settings) -> HubCheck:
 
 async def _call_hub(base_url: str, key: str) -> HubCheck:
     timeout = HUB_CHECK_TIMEOUT
-    async with HubClient(base_url, key, timeout=timeout, deadline=timeout) as client:
+    limits = Limits(deadline=timeout)
+    async with HubClient.connect(base_url, key, timeout=timeout, limits=limits) as client:
         try:
             await client.list_files()
         except AuthRejected as exc:
@@ -219,15 +229,15 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """One line per job, filtered by status, path and age."""
     status = Status(args.status) if args.status else None
     now = _now()
-    store = _store(_settings(args))
+    views = _views(_settings(args))
     try:
-        found = store.find(
+        found = views.find(
             status,
             created_before=now - args.older_than if args.older_than is not None else None,
             created_after=now - args.newer_than if args.newer_than is not None else None,
         )
     finally:
-        store.close()
+        views.database.close()
     jobs = filter_jobs(found, args.path, args.limit)
     if args.json:
         print(json.dumps([job_json(j, now) for j in jobs], indent=2, ensure_ascii=False))
@@ -276,7 +286,12 @@ def cmd_retry(args: argparse.Namespace) -> int:
     store = _store(settings)
     try:
         ids, unknown = _resolve_targets(store, settings, args)
-        requeued = store.requeue(ids, datetime.now(UTC).timestamp())
+        held = settings.held_dir.absolute()
+        requeued = store.requeue(
+            ids,
+            datetime.now(UTC).timestamp(),
+            output_kept=lambda job: held_path(held, job).exists(),
+        )
     finally:
         store.close()
     for target in unknown:
@@ -295,7 +310,7 @@ def _resolve_targets(
     store: Store, settings: Settings, args: argparse.Namespace
 ) -> tuple[list[int], list[str]]:
     if args.failed:
-        return [job.id for job in store.jobs(Status.FAILED)], []
+        return [job.id for job in Views(store).jobs(Status.FAILED)], []
     ids: list[int] = []
     unknown: list[str] = []
     for target in args.targets:
@@ -318,7 +333,8 @@ def _find_job(store: Store, settings: Settings, target: str) -> Job | None:
             return None
     # A name with odd bytes is stored percent-escaped (daemon.fs); accept both forms.
     rel = target.strip("/")
-    return store.latest_for_path(stored_path(rel)) or store.latest_for_path(rel)
+    views = Views(store)
+    return views.latest_for_path(stored_path(rel)) or views.latest_for_path(rel)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -332,7 +348,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     inbox = settings.inbox.absolute()
     store = _store(settings)
     try:
-        candidates = store.purge_candidates(statuses, _now() - args.older_than)
+        candidates = Views(store).purge_candidates(statuses, _now() - args.older_than)
         delete, kept = purge_plan(candidates, lambda path: os.path.lexists(inbox / path))
         deleted = 0 if args.dry_run else _delete_in_batches(store, delete)
     finally:
@@ -381,8 +397,8 @@ def cmd_engines(args: argparse.Namespace) -> int:
 
 
 async def _fetch_engines(base_url: str) -> list[Any]:
-    async with HubClient(base_url, api_key="") as client:
-        return await client.engines()
+    async with HubClient.connect(base_url, api_key="") as client:
+        return await client.engines() or []
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -406,7 +422,8 @@ async def _check_key(settings: Settings) -> bool:
     except ConfigError as exc:
         print(f"api key: {exc.message}")
         return False
-    async with HubClient(settings.hub.base_url, key, timeout=settings.hub.timeout) as client:
+    hub = settings.hub
+    async with HubClient.connect(hub.base_url, key, timeout=hub.timeout) as client:
         try:
             await client.list_files()
         except AuthRejected as exc:

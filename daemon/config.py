@@ -12,6 +12,7 @@ import difflib
 import os
 import re
 import socket
+import stat
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SecretStr,
     ValidationError,
     field_validator,
@@ -30,9 +32,7 @@ from pydantic_core import ErrorDetails
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from daemon.errors import ConfigError
-from daemon.inbox.routing import Rule
 from daemon.logs import register_secret
-from daemon.outbox.permissions import parse_mode
 
 ENV_PREFIX = "LDX_HOTFOLDER_"
 CONFIG_ENV = "LDX_HOTFOLDER_CONFIG"
@@ -47,6 +47,54 @@ _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True}
 _BOOL_WORDS |= {"false": False, "no": False, "off": False, "0": False}
 INSTANCE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 _ARCHIVE_NEEDS_DIR = "on_success = 'archive' needs archive_dir to be set"
+# Settings of earlier versions that are gone: a warning naming them, never a refusal
+# (an upgrade must not stop a daemon that still has one in its configuration).
+REMOVED = {
+    "transfer_process": "the daemon is one process now; delete the line",
+}
+_REMOVED_ENV = {ENV_PREFIX + key.upper() for key in REMOVED}
+
+
+class RouteFields(BaseModel):
+    """The fields a rule or a folder file may set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_format: Literal["docx", "xlsx", "pptx"] | None = None
+    language: str | None = None
+    engine: str | None = None
+    on_success: Literal["keep", "delete", "archive"] | None = None
+
+    def given(self) -> dict[str, str]:
+        """The fields this source sets."""
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class Rule(RouteFields):
+    """One ``[[rules]]`` entry: a glob on the relative path and the fields it sets."""
+
+    match: str
+
+
+def parse_mode(value: object) -> int:
+    """A file mode from ``0o640``, ``416``, ``"0640"``, ``"640"`` or ``"0o640"``."""
+    if isinstance(value, bool):
+        raise ValueError('a file mode is a number such as 0o640 or the string "0640"')
+    if isinstance(value, int):
+        mode = value
+    elif isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        try:
+            mode = int(text, 8)
+        except ValueError:
+            raise ValueError(f'not an octal file mode: {value!r} (try "0640")') from None
+    else:
+        raise ValueError(f"not a file mode: {value!r}")
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"file mode {mode:#o} is out of range (0 to 0o777, no special bits)")
+    if not mode & stat.S_IRUSR:
+        raise ValueError(f"file mode {mode:#o} would hide outputs from the daemon itself")
+    return mode
 
 
 def default_instance_id() -> str:
@@ -75,8 +123,13 @@ class HubSettings(BaseModel):
     timeout: float = Field(default=60.0, gt=0, description="seconds without progress on a request")
     deadline: float = Field(default=120.0, gt=0, description="seconds one request may take")
     min_transfer_rate: float = Field(default=50_000.0, gt=0, description="bytes/s of a transfer")
-    poll_wait: int = Field(default=10, ge=0, le=10, description="long-poll seconds per request")
-    poll_interval: float = Field(default=2.0, ge=1.0, le=5.0, description="seconds between polls")
+    poll_wait: int = Field(default=10, ge=0, le=10, description="longest long poll; 0: none")
+    poll_interval: float = Field(
+        default=2.0, ge=1.0, le=5.0, description="first wait before polling a job again"
+    )
+    max_requests_per_minute: float = Field(
+        default=100.0, ge=0, description="hub requests a minute, all jobs together; 0: no limit"
+    )
 
     @model_validator(mode="after")
     def _strip_base_url(self) -> HubSettings:
@@ -130,14 +183,26 @@ class Settings(BaseSettings):
     allow_hardlinks: bool = False
     on_duplicate: OnDuplicate = "reuse"
     max_in_flight: int = Field(default=16, ge=1, le=1000)
-    transfer_process: Literal["auto"] | bool = "auto"
-    max_attempts: int = Field(default=8, ge=1, description="transient retries of one step")
+    max_attempts: int = Field(
+        default=8, ge=1, description="retries of one step for a cause that may not pass"
+    )
+    max_conversions: int = Field(
+        default=2, ge=1, le=100, description="paid conversions of one input without a retry"
+    )
+    job_deadline: float = Field(
+        default=6 * 3600.0, gt=0, allow_inf_nan=False, description="seconds a hub job may run"
+    )
+    max_output_mb: float = Field(
+        default=2000.0, gt=0, allow_inf_nan=False, description="no output may be larger"
+    )
     ignore: tuple[str, ...] = ()
     auto_retry_after: float = Field(default=1800.0, ge=0, description="0 turns it off")
     auto_retry_limit: int = Field(default=3, ge=0)
     resubmit_delay: float = Field(default=20.0, ge=0, description="first wait before resubmit")
     min_free_space_mb: float = Field(default=100.0, ge=0)
-    auth_recheck_interval: float = Field(default=30.0, gt=0)
+    auth_recheck_interval: float = Field(
+        default=30.0, gt=0, le=30.0, description="most seconds between probes of a held hub"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
     output_mode: int = Field(default=0o640, description="mode of outputs, whatever the umask")
@@ -150,6 +215,12 @@ class Settings(BaseSettings):
     hub: HubSettings = HubSettings()
     hooks: HookSettings = HookSettings()
     rules: tuple[Rule, ...] = ()
+    _notes: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Warnings about the configuration it was read from (removed settings)."""
+        return self._notes
 
     @classmethod
     def settings_customise_sources(
@@ -163,7 +234,7 @@ class Settings(BaseSettings):
         # Environment variables override the file, which arrives as init arguments.
         return (env_settings, init_settings)
 
-    @field_validator("use_polling", "transfer_process", mode="before")
+    @field_validator("use_polling", mode="before")
     @classmethod
     def _auto_or_bool(cls, value: object) -> object:
         # One message naming the choices, instead of pydantic's one per member of the union.
@@ -209,6 +280,19 @@ class Settings(BaseSettings):
         return database_url(self.state_db)
 
     @property
+    def state_dir(self) -> Path:
+        """The daemon's own folder: beside the SQLite database, else the state directory."""
+        url = self.database_url
+        if url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///")).parent
+        return Path(_default_state_db(os.environ)).parent
+
+    @property
+    def held_dir(self) -> Path:
+        """Where outputs are kept while their folder cannot be written."""
+        return self.state_dir / "held"
+
+    @property
     def heartbeat_path(self) -> Path:
         """The heartbeat file: as set, else beside the SQLite database, else in the state dir."""
         if self.heartbeat_file is not None:
@@ -242,7 +326,9 @@ def load_settings(path: Path | None) -> Settings:
     Raises ``ConfigError`` with a message that names the offending key.
     """
     data = _read_toml(path) if path is not None else {}
-    _reject_unknown_env(os.environ)
+    notes = _removed_keys(data, os.environ)
+    env = {k: v for k, v in os.environ.items() if k.upper() not in _REMOVED_ENV}
+    _reject_unknown_env(env)
     data.setdefault("state_db", _default_state_db(os.environ))
     miscased = _miscased_keys(data)
     try:
@@ -252,7 +338,19 @@ def load_settings(path: Path | None) -> Settings:
         raise ConfigError(_describe_validation(errors, path, os.environ)) from None
     if miscased:
         raise ConfigError(_describe_validation(list(miscased.values()), path, os.environ))
+    settings._notes = tuple(notes)
     return settings
+
+
+def _removed_keys(data: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """Drop settings an earlier version had and this one no longer has; say so."""
+    notes = []
+    for key, why in REMOVED.items():
+        variable = ENV_PREFIX + key.upper()
+        if key in data or any(name.upper() == variable for name in env):
+            data.pop(key, None)
+            notes.append(f"the setting {key} was removed in 0.2.0 and is ignored: {why}")
+    return notes
 
 
 def _miscased_keys(data: Mapping[str, Any]) -> dict[str, ErrorDetails]:
@@ -520,3 +618,29 @@ def _writable_problem(name: str, folder: Path) -> str | None:
     if not os.access(existing, os.W_OK | os.X_OK):
         return f"{name} {folder} is not writable (checked {existing})"
     return None
+
+
+# Settings a SIGHUP applies at once (besides reading the API key again, from the file or
+# credential the daemon started with); every other change waits for a restart.
+RELOADABLE = frozenset({"log_level", "log_format"})
+
+
+def changed_settings(old: Settings, new: Settings) -> list[str]:
+    """Names of the settings that differ (``hub.x`` for the hub table)."""
+    changed = [
+        name
+        for name in Settings.model_fields
+        if name != "hub" and getattr(old, name) != getattr(new, name)
+    ]
+    changed += [
+        f"hub.{name}"
+        for name in HubSettings.model_fields
+        if getattr(old.hub, name) != getattr(new.hub, name)
+    ]
+    return changed
+
+
+def split_reload(changed: list[str]) -> tuple[list[str], list[str]]:
+    """(applied at once, needing a restart) among changed settings."""
+    applied = [name for name in changed if name in RELOADABLE]
+    return applied, [name for name in changed if name not in RELOADABLE]

@@ -18,7 +18,9 @@ from daemon.config import HubSettings, Settings
 from daemon.emulator.hub import DEFAULT_API_KEY
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.store import Job, Status, Store
+from daemon.jobs.database import Database
+from daemon.jobs.model import Job, Status
+from daemon.jobs.views import Views
 from daemon.logs import configure
 from daemon.outbox.layout import error_file_for
 from daemon.service import Outcome, run_service
@@ -76,11 +78,11 @@ def write_config(root: Path, settings: Settings) -> Path:
 
 def job_table(settings: Settings) -> list[Job]:
     """The demo's jobs from the state table, by input path."""
-    store = Store(settings.database_url)
+    database = Database(settings.database_url)
     try:
-        return sorted(store.jobs(), key=lambda job: job.path)
+        return sorted(Views(database).jobs(), key=lambda job: job.path)
     finally:
-        store.close()
+        database.close()
 
 
 def report(root: Path, outcome: Outcome, ledger: dict[str, object], table: list[Job]) -> str:

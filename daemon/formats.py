@@ -52,6 +52,25 @@ _OTHER: tuple[tuple[bytes, str], ...] = (
 )
 
 
+MIME_TYPES = {
+    InputFormat.PDF: "application/pdf",
+    InputFormat.TIFF: "image/tiff",
+    InputFormat.JPEG: "image/jpeg",
+    InputFormat.PNG: "image/png",
+    InputFormat.BMP: "image/bmp",
+}
+"""The media type an upload of each format carries."""
+
+EXTENSIONS = {
+    InputFormat.PDF: ".pdf",
+    InputFormat.TIFF: ".tif",
+    InputFormat.JPEG: ".jpg",
+    InputFormat.PNG: ".png",
+    InputFormat.BMP: ".bmp",
+}
+"""The extension an upload of each format carries, whatever the file's own name says."""
+
+
 def sniff(head: bytes) -> InputFormat | None:
     """Return the input format whose magic bytes start ``head``, or None."""
     for magic, fmt in _MAGIC:

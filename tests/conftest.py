@@ -134,9 +134,17 @@ def daemon_config(
         "state_db": str(folders["state"] / "state.db"),
         "quiet_period": 0.3,
         "log_format": "json",
+        # A held hub is probed at most this far apart, so tests see it come back soon.
+        "auth_recheck_interval": 2.0,
         **top,
     }
-    hub_settings = {"base_url": base_url, "api_key_file": str(key_file), "poll_interval": 1.0}
+    hub_settings = {
+        "base_url": base_url,
+        "api_key_file": str(key_file),
+        "poll_interval": 1.0,
+        # The hub emulated here has no rate limit: tests that need one set both sides.
+        "max_requests_per_minute": 0,
+    }
     return write_config(tmp_path / "config.toml", settings, {**hub_settings, **(hub or {})})
 
 

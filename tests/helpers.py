@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.config import Settings
+from daemon.jobs.model import Job, NewJob
+from daemon.jobs.store import Store
 from daemon.service import Service, prepare
 
 T = TypeVar("T")
@@ -144,3 +146,15 @@ def alive(pid: int) -> bool:
 def input_name(uploaded: str) -> str:
     """The input's own file name behind the name it was uploaded under (daemon.outbox.layout)."""
     return re.sub(r"\.ldx-[0-9a-f]{16}(?=\.[^.]*$|$)", "", uploaded)
+
+
+def enqueue(store: Store, new: NewJob, output: str, now: float) -> Job | None:
+    """Insert one queued job (what intake does for a stable input)."""
+    return store.add_jobs([(new, output, None)], now).get(new.path)
+
+
+def reject(
+    store: Store, new: NewJob, output: str, code: str, message: str, now: float
+) -> Job | None:
+    """Insert one job refused before anything was sent."""
+    return store.add_jobs([(new, output, (code, message))], now).get(new.path)

@@ -11,9 +11,11 @@ import pytest
 
 from daemon.cli import build_parser, main
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.store import NewJob, Stage, Store
+from daemon.jobs.model import NewJob, Stage
+from daemon.jobs.store import Store
 from daemon.ops.health import Heartbeat, write_heartbeat
 from tests.conftest import daemon_config, write_config
+from tests.helpers import enqueue
 from tests.tooling import free_port
 
 SUBCOMMANDS = [  # the contract (design.md); the parser may not drop any of them
@@ -117,11 +119,11 @@ def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def seeded_store(folders: dict[str, Path]) -> Store:
     store = Store(f"sqlite:///{folders['state'] / 'state.db'}")
-    ok = store.enqueue(NewJob("a/ok.pdf", 1, 1, 1, "pdf", "ki/ocr", "jpn", "docx"), "a/ok.docx", 1)
+    ok = enqueue(store, NewJob("a/ok.pdf", 1, 1, 1, "pdf", "ki/ocr", "jpn", "docx"), "a/ok.docx", 1)
     store.advance(ok.id, Stage.DONE, 2.0, remote_job_id="r" * 32)
-    bad = store.enqueue(NewJob("b.pdf", 1, 1, 2, "pdf", "ki/ocr", "jpn", "docx"), "b.docx", 1)
+    bad = enqueue(store, NewJob("b.pdf", 1, 1, 2, "pdf", "ki/ocr", "jpn", "docx"), "b.docx", 1)
     store.advance(bad.id, Stage.FAILED, 3.0, error_code="invalid_input", error_message="broken")
-    store.enqueue(NewJob("c.png", 1, 1, 3, "png", "ki/ocr", "jpn", "docx"), "c.docx", 4.0)
+    enqueue(store, NewJob("c.png", 1, 1, 3, "png", "ki/ocr", "jpn", "docx"), "c.docx", 4.0)
     return store
 
 
@@ -226,7 +228,7 @@ def aged_store(folders: dict[str, Path], now: float) -> Store:
 
     def job(path: str, inode: int, created: float) -> int:
         new = NewJob(path, 1, 1, inode, "pdf", "ki/ocr", "jpn", "docx")
-        return store.enqueue(new, path.rsplit(".", 1)[0] + ".docx", created).id
+        return enqueue(store, new, path.rsplit(".", 1)[0] + ".docx", created).id
 
     old_done = job("invoices/2024/a.pdf", 1, now - 40 * 24 * HOUR)
     store.advance(old_done, Stage.DONE, now - 40 * 24 * HOUR + 60)

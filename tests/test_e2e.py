@@ -6,14 +6,12 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
-import pytest
-
 from bench.harness import process_tree
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
 from daemon.outbox.verify import verify_package
 from tests.conftest import daemon_config
-from tests.helpers import Daemon, alive, cli, jobs_json, wait_for
+from tests.helpers import Daemon, cli, jobs_json, wait_for
 from tests.scans import EXTENSIONS, FORMATS, make_scan
 
 NAMES = ["scan", "Rechnung März", "請求書", "two  spaces", "émile-ß"]
@@ -33,24 +31,17 @@ def drop_tree(inbox: Path, count: int) -> dict[str, bytes]:
     return dropped
 
 
-# The HTTP work in the daemon's own process (the default), and in its transfer process.
-TRANSFER_MODES = pytest.mark.parametrize(
-    "transfer", [False, True], ids=["in-process", "transfer-process"]
-)
-
-
 def mirrored(rel: str, fmt: str = "docx") -> str:
     return rel.rsplit(".", 1)[0] + f".{fmt}"
 
 
-@TRANSFER_MODES
 def test_once_converts_nested_tree_exactly_once(
-    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, transfer: bool
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
     """50 files in nested non-ASCII folders give 50 valid outputs; one upload and job each."""
     dropped = drop_tree(folders["inbox"], 50)
     hub = {"output_format": "xlsx"}
-    config = daemon_config(tmp_path, folders, emulator.url, hub=hub, transfer_process=transfer)
+    config = daemon_config(tmp_path, folders, emulator.url, hub=hub)
     result = cli(config, "once")
     assert result.returncode == 0, result.stdout + result.stderr
     outputs = sorted(
@@ -103,15 +94,12 @@ def test_once_with_broken_file_fails_only_it(
     assert len(emulator.hub.ledger()["uploads"]) == 6
 
 
-@TRANSFER_MODES
-def test_kill_while_in_flight_does_not_pay_twice(
-    tmp_path: Path, folders: dict[str, Path], transfer: bool
-) -> None:
+def test_kill_while_in_flight_does_not_pay_twice(tmp_path: Path, folders: dict[str, Path]) -> None:
     """SIGKILL with jobs at the hub, then restart: no committed job is uploaded again."""
     settings = EmulatorSettings(processing_time=3.0, seed=5)
     with EmulatorServer(settings) as hub:
         dropped = drop_tree(folders["inbox"], 12)
-        config = daemon_config(tmp_path, folders, hub.url, transfer_process=transfer)
+        config = daemon_config(tmp_path, folders, hub.url)
         daemon = Daemon(config, tmp_path / "daemon.log").start()
         db = folders["state"] / "state.db"
 
@@ -127,11 +115,8 @@ def test_kill_while_in_flight_does_not_pay_twice(
 
         wait_for(submitted, 60, "every job to be submitted")
         assert daemon.proc is not None
-        children = process_tree(daemon.proc.pid)[1:]
-        assert len(children) == int(transfer)  # the transfer process, if asked for
+        assert process_tree(daemon.proc.pid)[1:] == []  # one process: no helper to orphan
         daemon.kill()
-        for child in children:  # it dies with the daemon, holding nothing open
-            wait_for(lambda pid=child: not alive(pid), 10, "the transfer process to die")
         uploads_before = len(hub.hub.ledger()["uploads"])
         in_flight = [j for j in jobs_json(config) if j["status"] != "completed"]
         assert in_flight, "the kill came too late: every job had already finished"

@@ -8,8 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from daemon.config import HookSettings, HubSettings, Settings, load_settings
-from daemon.inbox.routing import Rule
+from daemon.config import HookSettings, HubSettings, Rule, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 

@@ -27,7 +27,7 @@ from daemon.ops.failpoints import POINTS
 from daemon.outbox.layout import TEMP_MARKER
 from daemon.outbox.verify import verify_package
 from daemon.service import run_service
-from tests.conftest import daemon_config
+from tests.conftest import IN_CI, daemon_config
 from tests.faults import assert_exactly_once, failures, job_rows, outbox_files
 from tests.helpers import Daemon, daemon_in_process, wait_async, wait_for
 from tests.scans import drop_scans, make_scan
@@ -241,18 +241,14 @@ def test_a_job_created_before_its_upload_was_recorded_is_adopted(
 ) -> None:
     """A crash after the hub created the job of an unrecorded upload: both are adopted."""
     (folders["inbox"] / "a.png").write_bytes(make_scan("png", 12))
-    # In one process the create waits for the daemon; the transfer process sends it
-    # while the daemon commits the upload, so the crash may leave it at the hub.
-    config = daemon_config(
-        tmp_path, folders, emulator.url, quiet_period=0.1, transfer_process=False
-    )
+    config = daemon_config(tmp_path, folders, emulator.url, quiet_period=0.1)
     crashed = run_once(config, "after-upload:1")
     assert crashed.returncode == 137, crashed.stderr[-2000:]
     (upload,) = emulator.hub.ledger()["uploads"]
     assert emulator.hub.ledger()["jobs"] == []
 
     async def create() -> None:
-        async with HubClient(emulator.url, DEFAULT_API_KEY) as hub:
+        async with HubClient.connect(emulator.url, DEFAULT_API_KEY) as hub:
             await hub.create_job(upload["file_id"], "ki/ocr", "jpn", "docx")
 
     asyncio.run(create())
@@ -385,29 +381,42 @@ def test_low_space_pauses_intake_with_one_message(
     assert "free disk space is back" in logged
 
 
-def test_failed_transient_jobs_are_rearmed(
+def test_a_job_failed_publishing_is_rearmed_without_a_new_conversion(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """A job failed for a transient cause is queued again after the cool-down."""
-    drop_scans(folders["inbox"], 1)
-    emulator.hub.update_faults({"job_failure_rate": 1.0})
-    config = daemon_config(
-        tmp_path, folders, emulator.url, resubmit_delay=0.05, auto_retry_after=0.5
-    )
-    first = asyncio.run(run_service(load_settings(config), once=True))
-    assert first is not None
-    assert first.exit_code == 1
-    assert job_rows(folders["state"] / "state.db")[0]["error_code"] == "upstream_service_error"
-    emulator.hub.update_faults({"job_failure_rate": 0.0})
-    settings = load_settings(config)
+    """An output whose folder is read-only is kept; the re-arm publishes it, paying nothing."""
+    read_only = folders["outbox"] / "sub"
+    if not mount_tmpfs(read_only, "1m"):
+        if IN_CI:
+            pytest.fail("CI must run the read-only folder test, but tmpfs cannot be mounted")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro", str(read_only)], check=True)
+        (folders["inbox"] / "sub").mkdir()
+        (folders["inbox"] / "sub" / "a.png").write_bytes(make_scan("png", 21))
+        config = daemon_config(
+            tmp_path, folders, emulator.url, max_attempts=1, auto_retry_after=0.5
+        )
+        first = asyncio.run(run_service(load_settings(config), once=True))
+        assert first is not None
+        assert first.exit_code == 1
+        (row,) = job_rows(folders["state"] / "state.db")
+        assert row["error_code"] == "publish_failed"
+        assert "is kept by the daemon" in row["error_message"]
+        subprocess.run(["mount", "-o", "remount,rw", str(read_only)], check=True)
 
-    async def scenario() -> None:
-        async with daemon_in_process(settings):
-            db = folders["state"] / "state.db"
-            await wait_async(lambda: job_rows(db)[0]["status"] == "completed", 20)
+        async def scenario() -> None:
+            async with daemon_in_process(load_settings(config)):
+                db = folders["state"] / "state.db"
+                await wait_async(lambda: job_rows(db)[0]["status"] == "completed", 20)
 
-    asyncio.run(scenario())
+        asyncio.run(scenario())
+        verify_package(read_only / "a.docx", "docx")
+    finally:
+        subprocess.run(["umount", "-l", str(read_only)], check=False)
     assert job_rows(folders["state"] / "state.db")[0]["rearms"] == 1
+    assert len(emulator.hub.ledger()["jobs"]) == 1, "the kept output cost no new conversion"
+    assert not list((folders["state"] / "held").iterdir())
 
 
 def test_sigterm_stops_cleanly_and_resumes(tmp_path: Path, folders: dict[str, Path]) -> None:

@@ -33,7 +33,7 @@ from daemon.inbox.stability import (
     verdict,
     with_problem,
 )
-from daemon.jobs.store import Waiting
+from daemon.jobs.model import Waiting
 from daemon.ops.explain import Facts, Rules, explain, locate
 from daemon.outbox.duplicates import Action, decide
 from daemon.outbox.layout import output_candidates

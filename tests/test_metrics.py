@@ -11,7 +11,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.store import Stage
+from daemon.jobs.model import Stage
 from daemon.ops import metrics
 from tests.conftest import daemon_config
 from tests.helpers import Daemon, cli, jobs_json, wait_for

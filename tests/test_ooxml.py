@@ -17,7 +17,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.emulator.documents import render_document
-from daemon.outbox.verify import MAIN_CONTENT_TYPES, OoxmlProblem, _unpacked, verify_package
+from daemon.errors import OoxmlProblem
+from daemon.outbox.verify import MAIN_CONTENT_TYPES, _unpacked, verify_package
 
 FORMATS = ("docx", "xlsx", "pptx")
 MAIN_PARTS = {

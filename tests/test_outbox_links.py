@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 
 from daemon.emulator.server import EmulatorServer
-from daemon.errors import JobFailed, RetryLater
+from daemon.errors import JobFailed, RetryLater, UnsafeOutputPath
 from daemon.outbox import publish as outbox
 from daemon.outbox.duplicates import copy_output
-from daemon.outbox.permissions import (
-    OutputPermissions,
-    UnsafeOutputPath,
-    check_dirs,
-    make_dirs,
-    open_output,
-)
+from daemon.outbox.permissions import OutputPermissions, check_dirs, make_dirs, open_output
 from tests.conftest import daemon_config
 from tests.helpers import cli
 from tests.intake_support import outputs, rows

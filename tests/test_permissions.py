@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_settings
+from daemon.config import load_settings, parse_mode
 from daemon.emulator.server import EmulatorServer
 from daemon.errors import ConfigError
-from daemon.outbox.permissions import OutputPermissions, dir_mode_for, parse_mode, resolve_group
+from daemon.outbox.permissions import OutputPermissions, dir_mode_for, resolve_group
 from tests.conftest import daemon_config
 from tests.helpers import _env
 from tests.scans import make_scan

@@ -14,11 +14,13 @@ from daemon.cli import main
 from daemon.config import load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.store import NewJob, Stage, Status, Store
+from daemon.jobs.model import NewJob, Stage, Status
+from daemon.jobs.store import Store
+from daemon.jobs.views import Views
 from daemon.service import Outcome, run_service
 from tests.conftest import daemon_config
 from tests.faults import job_rows
-from tests.helpers import daemon_in_process, input_name, wait_async
+from tests.helpers import daemon_in_process, enqueue, input_name, wait_async
 from tests.scans import make_scan
 
 
@@ -69,8 +71,9 @@ def test_kept_inputs_are_not_converted_again(
 def test_a_clean_conversion_makes_no_recovery_requests(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """With nothing to recover, an input costs one upload, create and download; no list lookups."""
-    # The hub's file and job lists (the crash-recovery lookups) are never asked for.
+    """With nothing to recover, an input costs one upload, create and download; no file list."""
+    # The hub's file list (the crash-recovery lookup) is never asked for; the job list only
+    # serves the poll scheduler, at most once per input.
     for seed, kind in enumerate(("pdf", "png", "tiff")):
         (folders["inbox"] / f"s{seed}.{kind[:3]}").write_bytes(make_scan(kind, 40 + seed))
     assert once(daemon_config(tmp_path, folders, emulator.url)).exit_code == 0
@@ -78,7 +81,7 @@ def test_a_clean_conversion_makes_no_recovery_requests(
     assert requests.get("POST /files") == 3
     assert requests.get("POST /renderocr/jobs") == 3
     assert requests.get("GET /files/{file_id}/content") == 3
-    assert "GET /renderocr/jobs" not in requests
+    assert requests.get("GET /renderocr/jobs", 0) <= 3
     assert "GET /files" not in requests
 
 
@@ -180,7 +183,7 @@ def test_running_daemon_picks_up_new_files_promptly(
     assert (folders["outbox"] / "late" / "n.docx").exists()
     assert elapsed < 20
     store = Store(settings.database_url)
-    assert [j.status for j in store.jobs()] == [Status.COMPLETED]
+    assert [j.status for j in Views(store).jobs()] == [Status.COMPLETED]
     store.close()
 
 
@@ -228,7 +231,7 @@ def test_an_input_that_cannot_be_archived_is_never_converted_again(
     assert (inbox / "x" / "scan.png").read_bytes() == make_scan("png", 21)
     store = Store(f"sqlite:///{folders['state'] / 'state.db'}")
     try:
-        (job,) = store.jobs()
+        (job,) = Views(store).jobs()
         assert job.status is Status.COMPLETED
         assert job.error_code == "input_kept"
         assert job.error_message is not None
@@ -263,7 +266,7 @@ def test_an_upload_that_expired_before_its_job_was_created_is_uploaded_again(
         new = NewJob(
             "late.png", st.st_size, st.st_mtime_ns, st.st_ino, "png", "ki/ocr", "jpn", "docx"
         )
-        job = store.enqueue(new, "late.docx", time.time())
+        job = enqueue(store, new, "late.docx", time.time())
         assert job is not None
         store.advance(job.id, Stage.SUBMITTING, time.time(), remote_file_id="0" * 32)
     finally:

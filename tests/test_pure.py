@@ -9,13 +9,11 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon.errors import JobFailed, RemoteNotFound
 from daemon.formats import InputFormat, describe, sniff
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.stability import Signature, is_stable, observe
 from daemon.outbox.layout import error_file_for, fit_name, output_candidates, temp_name, upload_name
-from daemon.pipeline.backoff import retry_delay
-from daemon.pipeline.worker import _upload_expired
+from daemon.pipeline.faults import retry_delay
 from tests.helpers import input_name
 from tests.scans import FORMATS, make_scan
 
@@ -170,46 +168,6 @@ def test_describe_names_other_content() -> None:
     assert describe(b"hello world") == "a text file"
     assert describe(b"") == "an empty file"
     assert sniff(b"PK\x03\x04") is None
-
-
-def test_breaker_opens_after_threshold_and_recovers() -> None:
-    """Five failures in a row hold new work back for the cooldown; a success closes it."""
-    from daemon.pipeline.breaker import Breaker
-
-    breaker = Breaker(threshold=5, cooldown=10.0)
-    for _ in range(4):
-        breaker = breaker.failure(now=100.0)
-    assert breaker.allows(100.0)
-    breaker = breaker.failure(now=100.0)
-    assert breaker.is_open(105.0)
-    assert breaker.allows(110.0)
-    breaker = breaker.success()
-    assert breaker.allows(110.0)
-    assert breaker.failures == 0
-
-
-def test_breaker_cooldown_grows_while_hub_stays_down() -> None:
-    """Each trip without a success in between doubles the cooldown, up to a cap."""
-    from daemon.pipeline.breaker import MAX_COOLDOWN, Breaker
-
-    breaker = Breaker(threshold=1, cooldown=10.0)
-    waits = []
-    now = 0.0
-    for _ in range(8):
-        breaker = breaker.failure(now)
-        assert breaker.open_until is not None
-        waits.append(breaker.open_until - now)
-        now = breaker.open_until
-    assert waits[:3] == [10.0, 20.0, 40.0]
-    assert max(waits) == MAX_COOLDOWN
-
-
-def test_a_refused_job_creation_means_an_expired_upload_only_for_a_missing_file() -> None:
-    """404s and invalid_file_id mean the upload is gone; other refusals do not."""
-    assert _upload_expired(RemoteNotFound("gone", code="not_found"))
-    assert _upload_expired(JobFailed("HTTP 400", code="invalid_file_id"))
-    assert not _upload_expired(JobFailed("HTTP 400", code="unsupported_language"))
-    assert not _upload_expired(JobFailed("HTTP 413", code="http_413"))
 
 
 @given(

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon.errors import FolderFileError
 from daemon.inbox.routing import (
-    FolderFileError,
     Offer,
     RouteFields,
     Router,

@@ -17,16 +17,18 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from daemon.errors import LeaseLost
+from daemon.errors import LeaseLost, SchemaMismatch, StateUnavailable
 from daemon.jobs import schema
-from daemon.jobs.schema import SchemaMismatch
-from daemon.jobs.store import Instance, NewJob, Stage, Store, metadata
-from daemon.jobs.writer import Db
+from daemon.jobs.model import Instance, NewJob, Stage
+from daemon.jobs.store import Store
+from daemon.jobs.tables import metadata
+from daemon.jobs.views import Views
+from daemon.jobs.writer import Writer
 from daemon.ops import metrics
 from daemon.outbox import reconcile
 from daemon.service import instance_conflict
 from tests.conftest import daemon_config
-from tests.helpers import cli
+from tests.helpers import cli, enqueue, reject
 
 # What the code before schema versions created (sqlite3 .schema of a fresh state.db).
 LEGACY_SCHEMA = """
@@ -90,7 +92,7 @@ def test_an_empty_database_gets_the_schema_of_the_code(db_url: str) -> None:
 def test_claims_are_exclusive_until_the_lease_expires(two: tuple[Store, Store]) -> None:
     """A claimed job is nobody else's while its lease runs; then another takes it over."""
     a, b = two
-    ids = [a.enqueue(new(f"s{i}.pdf"), f"s{i}.docx", now=1.0).id for i in range(5)]  # type: ignore[union-attr]
+    ids = [enqueue(a, new(f"s{i}.pdf"), f"s{i}.docx", now=1.0).id for i in range(5)]
     mine = a.claim(10.0, 3, [], "a", lease=5.0)
     assert [c.job.id for c in mine] == ids[:3]
     assert all(c.job.owner == "a" and c.job.lease_until == 15.0 for c in mine)
@@ -98,21 +100,21 @@ def test_claims_are_exclusive_until_the_lease_expires(two: tuple[Store, Store]) 
     theirs = b.claim(11.0, 10, [], "b", lease=5.0)
     assert [c.job.id for c in theirs] == ids[3:]
     assert b.claim(14.0, 10, [c.job.id for c in theirs], "b", lease=5.0) == []
-    assert b.held(14.0) == {"a": 3, "b": 2}
+    assert Views(b).held(14.0) == {"a": 3, "b": 2}
     taken = b.claim(16.0, 10, [c.job.id for c in theirs], "b", lease=5.0)
     assert [c.job.id for c in taken] == ids[:3]
     assert all(c.taken_over and c.previous_owner == "a" for c in taken)
     with pytest.raises(LeaseLost):
-        a.advance(ids[0], Stage.UPLOADED, 17.0, current=mine[0].job, owner="a")
-    moved = b.advance(ids[0], Stage.UPLOADED, 17.0, current=taken[0].job, owner="b")
-    assert moved.stage is Stage.UPLOADED
+        a.advance(ids[0], Stage.UPLOADING, 17.0, current=mine[0].job, owner="a")
+    moved = b.advance(ids[0], Stage.UPLOADING, 17.0, current=taken[0].job, owner="b")
+    assert moved.stage is Stage.UPLOADING
     assert a.renew("a", ids[:3], 30.0, 17.0) == set(ids[:3])  # a learns it lost them
 
 
 def test_renewed_leases_hold_and_released_ones_are_free(two: tuple[Store, Store]) -> None:
     """Renewal keeps a job past its first lease; a clean stop frees it at once."""
     a, b = two
-    job = a.enqueue(new(), "a/scan.docx", now=1.0)
+    job = enqueue(a, new(), "a/scan.docx", now=1.0)
     assert job is not None
     a.claim(10.0, 1, [], "a", lease=5.0)
     assert a.renew("a", [job.id], 40.0, 12.0) == set()
@@ -125,7 +127,7 @@ def test_renewed_leases_hold_and_released_ones_are_free(two: tuple[Store, Store]
 def test_a_restarted_instance_takes_its_own_jobs_back_at_once(two: tuple[Store, Store]) -> None:
     """Jobs held under this instance's id before a crash are claimable by it at once."""
     a, b = two
-    job = a.enqueue(new(), "a/scan.docx", now=1.0)
+    job = enqueue(a, new(), "a/scan.docx", now=1.0)
     assert job is not None
     a.claim(10.0, 1, [], "a", lease=30.0)
     assert b.claim(11.0, 1, [], "b", lease=30.0) == []
@@ -137,18 +139,18 @@ def test_a_restarted_instance_takes_its_own_jobs_back_at_once(two: tuple[Store, 
 def test_one_version_of_an_input_is_inserted_once(two: tuple[Store, Store]) -> None:
     """Two instances queueing the same version: the first insert wins, the second is None."""
     a, b = two
-    assert a.enqueue(new(), "a/scan.docx", now=1.0) is not None
-    assert b.enqueue(new(), "a/scan.docx", now=1.1) is None
-    assert b.reject(new(), "a/scan.docx", "bad", "bad", now=1.2) is None
-    assert b.enqueue(new(mtime_ns=2), "a/scan.docx", now=1.3) is not None  # a new version
-    assert len(a.jobs()) == 2
+    assert enqueue(a, new(), "a/scan.docx", now=1.0) is not None
+    assert enqueue(b, new(), "a/scan.docx", now=1.1) is None
+    assert reject(b, new(), "a/scan.docx", "bad", "bad", now=1.2) is None
+    assert enqueue(b, new(mtime_ns=2), "a/scan.docx", now=1.3) is not None  # a new version
+    assert len(Views(a).jobs()) == 2
 
 
 def test_concurrent_claims_never_share_a_job(db_url: str) -> None:
     """Four instances claiming at once from one queue get disjoint jobs, all of them."""
     first = Store(db_url)
     for i in range(200):
-        first.enqueue(new(f"s{i}.pdf"), f"s{i}.docx", now=1.0)
+        enqueue(first, new(f"s{i}.pdf"), f"s{i}.docx", now=1.0)
     stores = [first] + [Store(db_url) for _ in range(3)]
     got: dict[str, list[int]] = {f"i{n}": [] for n in range(4)}
     barrier = threading.Barrier(4)
@@ -167,7 +169,7 @@ def test_concurrent_claims_never_share_a_job(db_url: str) -> None:
     for thread in threads:
         thread.join(60)
     claimed = [job_id for ids in got.values() for job_id in ids]
-    assert sorted(claimed) == sorted({j.id for j in first.jobs()}), "each job claimed once"
+    assert sorted(claimed) == sorted({j.id for j in Views(first).jobs()}), "each job claimed once"
     for store in stores:
         store.close()
 
@@ -196,11 +198,11 @@ def test_a_database_from_before_versions_is_upgraded_keeping_every_job(
     assert "ldx-hotfolder db upgrade" in refused.stderr
     upgraded = cli(config, "db", "upgrade")
     assert upgraded.returncode == 0, upgraded.stderr
-    assert "from schema version 1 to 2" in upgraded.stdout
+    assert "from schema version 1 to 3" in upgraded.stdout
     assert "up to date" in cli(config, "db", "upgrade").stdout
     store = Store(f"sqlite:///{db}")
     try:
-        jobs = {(j.path, j.remote_job_id): j for j in store.jobs()}
+        jobs = {(j.path, j.remote_job_id): j for j in Views(store).jobs()}
         assert len(jobs) == 4
         assert jobs[("b.pdf", "s" * 32)].stage is Stage.SUBMITTED  # resumes by polling
         assert jobs[("c.pdf", "u" * 32)].inode == 7  # the newest twin keeps its version
@@ -220,7 +222,7 @@ def test_the_daemon_upgrades_its_own_sqlite_file(tmp_path: Path) -> None:
     store = Store(f"sqlite:///{db}", upgrade=True)
     try:
         assert schema.current(store.engine) == schema.HEAD
-        assert len(store.jobs()) == 4
+        assert len(Views(store).jobs()) == 4
     finally:
         store.close()
 
@@ -266,8 +268,8 @@ def test_jobs_and_status_show_which_instance_holds_which_job(
     """``jobs`` (text and JSON) and ``status`` (text and JSON) name the holder of a job."""
     store = Store(db_url)
     try:
-        held = store.enqueue(new("held.pdf"), "held.docx", now=1.0)
-        free = store.enqueue(new("free.pdf"), "free.docx", now=1.0)
+        held = enqueue(store, new("held.pdf"), "held.docx", now=1.0)
+        free = enqueue(store, new("free.pdf"), "free.docx", now=1.0)
         assert held is not None
         assert free is not None
         store.register_instance("node-7", "host-a", 4242, now=9e9)
@@ -362,29 +364,30 @@ def test_every_metric_sample_carries_the_instance_label() -> None:
 def test_a_failing_call_does_not_take_its_batch_down(db_url: str) -> None:
     """Group commit: a call failing in the database fails alone; calls batched with it commit."""
     # On PostgreSQL such a failure aborts the whole transaction.
-    db = Db(Store(db_url))
+    db = Writer(Store(db_url))
 
     def slow() -> None:  # holds the writer so that the next calls queue up as one batch
         time.sleep(0.3)
 
     def broken() -> None:
-        with db.store._write() as conn:
+        with db.store.write() as conn:
             conn.execute(text("SELECT * FROM no_such_table"))
 
     async def calls() -> list[object]:
         first = asyncio.ensure_future(db.call(slow))
         await asyncio.sleep(0.05)
         batch = [
-            db.call(db.store.enqueue, new("a.pdf"), "a.docx", 1.0),
+            db.call(enqueue, db.store, new("a.pdf"), "a.docx", 1.0),
             db.call(broken),
-            db.call(db.store.enqueue, new("b.pdf"), "b.docx", 1.0),
+            db.call(enqueue, db.store, new("b.pdf"), "b.docx", 1.0),
         ]
         return [await first, *await asyncio.gather(*batch, return_exceptions=True)]
 
     try:
         results = asyncio.run(calls())
-        assert isinstance(results[2], DBAPIError)
-        assert {job.path for job in db.store.jobs()} == {"a.pdf", "b.pdf"}
+        assert isinstance(results[2], StateUnavailable)
+        assert isinstance(results[2].__cause__, DBAPIError)
+        assert {job.path for job in Views(db.store).jobs()} == {"a.pdf", "b.pdf"}
     finally:
         db.close()
 
@@ -403,7 +406,7 @@ def test_output_names_are_claimed_one_instance_at_a_time(db_url: str) -> None:
             taken = store.outputs_taken(candidates, except_path=path)
             name = next(c for c in candidates if c not in taken)
             time.sleep(0.2)  # a slow claim: without the lock the other would pick it too
-            store.enqueue(new(path), name, now=1.0)
+            enqueue(store, new(path), name, now=1.0)
 
     threads = [
         threading.Thread(target=queue, args=(store, path))
@@ -413,7 +416,7 @@ def test_output_names_are_claimed_one_instance_at_a_time(db_url: str) -> None:
         thread.start()
     for thread in threads:
         thread.join(30)
-    outputs = [job.output for job in stores[0].jobs()]
+    outputs = [job.output for job in Views(stores[0]).jobs()]
     for store in stores:
         store.close()
     assert len(outputs) == 2

@@ -11,8 +11,11 @@ import pytest
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from daemon.cli import main
-from daemon.jobs.store import _CONVERTED_BEFORE, NewJob, Stage, Status, Store, status_of
+from daemon.jobs.model import NewJob, Stage, Status, status_of
+from daemon.jobs.store import _CONVERTED_BEFORE, Store
+from daemon.jobs.views import Views
 from tests.conftest import daemon_config
+from tests.helpers import enqueue, reject
 
 
 def new(path: str = "a/scan.pdf", size: int = 10, mtime_ns: int = 1) -> NewJob:
@@ -36,7 +39,7 @@ def test_sqlite_runs_in_wal_with_full_sync(store: Store, tmp_path: Path) -> None
 
 def test_enqueue_then_advance_through_stages(store: Store) -> None:
     """Stages map to the four public statuses, and ids are kept."""
-    job = store.enqueue(new(), "a/scan.docx", now=1.0)
+    job = enqueue(store, new(), "a/scan.docx", now=1.0)
     assert (job.status, job.stage) == (Status.QUEUED, Stage.PENDING)
     job = store.advance(job.id, Stage.UPLOADED, 2.0, remote_file_id="f" * 32)
     assert job.status is Status.PROCESSING
@@ -44,7 +47,7 @@ def test_enqueue_then_advance_through_stages(store: Store) -> None:
     job = store.advance(job.id, Stage.DONE, 3.0)
     assert job.status is Status.COMPLETED
     assert job.finished_at == 3.0
-    assert store.counts() == {"queued": 0, "processing": 0, "completed": 1, "failed": 0}
+    assert Views(store).counts() == {"queued": 0, "processing": 0, "completed": 1, "failed": 0}
 
 
 def test_status_of_every_stage() -> None:
@@ -57,15 +60,15 @@ def test_status_of_every_stage() -> None:
 
 def test_advance_rejects_unknown_fields(store: Store) -> None:
     """A typo in a field name fails loudly instead of being dropped."""
-    job = store.enqueue(new(), "a/scan.docx", now=1.0)
+    job = enqueue(store, new(), "a/scan.docx", now=1.0)
     with pytest.raises(ValueError, match="remote_jb_id"):
         store.advance(job.id, Stage.UPLOADED, 2.0, remote_jb_id="x")
 
 
 def test_claim_respects_due_time_and_exclusions(store: Store) -> None:
     """Deferred jobs wait for next_attempt_at; running jobs are excluded."""
-    a = store.enqueue(new("a.pdf"), "a.docx", 1.0)
-    b = store.enqueue(new("b.pdf"), "b.docx", 1.0)
+    a = enqueue(store, new("a.pdf"), "a.docx", 1.0)
+    b = enqueue(store, new("b.pdf"), "b.docx", 1.0)
     store.advance(b.id, Stage.PENDING, 1.0, next_attempt_at=50.0)
 
     def due(now: float, running: list[int]) -> list[int]:
@@ -79,25 +82,26 @@ def test_claim_respects_due_time_and_exclusions(store: Store) -> None:
 
 def test_fingerprints_are_latest_per_path(store: Store) -> None:
     """Intake knows the newest version of each path."""
-    store.enqueue(new("a.pdf", size=1, mtime_ns=1), "a.docx", 1.0)
-    store.enqueue(new("a.pdf", size=2, mtime_ns=2), "a.docx", 2.0)
-    store.reject(new("b.txt"), "b.docx", "unsupported_type", "no", 3.0)
-    assert store.fingerprints() == {"a.pdf": (2, 2), "b.txt": (10, 1)}
+    enqueue(store, new("a.pdf", size=1, mtime_ns=1), "a.docx", 1.0)
+    enqueue(store, new("a.pdf", size=2, mtime_ns=2), "a.docx", 2.0)
+    reject(store, new("b.txt"), "b.docx", "unsupported_type", "no", 3.0)
+    versions = {path: version[:2] for path, version in store.versions().items()}
+    assert versions == {"a.pdf": (2, 2), "b.txt": (10, 1)}
 
 
 def test_outputs_taken_ignores_same_path(store: Store) -> None:
     """A claim by another input blocks a name; one's own earlier claim does not."""
-    store.enqueue(new("scan.pdf"), "scan.docx", 1.0)
+    enqueue(store, new("scan.pdf"), "scan.docx", 1.0)
     assert store.outputs_taken(["scan.docx", "scan.png.docx"], "scan.png") == {"scan.docx"}
     assert store.outputs_taken(["scan.docx"], "scan.pdf") == set()
 
 
 def test_name_claims_in_one_lookup(store: Store) -> None:
     """One lookup gives each path's newest version, its own names and others' claims."""
-    store.enqueue(new("scan.pdf", size=1, mtime_ns=1), "scan.docx", 1.0)
-    store.enqueue(new("scan.pdf", size=2, mtime_ns=2), "scan (2).docx", 2.0)
-    store.enqueue(new("scan.png"), "scan.png.docx", 3.0)
-    store.enqueue(new("other.pdf"), "other.docx", 4.0)
+    enqueue(store, new("scan.pdf", size=1, mtime_ns=1), "scan.docx", 1.0)
+    enqueue(store, new("scan.pdf", size=2, mtime_ns=2), "scan (2).docx", 2.0)
+    enqueue(store, new("scan.png"), "scan.png.docx", 3.0)
+    enqueue(store, new("other.pdf"), "other.docx", 4.0)
     known, unknown = store.name_claims(
         [("scan.pdf", ["scan.docx", "scan.png.docx", "x.docx"]), ("new.pdf", ["scan.docx"])]
     )
@@ -110,7 +114,7 @@ def test_name_claims_in_one_lookup(store: Store) -> None:
 
 def test_add_jobs_inserts_a_batch_in_one_statement(store: Store) -> None:
     """A batch inserts queued and refused jobs together and leaves out a known version."""
-    store.enqueue(new("known.pdf"), "known.docx", 1.0)
+    enqueue(store, new("known.pdf"), "known.docx", 1.0)
     entries = [
         (new("known.pdf"), "known.docx", None),
         (new("a.pdf"), "a.docx", None),
@@ -121,20 +125,23 @@ def test_add_jobs_inserts_a_batch_in_one_statement(store: Store) -> None:
     assert (added["a.pdf"].status, added["a.pdf"].output) == (Status.QUEUED, "a.docx")
     bad = added["bad.pdf"]
     assert (bad.status, bad.error_code, bad.finished_at) == (Status.FAILED, "not_a_scan", 2.0)
-    assert len(store.jobs()) == 3
+    assert len(Views(store).jobs()) == 3
     assert store.add_jobs([], 3.0) == {}
 
 
-def test_requeue_only_failed_and_resets(store: Store) -> None:
-    """retry re-arms failed jobs from the start and leaves others alone."""
-    ok = store.enqueue(new("ok.pdf"), "ok.docx", 1.0)
-    bad = store.enqueue(new("bad.pdf"), "bad.docx", 1.0)
+def test_requeue_only_failed_and_resumes_from_what_the_hub_holds(store: Store) -> None:
+    """retry re-arms failed jobs from their upload while it is alive, and from the start
+    once it expired; other jobs are left alone."""
+    ok = enqueue(store, new("ok.pdf"), "ok.docx", 1.0)
+    bad = enqueue(store, new("bad.pdf"), "bad.docx", 1.0)
     store.advance(bad.id, Stage.FAILED, 2.0, remote_file_id="x", error_code="e", error_message="m")
     again = store.requeue([ok.id, bad.id], 3.0)
     assert [j.id for j in again] == [bad.id]
-    assert again[0].stage is Stage.PENDING
+    assert (again[0].stage, again[0].remote_file_id) == (Stage.UPLOADED, "x")
     assert again[0].error_code is None
-    assert again[0].remote_file_id is None
+    store.advance(bad.id, Stage.FAILED, 4.0, upload_expires_at=5.0, error_code="e")
+    (expired,) = store.requeue([bad.id], 3600.0)
+    assert (expired.stage, expired.remote_file_id) == (Stage.PENDING, None)
 
 
 def test_writes_wait_for_another_writer(store: Store, tmp_path: Path) -> None:
@@ -146,7 +153,7 @@ def test_writes_wait_for_another_writer(store: Store, tmp_path: Path) -> None:
 
     releaser = threading.Timer(0.5, lambda: other.execute("COMMIT"))
     releaser.start()
-    job = store.enqueue(new(), "a/scan.docx", 1.0)  # blocks until the other commits
+    job = enqueue(store, new(), "a/scan.docx", 1.0)  # blocks until the other commits
     releaser.join()
     other.close()
     assert job.id == 1
@@ -174,7 +181,7 @@ def damaged_state(folders: dict[str, Path], *, header: bool) -> Path:
     with store.batch():
         for i in range(3000):
             new = NewJob(f"a/{i:05d}-{'x' * 80}.pdf", 100, i, i, "pdf", "ki/ocr", "jpn", "docx")
-            store.enqueue(new, f"a/{i}.docx", 1.0)
+            enqueue(store, new, f"a/{i}.docx", 1.0)
     store.close()
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

@@ -1,175 +1,183 @@
-"""LDX hub client: the RenderOCR API as the daemon sees it, in typed models.
+"""The LDX hub client: one method per endpoint over an injected ``httpx.AsyncClient``.
 
-``HubClient`` makes each call through ``daemon.hub.api`` (httpx, every failure already
-translated into the project's tree) and reads the JSON body into a model that accepts
-unknown fields and absent optional fields; a body that does not fit is the hub's
-hiccup, retried like a 5xx. The calls themselves run in this process, or in a child
-process (``daemon.hub.transfers``) while the models are still read here.
+Every request takes a token from the shared ``RequestBudget`` and passes the ``Gate``
+(both optional), runs within a wall-clock deadline, and has every foreign failure and
+HTTP error status translated into the project's tree (``daemon.errors``) here, at one
+boundary, as httpx translates httpcore's: the pipeline imports no httpx.
+
+Nothing the hub sends is trusted further than it must be. A JSON answer is read up to
+``max_json_bytes`` decoded bytes; a download is counted on decoded bytes and stops at
+the caller's cap, and a transfer slower than ``min_transfer_rate`` (after the first
+``deadline`` seconds) is cut, so neither an endless stream nor a trickle holds a job
+for ever. A download follows redirects to a storage host without the API key. Error
+bodies of every plausible shape give the hub's own code and message, cleaned of the
+key and of control characters (``models.hub_text``).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
-from contextlib import aclosing
+import asyncio
+import contextlib
+import email.utils
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar, cast
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import httpx
 
-from daemon.errors import HubUnavailable
-from daemon.hub.api import Calls, HubApi, InputUpload, JobRun, Progress, Sent
+from daemon.errors import (
+    AuthRejected,
+    ConfigError,
+    HubBusy,
+    HubRefused,
+    HubUnavailable,
+    JobFailed,
+    LdxError,
+    OutputRefused,
+    RemoteNotFound,
+)
+from daemon.hub.budget import RequestBudget
+from daemon.hub.gate import Gate
+from daemon.hub.models import (
+    Engine,
+    FileInfo,
+    RemoteJob,
+    hub_text,
+    read,
+    read_engines,
+    read_list,
+)
 
-M = TypeVar("M", bound="_Model")
+USER_AGENT = "ldx-hotfolder"
+CHUNK = 256 * 1024
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a listing of thousands of jobs fits; a bomb does not
+# Names the job a request belongs to, for the hub's logs and the emulator's ledger.
+TRACE_HEADER = "X-Ldx-Hotfolder-Job"
+current_job: ContextVar[int | None] = ContextVar("ldx_hotfolder_job", default=None)
 
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore", frozen=True)
-
-
-class FileInfo(_Model):
-    """A file in the hub's store (an upload or a conversion output)."""
-
-    file_id: str
-    filename: str | None = None
-    size: int | None = None
-    created_at: str | None = None
-    expires_at: str | None = None
-
-
-class JobError(_Model):
-    """Why a remote job failed."""
-
-    code: str = "unknown"
-    message: str = "no error details returned by the hub"
-    request_id: str | None = None
-
-
-class RemoteJob(_Model):
-    """A RenderOCR job as the hub reports it."""
-
-    job_id: str
-    file_id: str | None = None
-    engine: str | None = None
-    status: str
-    progress: float | None = None
-    output_file_id: str | None = None
-    error: JobError | None = None
-    created_at: str | None = None
-    completed_at: str | None = None
-    expires_at: str | None = None
-
-    @property
-    def is_final(self) -> bool:
-        """Whether the hub will not change this job any more."""
-        return self.status in ("completed", "failed")
-
-
-class Language(_Model):
-    """A language an engine offers."""
-
-    code: str
-    display_name: str | None = None
-
-
-class Conversion(_Model):
-    """One input format to output format pair an engine offers."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
-
-    from_: str = Field(alias="from")
-    to: str
-
-
-class Engine(_Model):
-    """A RenderOCR engine with its languages and conversions."""
-
-    id: str
-    display_name: str | None = None
-    description: str | None = None
-    supported_conversions: list[Conversion] = []
-    supported_languages: list[Language] = []
-
-
-class _Page(_Model):
-    data: list[dict[str, Any]] = []
+FILES = "GET /files"
+FILE_INFO = "GET /files/{id}"
+UPLOAD = "POST /files"
+CREATE = "POST /renderocr/jobs"
+POLL = "GET /renderocr/jobs/{id}"
+LIST_JOBS = "GET /renderocr/jobs"
+DOWNLOAD = "GET /files/{id}/content"
+ENGINES = "GET /renderocr/engines"
 
 
 @dataclass(frozen=True)
-class SentInput:
-    """What an upload of an input sent."""
+class Limits:
+    """How long a request may take, and how much the hub may send."""
 
-    file_id: str
-    sha256: str | None  # of the bytes actually sent; None unless read in order to the end
-
-
-@dataclass(frozen=True)
-class RunEvent:
-    """One step of ``HubClient.run_job``: ``kind`` is "uploaded" (with what was sent),
-    "created" or "polled" (with the job), "download" (its output is being fetched) or
-    "written" (with the bytes)."""
-
-    kind: str
-    sent: SentInput | None = None
-    job: RemoteJob | None = None
-    written: int = 0
+    deadline: float = 120.0  # seconds for any request, plus a transfer's own time
+    min_transfer_rate: float = 50_000.0  # bytes/s below which a transfer is cut
+    max_json_bytes: int = MAX_JSON_BYTES
 
 
-class Hub(Protocol):
-    """The hub operations the daemon uses (``HubClient``; tests may stand in for it)."""
-
-    def set_api_key(self, api_key: str) -> None: ...
-    async def aclose(self) -> None: ...
-    async def engines(self) -> list[Engine]: ...
-    async def list_files(self) -> list[FileInfo]: ...
-    async def upload_input(self, request: InputUpload) -> SentInput: ...
-    async def create_job(
-        self, file_id: str, engine: str, language: str, output_format: str
-    ) -> RemoteJob: ...
-    async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob: ...
-    async def list_jobs(self) -> list[RemoteJob]: ...
-    async def download(self, file_id: str, dest: Path) -> int: ...
-    def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[RunEvent, None]: ...
-    def upload_and_run(
-        self, request: InputUpload, sha256: str, run: JobRun
-    ) -> AsyncGenerator[RunEvent, None]: ...
-
-
-def read(model: type[M], body: Any, what: str) -> M:
-    """``body`` as ``model``; HubUnavailable (retried) when it does not fit."""
+def retry_after_seconds(value: str | None, now: float) -> float | None:
+    """``Retry-After`` given as seconds (maybe fractional) or as an HTTP date."""
+    if not value:
+        return None
     try:
-        return model.model_validate(body)
-    except ValidationError as exc:
-        # A 2xx body we cannot read: most likely a proxy or a gateway hiccup.
-        raise HubUnavailable(f"{what}: unreadable response ({exc})", code="bad_response") from exc
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - now)
 
 
-def read_page(model: type[M], body: Any, what: str) -> list[M]:
-    """The ``data`` list of a page, each item as ``model``."""
-    return [read(model, item, what) for item in read(_Page, body, what).data]
+_TAGS = re.compile(r"<[^>]*>")
+
+
+def error_detail(content: bytes, content_type: str) -> tuple[str | None, str]:
+    """(code, message) of an error body: problem+json, ``{"error": {code, message}}``,
+    ``{code, message}``, ``{message}``, plain text or an HTML page."""
+    try:
+        body = json.loads(content)
+    except ValueError:
+        text = content[:4096].decode("utf-8", "replace")
+        if "html" in content_type.lower() or text.lstrip().startswith("<"):
+            text = _TAGS.sub(" ", text)
+        return None, hub_text(text, 200)
+    if isinstance(body, dict) and isinstance(body.get("error"), dict):
+        body = body["error"]
+    if not isinstance(body, dict):
+        return None, hub_text(body, 200)
+    if isinstance(body.get("error"), str) and not body.get("message"):
+        body = {**body, "message": body["error"]}
+    code = body.get("code")
+    message = body.get("message") or body.get("detail") or body.get("title") or ""
+    return (hub_text(code, 64) if code else None), hub_text(message, 200)
+
+
+def segment(value: str) -> str:
+    """A path segment for an id: every reserved character escaped, dots too, so an id
+    like ``..`` can never walk up the hub's URL tree."""
+    return quote(value, safe="").replace(".", "%2E")
 
 
 class HubClient:
     """Async client for the RenderOCR part of the LDX hub API, answering in models."""
 
-    def __init__(self, base_url: str, api_key: str, **options: Any) -> None:
-        """A client making its calls in this process (``options`` as for ``HubApi``)."""
-        self.calls: Calls = HubApi(base_url, api_key, **options)
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        api_key: str,
+        *,
+        limits: Limits | None = None,
+        budget: RequestBudget | None = None,
+        gate: Gate | None = None,
+        key_source: Callable[[], str] | None = None,
+    ) -> None:
+        """``key_source`` reads the key anew (a fixed key file takes effect while paused)."""
+        self._http = http
+        self._api_key = api_key
+        self.limits = limits or Limits()
+        self.budget = budget
+        self.gate = gate
+        self._key_source = key_source
+        if gate is not None:
+            gate.probe = self._probe
 
     @classmethod
-    def over(cls, calls: Calls) -> HubClient:
-        """A client whose calls are made by ``calls`` (e.g. a transfer process)."""
-        client = cls.__new__(cls)
-        client.calls = calls
-        return client
+    def connect(
+        cls,
+        base_url: str,
+        api_key: str,
+        *,
+        timeout: float = 60.0,
+        max_connections: int = 64,
+        transport: httpx.AsyncBaseTransport | None = None,
+        **options: Any,
+    ) -> HubClient:
+        """A client with its own connection pool (``options`` as for the constructor)."""
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
+        http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            limits=limits,
+            headers={"User-Agent": USER_AGENT},
+            transport=transport,
+        )
+        return cls(http, api_key, **options)
 
     def set_api_key(self, api_key: str) -> None:
         """Use another key from now on (after the operator fixed it)."""
-        self.calls.set_api_key(api_key)
+        self._api_key = api_key
 
     async def aclose(self) -> None:
-        """Close the connection pool (or stop the transfer process)."""
-        await self.calls.aclose()
+        """Close the connection pool."""
+        await self._http.aclose()
 
     async def __aenter__(self) -> HubClient:
         return self
@@ -177,71 +185,329 @@ class HubClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def engines(self) -> list[Engine]:
-        """``GET /renderocr/engines`` (public: sent without the key)."""
-        return read_page(Engine, await self.calls.engines(), "list engines")
+    # -- endpoints ---------------------------------------------------------------------
+
+    async def engines(self) -> list[Engine] | None:
+        """``GET /renderocr/engines`` (public: sent without the key); None when the
+        answer holds no readable engine list."""
+        body = await self._json("GET", "/renderocr/engines", ENGINES, auth=False)
+        return read_engines(body)
 
     async def list_files(self) -> list[FileInfo]:
         """``GET /files``: the files of this key; also proves the key is accepted."""
-        return read_page(FileInfo, await self.calls.list_files(), "list files")
+        return read_list(FileInfo, await self._json("GET", "/files", FILES), "list files")
 
-    async def upload(self, stream: BinaryIO, filename: str, content_type: str) -> FileInfo:
-        """``POST /files`` with the multipart field ``file``; streamed from ``stream``."""
-        if not isinstance(self.calls, HubApi):  # a stream cannot go to another process
-            raise TypeError("streams are uploaded only with the hub calls in this process")
-        return read(FileInfo, await self.calls.upload(stream, filename, content_type), "upload")
+    async def file_info(self, file_id: str) -> FileInfo:
+        """``GET /files/{id}``: one file's metadata (RemoteNotFound when it is gone)."""
+        body = await self._json("GET", f"/files/{segment(file_id)}", FILE_INFO)
+        return read(FileInfo, body, "file info")
 
-    async def upload_input(self, request: InputUpload) -> SentInput:
-        """Open an inbox input, check it is the job's version, and upload it."""
-        return _sent_input(await self.calls.upload_input(request))
+    async def upload(
+        self, stream: BinaryIO, filename: str, content_type: str, size: int
+    ) -> FileInfo:
+        """``POST /files`` with the multipart field ``file``, streamed from ``stream``."""
+        files = {"file": (filename, stream, content_type)}
+        extra = self._transfer_time(size)
+        body = await self._json("POST", "/files", UPLOAD, files=files, extra_time=extra)
+        return read(FileInfo, body, "upload")
 
     async def create_job(
         self, file_id: str, engine: str, language: str, output_format: str
     ) -> RemoteJob:
-        """``POST /renderocr/jobs``: start converting an uploaded file."""
-        body = await self.calls.create_job(file_id, engine, language, output_format)
+        """``POST /renderocr/jobs``: start converting an uploaded file (this is paid)."""
+        payload = {
+            "file_id": file_id,
+            "engine": engine,
+            "languages": [language],
+            "output_format": output_format,
+        }
+        body = await self._json("POST", "/renderocr/jobs", CREATE, json=payload)
         return read(RemoteJob, body, "create job")
 
-    async def get_job(self, job_id: str, wait: int = 0) -> RemoteJob:
+    async def get_job(self, job_id: str, wait: float = 0) -> RemoteJob:
         """``GET /renderocr/jobs/{id}``, long-polling up to ``wait`` seconds when > 0."""
-        return read(RemoteJob, await self.calls.get_job(job_id, wait), "poll job")
+        params = {"wait": f"{wait:g}"} if wait > 0 else None
+        url = f"/renderocr/jobs/{segment(job_id)}"
+        body = await self._json("GET", url, POLL, params=params, extra_time=wait)
+        return read(RemoteJob, body, "poll job")
 
     async def list_jobs(self) -> list[RemoteJob]:
         """``GET /renderocr/jobs``: this key's jobs, newest first."""
-        return read_page(RemoteJob, await self.calls.list_jobs(), "list jobs")
+        body = await self._json("GET", "/renderocr/jobs", LIST_JOBS)
+        return read_list(RemoteJob, body, "list jobs")
 
-    async def download(self, file_id: str, dest: Path) -> int:
-        """Stream ``GET /files/{id}/content`` into ``dest``; return the bytes written."""
-        return await self.calls.download(file_id, dest)
+    async def download(self, file_id: str, sink: BinaryIO, max_bytes: int) -> int:
+        """Stream ``GET /files/{id}/content`` into ``sink``; return the bytes written.
 
-    def run_job(self, file_id: str, run: JobRun) -> AsyncGenerator[RunEvent, None]:
-        """Create a job, follow it and fetch its output in one call (``HubApi.run_job``),
-        each step read as it comes."""
-        return self._read_steps(self.calls.run_job(file_id, run))
+        Follows redirects (a storage host gets no key). Counts decoded bytes: more than
+        ``max_bytes`` raises ``OutputRefused``; fewer than announced ``HubUnavailable``.
+        """
+        url = f"/files/{segment(file_id)}/content"
+        async with self._request("GET", url, DOWNLOAD, stream=True) as (response, deadline):
+            declared = _declared_length(response)
+            if declared is not None:  # the transfer's own time, for no more than the cap
+                extra = self._transfer_time(min(declared, max_bytes))
+                deadline.reschedule(
+                    asyncio.get_running_loop().time() + self.limits.deadline + extra
+                )
+            return await self._save(response, sink, max_bytes)
 
-    def upload_and_run(
-        self, request: InputUpload, sha256: str, run: JobRun
-    ) -> AsyncGenerator[RunEvent, None]:
-        """Upload an input, then ``run_job`` if what was sent hashes to ``sha256``."""
-        return self._read_steps(self.calls.upload_and_run(request, sha256, run))
+    # -- plumbing ----------------------------------------------------------------------
 
-    async def _read_steps(
-        self, steps: AsyncGenerator[Progress, None]
-    ) -> AsyncGenerator[RunEvent, None]:
-        async with aclosing(steps):
-            async for kind, value in steps:
-                yield _event(kind, value)
+    def _headers(self, auth: bool) -> dict[str, str]:
+        headers = {"Authorization": f"Bearer {self._api_key}"} if auth else {}
+        job = current_job.get()
+        if job is not None:
+            headers[TRACE_HEADER] = str(job)
+        return headers
+
+    def _transfer_time(self, size: int) -> float:
+        """Seconds a transfer of ``size`` bytes may take beyond the plain deadline."""
+        return size / self.limits.min_transfer_rate
+
+    async def _json(
+        self, method: str, url: str, route: str, *, auth: bool = True, **kwargs: Any
+    ) -> Any:
+        async with self._request(method, url, route, auth=auth, stream=True, **kwargs) as exchange:
+            raw = await _read_capped(exchange[0], self.limits.max_json_bytes, route)
+        try:
+            return json.loads(raw)
+        except ValueError:
+            # A 2xx body that is no JSON: most likely a proxy or a gateway hiccup.
+            raise HubUnavailable(
+                f"{route}: the hub's answer is not JSON", code="bad_response"
+            ) from None
+
+    @contextlib.asynccontextmanager
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        route: str,
+        *,
+        auth: bool = True,
+        stream: bool = False,
+        extra_time: float = 0.0,
+        admit: bool = True,
+        **kwargs: Any,
+    ) -> AsyncIterator[tuple[httpx.Response, asyncio.Timeout]]:
+        """Send one request through the budget and the gate (``admit``: wait while the
+        gate holds ``route``); yield its 2xx response (streamed) and its deadline (which
+        a transfer may extend by its size); raise the project's error for anything else."""
+        if self.budget is not None:
+            await self.budget.take()
+        gate = self.gate if self.gate is not None and admit else _OPEN
+        async with gate.admission(route):
+            try:
+                async with (
+                    _translate(route),
+                    asyncio.timeout(self.limits.deadline + extra_time) as deadline,
+                    self._http.stream(
+                        method,
+                        url,
+                        headers=self._headers(auth),
+                        follow_redirects=route == DOWNLOAD,
+                        **kwargs,
+                    ) as response,
+                ):
+                    if not response.is_success:
+                        body = await _read_capped(response, 64 * 1024, route, strict=False)
+                        raise await self._refusal(response, body, route)
+                    self._answered(route)
+                    yield response, deadline
+            except (HubUnavailable, HubBusy) as exc:
+                self._failed(route, exc)
+                raise
+
+    async def _probe(self) -> None:
+        """The gate's probe while it holds everything: ``GET /files``, past the gate, with
+        the key read anew (a person may have fixed the key file meanwhile)."""
+        if self._key_source is not None:
+            try:
+                self._api_key = self._key_source()
+            except ConfigError as exc:
+                if self.gate is not None:
+                    self.gate.key_rejected(exc.message)  # the file is the problem now
+                return
+        async with self._request("GET", "/files", FILES, stream=True, admit=False):
+            pass
+
+    def _answered(self, route: str) -> None:
+        if self.budget is not None:
+            self.budget.answered()
+        if self.gate is not None:
+            self.gate.answered(route)
+
+    def _failed(self, route: str, exc: LdxError) -> None:
+        if isinstance(exc, HubBusy):
+            if self.budget is not None:
+                self.budget.refusal(exc.retry_after)
+            return
+        if self.gate is not None and exc.code != "bad_response":
+            self.gate.unreachable(route, exc.message)
+
+    async def _refusal(self, response: httpx.Response, body: bytes, route: str) -> LdxError:
+        """The error an unsuccessful answer means; closes the gate for a refused key or
+        a refused route."""
+        error = status_error(response.status_code, response.headers, body, route)
+        if isinstance(error, AuthRejected) and route != FILES:
+            error = await self._key_or_plan(error, route)
+        if self.gate is not None:
+            if isinstance(error, AuthRejected):
+                self.gate.key_rejected(error.message)
+            elif isinstance(error, HubRefused):
+                self.gate.refused(route, error.message)
+            elif not isinstance(error, HubUnavailable | HubBusy):
+                self.gate.answered(route)  # a 4xx of the request's own: the hub works
+        return error
+
+    async def _key_or_plan(self, error: AuthRejected, route: str) -> LdxError:
+        """A 403 (or 401) on one route: does the key work elsewhere? Then the plan refuses
+        this route; else the key is rejected."""
+        try:
+            async with (
+                asyncio.timeout(self.limits.deadline),
+                self._http.stream("GET", "/files", headers=self._headers(True)) as check,
+            ):
+                works = check.is_success
+        except (httpx.HTTPError, TimeoutError):
+            return error  # cannot tell: the key's refusal stands
+        if not works:
+            return error
+        return HubRefused(
+            f"the hub refuses {route} while the key works elsewhere ({error.message}); "
+            "the plan may not include RenderOCR",
+            route=route,
+            code="plan_refused",
+        )
+
+    async def _save(self, response: httpx.Response, sink: BinaryIO, max_bytes: int) -> int:
+        declared = _declared_length(response)
+        if declared is not None and declared > max_bytes and _identity(response):
+            raise _too_large(declared, max_bytes)
+        written, started = 0, time.monotonic()
+        async for chunk in response.aiter_bytes(CHUNK):
+            written += len(chunk)
+            if written > max_bytes:
+                raise _too_large(written, max_bytes)
+            sink.write(chunk)
+            self._check_rate(response.num_bytes_downloaded, started, DOWNLOAD)
+        sink.flush()
+        received = response.num_bytes_downloaded if not _identity(response) else written
+        if declared is not None and received != declared:
+            raise HubUnavailable(
+                f"download: got {received} of {declared} bytes", code="short_download"
+            )
+        return written
+
+    def _check_rate(self, received: int, started: float, route: str) -> None:
+        """Cut a transfer that, past the plain deadline, runs below the minimum rate."""
+        elapsed = time.monotonic() - started
+        grace = self.limits.deadline
+        if elapsed > grace and received < self.limits.min_transfer_rate * (elapsed - grace):
+            raise HubUnavailable(
+                f"{route}: the transfer runs below {self.limits.min_transfer_rate:g} bytes/s",
+                code="too_slow",
+            )
 
 
-def _event(kind: str, value: Any) -> RunEvent:
-    """A step of ``HubApi.run_job`` with its body read into a model."""
-    if kind == "uploaded":
-        return RunEvent(kind, sent=_sent_input(cast(Sent, value)))
-    if kind in ("created", "polled"):
-        what = "create job" if kind == "created" else "poll job"
-        return RunEvent(kind, job=read(RemoteJob, value, what))
-    return RunEvent(kind, written=value if kind == "written" else 0)
+class _OpenGate:
+    """The gate of a client that has none: always open."""
+
+    @contextlib.asynccontextmanager
+    async def admission(self, route: str) -> AsyncIterator[bool]:
+        yield False
 
 
-def _sent_input(sent: Sent) -> SentInput:
-    return SentInput(read(FileInfo, sent.body, "upload").file_id, sent.sha256)
+_OPEN = _OpenGate()
+
+
+def status_error(status: int, headers: httpx.Headers, body: bytes, route: str) -> LdxError:
+    """The project's error for an unsuccessful HTTP answer to ``route``."""
+    code, message = error_detail(body, headers.get("content-type", ""))
+    text = f"{route}: HTTP {status} {message}".strip()
+    if status in (401, 403):
+        what = "rejected the API key" if status == 401 or route == FILES else f"refused {route}"
+        return AuthRejected(f"the LDX hub {what} (HTTP {status}: {message})")
+    if status == 402:
+        return HubRefused(
+            f"the hub refuses {route}: {message or 'payment required (credit used up?)'}",
+            route=route,
+            code="credit_refused",
+        )
+    if status == 429:
+        wait = retry_after_seconds(headers.get("retry-after"), time.time())
+        return HubBusy(text, code="rate_limited", retry_after=wait)
+    if status >= 500 or status == 408:
+        wait = retry_after_seconds(headers.get("retry-after"), time.time())
+        return HubUnavailable(text, code=f"http_{status}", retry_after=wait, maybe_done=True)
+    if status in (404, 410):
+        return RemoteNotFound(text, code=code or "not_found")
+    return JobFailed(text, code=code or f"http_{status}")
+
+
+async def _read_capped(
+    response: httpx.Response, limit: int, route: str, *, strict: bool = True
+) -> bytes:
+    """The decoded body, at most ``limit`` bytes (more: an error, or cut when not strict)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes(CHUNK):
+        size += len(chunk)
+        if size > limit:
+            if not strict:
+                break
+            raise HubUnavailable(
+                f"{route}: the hub's answer passes {limit // 1024 // 1024} MiB; not read",
+                code="bad_response",
+            )
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def _declared_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _identity(response: httpx.Response) -> bool:
+    """Whether the body arrives as it is (no Content-Encoding to decode)."""
+    return response.headers.get("content-encoding", "identity").lower() in ("identity", "")
+
+
+def _too_large(size: int, cap: int) -> OutputRefused:
+    return OutputRefused(
+        f"the hub's output is larger than the {cap / 1e6:.0f} MB this input may produce "
+        f"({size / 1e6:.0f} MB or more); the partial file was removed",
+        code="output_too_large",
+    )
+
+
+@contextlib.asynccontextmanager
+async def _translate(route: str) -> AsyncIterator[None]:
+    """Turn httpx's exceptions and our own deadline into the project's tree."""
+    try:
+        yield
+    except TimeoutError as exc:
+        # Our own wall-clock deadline: httpx's timeouts are per read, and a server that
+        # trickles bytes would otherwise hold a request for ever.
+        raise HubUnavailable(
+            f"{route}: no answer within its deadline", code="deadline", maybe_done=True
+        ) from exc
+    except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+        raise HubUnavailable(f"{route}: {_plain(exc)}", code="network") from exc
+    except httpx.TimeoutException as exc:
+        raise HubUnavailable(
+            f"{route}: timed out ({type(exc).__name__})", code="timeout", maybe_done=True
+        ) from exc
+    except httpx.TransportError as exc:
+        raise HubUnavailable(f"{route}: {_plain(exc)}", code="network", maybe_done=True) from exc
+    except httpx.DecodingError as exc:
+        raise HubUnavailable(f"{route}: undecodable answer", code="bad_response") from exc
+
+
+def _plain(exc: httpx.HTTPError) -> str:
+    """A network error in words an office administrator follows."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return "the hub cannot be reached (no connection: network down, or the hub offline)"
+    return f"the connection to the hub broke ({hub_text(exc, 120) or type(exc).__name__})"

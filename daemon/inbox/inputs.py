@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.errors import JobFailed
+from daemon.errors import HardLinked, InputChanged, InputGone, InputUnreadable
 from daemon.formats import (
     SNIFF_BYTES,
     InputFormat,
@@ -38,34 +38,6 @@ _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 HASH_CHUNK = 1024 * 1024
 UNWRITTEN = "it holds only zero bytes at its start: its space was reserved, its content not written"
-
-
-class InputGone(JobFailed):
-    """The input vanished or was replaced by something that is not a regular file."""
-
-    code = "input_missing"
-
-
-class InputUnreadable(InputGone):
-    """The input is there but the daemon's user may not read it (EACCES or EPERM).
-
-    An ``InputGone`` so that the worker, which only needs to know that the file it
-    queued cannot be sent, handles it as before; intake tells it apart and waits.
-    """
-
-    code = "unreadable"
-
-
-class HardLinked(JobFailed):
-    """The input has more than one hard link and ``allow_hardlinks`` is off."""
-
-    code = "hard_link"
-
-
-class InputChanged(JobFailed):
-    """The input changed after it was taken; the new version becomes a new job."""
-
-    code = "input_changed"
 
 
 def hard_link_message(rel_path: str, links: int) -> str:
@@ -268,12 +240,3 @@ class HashingReader(io.RawIOBase):
         if not self._in_order or self._pos != os.fstat(self._fd).st_size:
             return None
         return self._digest.hexdigest()
-
-
-MIME_TYPES = {
-    InputFormat.PDF: "application/pdf",
-    InputFormat.TIFF: "image/tiff",
-    InputFormat.JPEG: "image/jpeg",
-    InputFormat.PNG: "image/png",
-    InputFormat.BMP: "image/bmp",
-}

@@ -25,17 +25,16 @@ import math
 import os
 import stat
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path, PurePosixPath
 
-from daemon.config import Settings
+from daemon.errors import InputGone, InputUnreadable, UnsafeOutputPath
 from daemon.fs import fs_path, stored_path
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.inputs import (
-    InputGone,
-    InputUnreadable,
     Inspection,
     hard_link_message,
     inspect_input,
@@ -54,25 +53,19 @@ from daemon.inbox.stability import (
     verdict,
     with_problem,
 )
-from daemon.inbox.watcher import Watcher
-from daemon.jobs.store import Entry, Job, NameClaims, NewJob, Store
-from daemon.jobs.writer import Db
+from daemon.jobs.model import Entry, Job, NameClaims, NewJob
+from daemon.jobs.store import Store
+from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.outbox import publish as outbox
 from daemon.outbox.layout import output_candidates
-from daemon.outbox.permissions import (
-    OutputPermissions,
-    UnsafeOutputPath,
-    unsafe_component,
-    unsafe_folder_message,
-)
+from daemon.outbox.permissions import OutputPermissions, unsafe_component, unsafe_folder_message
 
 log = get_logger(component="intake")
 Ready = tuple[str, Sighting, bool]  # (path, sighting, giving up)
 Record = tuple[str, Inspection, tuple[str, str] | None]  # (path, inspection, refusal)
 TICK_SECONDS = 0.25
 QUIET_MARGIN = 0.002  # look just after a quiet period ends, never just before
-WATCH_CHECK_SECONDS = 2.0
 CLAIM_CANDIDATES = 50
 FIRST_CANDIDATES = 2
 TAKE_BATCH = 200  # candidates inspected and inserted per call of the single writer
@@ -176,54 +169,53 @@ def output_folder(rel: str) -> PurePosixPath:
     return PurePosixPath(rel).parent
 
 
+@dataclass(frozen=True)
+class IntakeSettings:
+    """The values intake needs (from the configuration, read once)."""
+
+    inbox: Path
+    outbox: Path
+    router: Router
+    perms: OutputPermissions
+    name_filter: NameFilter
+    patience: Patience
+    allow_hardlinks: bool = False
+    archive_dir: Path | None = None
+    rescan_interval: float = 300.0
+
+
 class Intake:
     """Tracks candidates until they are stable, then queues them."""
 
     def __init__(
         self,
-        settings: Settings,
-        db: Db,
+        settings: IntakeSettings,
+        db: Writer,
         on_enqueued: Callable[[], None],
         *,
         clock: Callable[[], float] = time.time,
-        reject_empty: bool = False,
     ) -> None:
-        self.inbox = settings.inbox.absolute()
-        self.outbox = settings.outbox.absolute()
         self.settings = settings
-        hub = settings.hub
-        defaults = {
-            "engine": hub.engine,
-            "language": hub.language,
-            "output_format": hub.output_format,
-            "on_success": settings.on_success,
-        }
-        self.router = Router(
-            self.inbox, settings.rules, defaults, archive_dir_set=settings.archive_dir is not None
-        )
-        self.perms = OutputPermissions.of(settings.output_mode, settings.output_group)
-        self.filter = NameFilter.with_extra(settings.ignore)
+        self.inbox = settings.inbox
+        self.outbox = settings.outbox
+        self.router = settings.router
+        self.perms = settings.perms
+        self.filter = settings.name_filter
+        self.patience = settings.patience
         self.db = db
         self.clock = clock
-        self.patience = Patience(
-            settings.quiet_period,
-            settings.stalled_after,
-            settings.incomplete_timeout,
-            impatient=reject_empty,
-        )
         self.sightings: dict[str, Sighting] = {}  # stored path -> what we saw
         self.known: dict[str, Signature] = {}  # stored path -> version already taken
         self.present: set[str] = set()
         self.stalled: set[str] = set()  # paths noted in the table's ``waiting``
         self.paused = False  # disk nearly full: keep watching, take nothing
-        self.watcher: Watcher | None = None
         self._on_enqueued = on_enqueued
         self._rescan_soon = False
         self._quiet_end = math.inf  # when the next candidate turns quiet
         self._next_look = 0.0  # when the sleeping loop will look again
         self._look_soon = asyncio.Event()
         self._folder_scans: dict[str, asyncio.Task[int]] = {}
-        self._next_watch_check = 0.0
+        self.after_rescan: list[Callable[[], Awaitable[None]]] = []  # e.g. watch coverage
 
     # -- sources -------------------------------------------------------------------------
 
@@ -588,50 +580,6 @@ class Intake:
 
     # -- running -------------------------------------------------------------------------
 
-    def watch(self, loop: asyncio.AbstractEventLoop) -> Watcher:
-        """Start the watcher that feeds ``hint``, as the settings say; supervise it."""
-        self.watcher = Watcher(
-            self.inbox,
-            self.hint,
-            polling=self.settings.use_polling,
-            polling_interval=self.settings.polling_interval,
-            on_overflow=self._overflowed,
-        )
-        self.watcher.start(loop)
-        return self.watcher
-
-    def _overflowed(self) -> None:
-        log.warning("filesystem events were lost (inotify queue overflow); rescanning")
-        self.request_rescan()
-
-    def _supervise(self) -> None:
-        watcher = self.watcher
-        if watcher is None or self.clock() < self._next_watch_check:
-            return
-        self._next_watch_check = self.clock() + WATCH_CHECK_SECONDS
-        if watcher.healthy():
-            return
-        self._restart_watcher("the filesystem observer stopped; restarting it and rescanning")
-
-    async def _check_coverage(self) -> None:
-        """After a full rescan: does inotify still watch every folder? (New folders may
-        have used up the watches; then the watcher restarts, polling where it must.)"""
-        watcher = self.watcher
-        if watcher is None or await asyncio.to_thread(watcher.covered):
-            return
-        self._restart_watcher("inotify does not watch every folder any more; restarting")
-
-    def _restart_watcher(self, why: str) -> None:
-        watcher = self.watcher
-        if watcher is None:
-            return
-        log.error(why)
-        try:
-            watcher.restart(asyncio.get_running_loop())
-        except OSError as exc:
-            log.error("cannot restart the filesystem observer", error=str(exc))
-        self.request_rescan()
-
     async def run(self, stop: asyncio.Event) -> None:
         """Tick until ``stop``; rescan the whole inbox every ``rescan_interval``."""
         next_rescan = self.clock() + self.settings.rescan_interval
@@ -640,13 +588,13 @@ class Intake:
         try:
             while not stop.is_set():
                 await self.tick()
-                self._supervise()
                 if self._rescan_soon or self.clock() >= next_rescan:
                     self._rescan_soon = False
                     found = await self.scan()
                     if found:
                         log.info("rescan found files the watcher missed", count=found)
-                    await self._check_coverage()
+                    for listener in self.after_rescan:
+                        await listener()
                     next_rescan = self.clock() + self.settings.rescan_interval
                 await self._doze(stop)
         finally:

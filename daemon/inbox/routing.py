@@ -19,33 +19,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
+
+from daemon.config import RouteFields, Rule
+from daemon.errors import FolderFileError
 
 FOLDER_FILE = ".ldx-hotfolder.toml"
-RULE_FIELDS = ("output_format", "language", "engine", "on_success")
-
-
-class RouteFields(BaseModel):
-    """The fields a rule or a folder file may set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    output_format: Literal["docx", "xlsx", "pptx"] | None = None
-    language: str | None = None
-    engine: str | None = None
-    on_success: Literal["keep", "delete", "archive"] | None = None
-
-    def given(self) -> dict[str, str]:
-        """The fields this source sets."""
-        return {k: v for k, v in self.model_dump().items() if v is not None}
-
-
-class Rule(RouteFields):
-    """One ``[[rules]]`` entry: a glob on the relative path and the fields it sets."""
-
-    match: str
 
 
 @dataclass(frozen=True)
@@ -125,10 +106,6 @@ def route(
         on_success=merged["on_success"],
         source=" + ".join(sources) or "defaults",
     )
-
-
-class FolderFileError(Exception):
-    """A folder file cannot be read or holds an invalid value."""
 
 
 def parse_folder_file(text: str, where: str) -> RouteFields:

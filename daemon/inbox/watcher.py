@@ -16,6 +16,7 @@ for a rescan at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import os
@@ -56,6 +57,7 @@ _WANTED_EVENTS: list[type[FileSystemEvent]] = [
 ]
 _INOTIFY_LOGGER = "watchdog.observers.inotify_c"
 COVERAGE_RECHECK = 0.2  # seconds before counting watches again
+HEALTH_CHECK_SECONDS = 2.0  # how often the observer threads are looked at
 _LIMIT_SYSCTL = {
     errno.ENOSPC: "fs.inotify.max_user_watches",
     errno.EMFILE: "fs.inotify.max_user_instances",
@@ -221,6 +223,30 @@ class Watcher:
         """Stop whatever is left of the observers and start afresh (re-reading the mounts)."""
         self._stop_observers()
         self.start(loop)
+
+    async def keep_alive(self, stop: asyncio.Event, on_lost: Callable[[], None]) -> None:
+        """Restart a dead observer (and call ``on_lost``: events were missed) until ``stop``."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), HEALTH_CHECK_SECONDS)
+            if not stop.is_set() and not self.healthy():
+                self._restart("the filesystem observer stopped; restarting it and rescanning")
+                on_lost()
+
+    async def check_coverage(self, on_lost: Callable[[], None]) -> None:
+        """After a full rescan: does inotify still watch every folder? (New folders may
+        have used up the watches; then the watcher restarts, polling where it must.)"""
+        if await asyncio.to_thread(self.covered):
+            return
+        self._restart("inotify does not watch every folder any more; restarting")
+        on_lost()
+
+    def _restart(self, why: str) -> None:
+        log.error(why)
+        try:
+            self.restart(asyncio.get_running_loop())
+        except OSError as exc:
+            log.error("cannot restart the filesystem observer", error=str(exc))
 
     def stop(self) -> None:
         """Stop the observer threads."""

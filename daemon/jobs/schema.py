@@ -33,15 +33,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
-from daemon.errors import ConfigError
+from daemon.errors import SchemaMismatch
 from daemon.logs import get_logger
 
 log = get_logger(component="schema")
 Migration = Callable[[Connection], None]
-
-
-class SchemaMismatch(ConfigError):
-    """The database's schema is older or newer than this program's."""
 
 
 def _v1_tables(meta: MetaData) -> None:
@@ -135,8 +131,55 @@ def _to_v2(conn: Connection) -> None:
     conn.execute(locks.insert().values(name="intake"))
 
 
+def _to_v3(conn: Connection) -> None:
+    """Pay once and count pages: what the hub holds for each job (every remote job, the
+    upload's and the output's expiry), the pages counted at intake, the pages the hub
+    billed, and the durations learned per engine."""
+    float_type = Float().compile(dialect=conn.dialect)
+    conn.execute(text("ALTER TABLE jobs ADD COLUMN pages INTEGER"))
+    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN upload_expires_at {float_type}"))
+    conn.execute(text(f"ALTER TABLE jobs ADD COLUMN output_expires_at {float_type}"))
+    meta = MetaData()
+    Table(
+        "remote_jobs",
+        meta,
+        Column("remote_job_id", String(64), primary_key=True),
+        Column("job_id", Integer, nullable=False, index=True),
+        Column("remote_file_id", String(64), nullable=False),
+        Column("created_at", Float),
+        Column("status", String(16), nullable=False),
+        Column("output_file_id", String(64)),
+        Column("expires_at", Float),
+        Column("pages", Integer),
+        Column("error_code", String(64)),
+        Column("recorded_at", Float, nullable=False),
+    )
+    Table(
+        "usage",
+        meta,
+        Column("remote_job_id", String(64), primary_key=True),
+        Column("job_id", Integer),
+        Column("path", Text, nullable=False),
+        Column("folder", Text, nullable=False),
+        Column("rule", Text),
+        Column("pages", Integer, nullable=False),
+        Column("outcome", String(16), nullable=False),
+        Column("billed_at", Float, nullable=False, index=True),
+    )
+    Table(
+        "durations",
+        meta,
+        Column("engine", String(100), primary_key=True),
+        Column("per_page", Float, nullable=False),
+        Column("base", Float, nullable=False),
+        Column("samples", Integer, nullable=False),
+        Column("updated_at", Float, nullable=False),
+    )
+    meta.create_all(conn)
+
+
 # MIGRATIONS[n] brings a database from version n to n + 1.
-MIGRATIONS: tuple[Migration, ...] = (_to_v1, _to_v2)
+MIGRATIONS: tuple[Migration, ...] = (_to_v1, _to_v2, _to_v3)
 HEAD = len(MIGRATIONS)
 
 

@@ -23,7 +23,9 @@ from daemon.fs import fs_path, is_escaped, stored_path
 from daemon.inbox.filters import DEFAULT_IGNORE, NameFilter
 from daemon.inbox.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
 from daemon.inbox.stability import Signature
-from daemon.jobs.store import Job, Status, Store, Waiting
+from daemon.jobs.model import Job, Status, Waiting
+from daemon.jobs.store import Store
+from daemon.jobs.views import Views
 from daemon.ops.health import age_text
 from daemon.outbox.layout import error_file_for
 
@@ -142,8 +144,8 @@ def gather(settings: Settings, store: Store, given: str, cwd: Path) -> Facts:
         ignored=ignored,
         ignored_builtin=ignored is None or ignored[1] in DEFAULT_IGNORE,
         blocked_by=_blocked_by(rules.inbox, fs_rel),
-        job=store.latest_for_path(rel) if rel else None,
-        waiting=next(iter(store.waiting(rel)), None) if rel else None,
+        job=Views(store).latest_for_path(rel) if rel else None,
+        waiting=next(iter(Views(store).waiting(rel)), None) if rel else None,
     )
     if facts.blocked_by is not None:
         return facts

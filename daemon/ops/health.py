@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from daemon import __version__
-from daemon.jobs.store import Status, Store
-from daemon.jobs.writer import Db
+from daemon.jobs.model import Status
+from daemon.jobs.views import Views
+from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.ops import metrics
 from daemon.ops.notify import Notifier
@@ -57,7 +58,7 @@ class Snapshot:
     oldest_waiting_at: float | None
 
 
-def take_snapshot(store: Store) -> Snapshot:
+def take_snapshot(store: Views) -> Snapshot:
     """Read the queue (runs in the single writer)."""
     return Snapshot(store.counts(), store.oldest_unfinished())
 
@@ -191,7 +192,8 @@ class Monitor:
 
     def __init__(
         self,
-        db: Db,
+        db: Writer,
+        views: Views,
         liveness: Callable[[], Liveness],
         notifier: Notifier,
         *,
@@ -203,6 +205,7 @@ class Monitor:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.db = db
+        self.views = views
         self.liveness = liveness
         self.notifier = notifier
         self.heartbeat_file = heartbeat_file
@@ -222,7 +225,7 @@ class Monitor:
 
     async def prime(self) -> None:
         """Read the queue once before the first beat (so READY=1 shows real counts)."""
-        self._snapshot = await self.db.call(take_snapshot, self.db.store)
+        self._snapshot = await self.db.call(take_snapshot, self.views)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat until ``stop``; on a lasting fault set ``failure`` and ``stop``."""
@@ -269,7 +272,7 @@ class Monitor:
                 self._snapshot = probe.result()
             except Exception as exc:  # the database failed: show it, keep judging
                 log.warning("cannot read the queue from the state database", error=str(exc))
-        self._probe = asyncio.ensure_future(self.db.call(take_snapshot, self.db.store))
+        self._probe = asyncio.ensure_future(self.db.call(take_snapshot, self.views))
         self._probe_started = self.monotonic()
         return None
 

@@ -25,7 +25,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
-from daemon.jobs.store import Stage
+from daemon.jobs.model import Stage
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 _NS = "ldx_hotfolder"

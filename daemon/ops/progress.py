@@ -19,8 +19,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from daemon.jobs.store import Status
-from daemon.jobs.writer import Db
+from daemon.jobs.model import Status
+from daemon.jobs.views import Views
 
 REFRESH_SECONDS = 0.25
 
@@ -68,13 +68,13 @@ class ProgressBar:
         )
 
 
-async def follow(db: Db, since: float, bar: ProgressBar) -> None:
+async def follow(views: Views, since: float, bar: ProgressBar) -> None:
     """Refresh ``bar`` from the state table until cancelled."""
     with bar:
         try:
             while True:
-                bar.update(await db.call(db.store.counts_since, since))
+                bar.update(await asyncio.to_thread(views.counts_since, since))
                 await asyncio.sleep(REFRESH_SECONDS)
         except asyncio.CancelledError:
-            bar.update(await db.call(db.store.counts_since, since))  # the final counts
+            bar.update(await asyncio.to_thread(views.counts_since, since))  # the final counts
             raise

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
-from daemon.jobs.store import Instance, Job
+from daemon.jobs.model import Instance, Job
 from daemon.ops.health import Heartbeat, age_text, verdict
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}

@@ -23,10 +23,11 @@ import os
 import shutil
 from pathlib import Path
 
-from daemon.inbox.inputs import InputGone, open_input
+from daemon.errors import InputGone, OoxmlProblem
+from daemon.inbox.inputs import open_input
 from daemon.outbox import publish as outbox
 from daemon.outbox.permissions import OutputPermissions, make_dirs, open_output
-from daemon.outbox.verify import OoxmlProblem, verify_package
+from daemon.outbox.verify import verify_package
 
 COPY_CHUNK = 1024 * 1024
 

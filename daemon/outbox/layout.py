@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from itertools import count
 from pathlib import PurePosixPath
 
+from daemon.formats import EXTENSIONS, InputFormat
+
 NAME_MAX_BYTES = 255
 ERROR_SUFFIX = ".error.txt"
 TEMP_MARKER = ".ldx-part-"
@@ -53,9 +55,10 @@ def fit_name(stem: str, suffix: str, limit: int = NAME_MAX_BYTES) -> str:
     return cut + suffix
 
 
-def upload_name(rel_input: str, sha256: str) -> str:
-    """The name an input is uploaded under: its own, tagged with its content hash
-    (``scan.ldx-1f3a...c9d2.pdf``), the extension kept last for the hub.
+def upload_name(rel_input: str, sha256: str, fmt: InputFormat | None = None) -> str:
+    """The name an input is uploaded under: its own, tagged with its content hash, with
+    the extension of the type its content has (``scan.ldx-1f3a...c9d2.png`` for a PNG
+    named ``scan.jpg`` or ``scan``), so a hub that goes by extension is not misled.
 
     After a crash between an upload and its record, the upload is found again by this
     name and the size: two inputs of one name and size in different folders (fixed-size
@@ -63,7 +66,8 @@ def upload_name(rel_input: str, sha256: str) -> str:
     would hold the same bytes.
     """
     path = PurePosixPath(rel_input)
-    tag = f"{UPLOAD_MARKER}{sha256[:UPLOAD_TAG_HEX]}{path.suffix}"
+    extension = EXTENSIONS[fmt] if fmt is not None else path.suffix
+    tag = f"{UPLOAD_MARKER}{sha256[:UPLOAD_TAG_HEX]}{extension}"
     return fit_name(path.name[: len(path.name) - len(path.suffix)], tag)
 
 

@@ -23,31 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from daemon.errors import ConfigError, JobFailed
+from daemon.errors import ConfigError, UnsafeOutputPath
 
 DEFAULT_MODE = 0o640
 PROCESS_UMASK = 0o027  # never group-writable, never readable by others
-
-
-def parse_mode(value: object) -> int:
-    """A file mode from ``0o640``, ``416``, ``"0640"``, ``"640"`` or ``"0o640"``."""
-    if isinstance(value, bool):
-        raise ValueError('a file mode is a number such as 0o640 or the string "0640"')
-    if isinstance(value, int):
-        mode = value
-    elif isinstance(value, str):
-        text = value.strip().lower().removeprefix("0o")
-        try:
-            mode = int(text, 8)
-        except ValueError:
-            raise ValueError(f'not an octal file mode: {value!r} (try "0640")') from None
-    else:
-        raise ValueError(f"not a file mode: {value!r}")
-    if not 0 <= mode <= 0o777:
-        raise ValueError(f"file mode {mode:#o} is out of range (0 to 0o777, no special bits)")
-    if not mode & stat.S_IRUSR:
-        raise ValueError(f"file mode {mode:#o} would hide outputs from the daemon itself")
-    return mode
 
 
 def dir_mode_for(mode: int) -> int:
@@ -87,12 +66,6 @@ class OutputPermissions:
         if directory:
             mode |= os.fstat(fd).st_mode & stat.S_ISGID
         os.fchmod(fd, mode)
-
-
-class UnsafeOutputPath(JobFailed):
-    """A link or non-folder where the outbox (or archive) needs a folder or a new file."""
-
-    code = "unsafe_output_path"
 
 
 def unsafe_folder_message(path: Path, root: Path) -> str:

@@ -16,18 +16,12 @@ import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
-from daemon.errors import RetryLater
+from daemon.errors import RetryLater, UnsafeOutputPath
 from daemon.fs import fs_path
 from daemon.inbox.stability import Signature
 from daemon.logs import get_logger
 from daemon.outbox.layout import error_file_for, temp_name
-from daemon.outbox.permissions import (
-    OutputPermissions,
-    UnsafeOutputPath,
-    check_dirs,
-    make_dirs,
-    open_output,
-)
+from daemon.outbox.permissions import OutputPermissions, check_dirs, make_dirs, open_output
 
 log = get_logger(component="outbox")
 
@@ -132,13 +126,23 @@ def delete_input(inbox: Path, rel_input: str, expected: Signature) -> bool:
     return True
 
 
-def archive_input(inbox: Path, archive: Path, rel_input: str) -> Path | None:
-    """Move the input into the archive, mirroring its path; never overwrite."""
+def archive_input(
+    inbox: Path, archive: Path, rel_input: str, expected: Signature | None = None
+) -> Path | None:
+    """Move the input into the archive, mirroring its path; never overwrite. Only the
+    version that was converted moves (``expected``): a newer one is a new input."""
     source = inbox / fs_path(rel_input)  # the stored path may be escaped (daemon.fs)
     try:
-        if not stat.S_ISREG(source.lstat().st_mode):
-            return None  # replaced by a link or something else: never follow or move it
+        st = source.lstat()
     except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None  # replaced by a link or something else: never follow or move it
+    if expected is not None and (st.st_size, st.st_mtime_ns, st.st_ino) != (
+        expected.size,
+        expected.mtime_ns,
+        expected.inode,
+    ):
         return None
     _make_archive_dirs(archive, (archive / rel_input).parent)
     target = _free_name(archive / rel_input)

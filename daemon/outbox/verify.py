@@ -25,6 +25,8 @@ from typing import IO
 from urllib.parse import unquote
 from xml.parsers import expat
 
+from daemon.errors import OoxmlProblem
+
 _CT_OFFICE = "application/vnd.openxmlformats-officedocument."
 
 MAIN_CONTENT_TYPES: dict[str, str] = {
@@ -68,10 +70,6 @@ _SMALL_UNPACKED = 16 * 1024 * 1024  # members of a small package unpacked in mem
 _LOCAL_HEADER = struct.Struct("<4s2xH18xHH")  # signature, flags, name and extra lengths
 _UNSUPPORTED_FLAGS = 0x1 | 0x20 | 0x40  # encrypted, patched data, strong encryption
 _PLAIN = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the methods unpacked in memory
-
-
-class OoxmlProblem(Exception):
-    """The file is not a valid OOXML package of the expected type; the message says why."""
 
 
 # --- streaming XML ------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import httpx
 
 from daemon.config import HookSettings
 from daemon.logs import get_logger
-from daemon.pipeline.backoff import retry_delay
+from daemon.pipeline.faults import retry_delay
 
 log = get_logger(component="hooks")
 MAX_PARALLEL = 4

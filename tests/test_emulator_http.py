@@ -419,7 +419,16 @@ def test_admin_endpoints(emulator: EmulatorServer) -> None:
         assert admin.get("/files", headers={"Authorization": f"Bearer {KEY}"}).status_code == 403
 
         ledger = admin.get("/_emulator/ledger").json()
-        assert set(ledger) == {"requests", "uploads", "jobs", "downloads", "events", "faults"}
+        assert set(ledger) == {
+            "requests",
+            "refused",
+            "uploads",
+            "jobs",
+            "downloads",
+            "events",
+            "faults",
+            "storage_saw_authorization",
+        }
         assert ledger["requests"] == {"GET /files": 2}  # admin calls are not counted
         emptied = admin.post("/_emulator/reset-ledger").json()
         assert emptied["requests"] == {}

@@ -167,6 +167,16 @@ def deflate_chunks(runs: Iterable[Run]) -> Iterator[bytes]:
     yield _FINAL_BLOCK
 
 
+def plain_chunks(runs: Iterable[Run]) -> Iterator[bytes]:
+    """The runs uncompressed, in pieces of at most about a mebibyte."""
+    for run in runs:
+        per_chunk = _unit_count(run.pattern)
+        block = run.pattern * min(per_chunk, run.count)
+        for done in range(0, run.count, per_chunk):
+            left = min(per_chunk, run.count - done)
+            yield block if left == per_chunk else run.pattern * left
+
+
 # -- gzip ------------------------------------------------------------------------------------
 
 

@@ -966,9 +966,15 @@ class Hub:
         """Log one authenticated-route request (time, route, trace header, answer)."""
         self._ledger.record_event(event)
 
-    def record_download(self, file_id: str, size: int, status: int) -> None:
-        """Note a download answer: the body size it announced and its status."""
-        self._ledger.record("downloads", {"file_id": file_id, "size": size, "status": status})
+    def record_download(
+        self, file_id: str, size: int, status: int, mode: str | None = None
+    ) -> None:
+        """Note a download answer: the body size it announced (0: none), its status, and
+        the ``mode`` of a body that is not the plain file (gzip, endless, ...)."""
+        entry: dict[str, Any] = {"file_id": file_id, "size": size, "status": status}
+        if mode is not None:
+            entry["mode"] = mode
+        self._ledger.record("downloads", entry)
 
     def count_refused(self, route: str) -> None:
         """Count one 429 answer to ``route`` (also counted as a request)."""

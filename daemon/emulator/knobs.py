@@ -263,7 +263,7 @@ class Faults(_Group):
         "filename before any job is made; 0 = off",
     )
     outage: bool | float = knob(
-        False, "outage", "an outage: false, true (until cleared) or seconds from now"
+        False, "outage", "an outage: seconds from now, or true ('forever') until cleared"
     )
     outage_mode: str = knob(
         "drop",
@@ -506,18 +506,17 @@ def _cli_word(spec: Knob) -> Callable[[str], str]:
 
 def _add_option(group: argparse._ArgumentGroup, name: str, spec: Knob, default: object) -> None:
     flag = "--" + name.replace("_", "-")
-    text = f"{spec.help} (default: {_jsonable(default)!r})".replace("%", "%%")
+    plain = spec.help.replace("%", "%%")  # argparse formats help with %
+    text = f"{plain} (default: {_jsonable(default)!r})"
     if spec.kind == "flag":
-        group.add_argument(flag, dest=name, action="store_const", const=True, help=spec.help)
+        group.add_argument(flag, dest=name, action="store_const", const=True, help=plain)
     elif spec.kind == "choice":
         kind = type(spec.choices[0])
         group.add_argument(flag, dest=name, type=kind, choices=spec.choices, help=text)
     elif spec.kind == "subset":
         group.add_argument(flag, dest=name, type=_cli_subset(spec), metavar="A,B", help=text)
     elif spec.kind == "outage":
-        group.add_argument(
-            flag, dest=name, type=_cli_outage, metavar="SECONDS|forever", help=spec.help
-        )
+        group.add_argument(flag, dest=name, type=_cli_outage, metavar="SECONDS|forever", help=plain)
     elif spec.kind in ("word", "route"):
         group.add_argument(flag, dest=name, type=_cli_word(spec), help=text)
     else:

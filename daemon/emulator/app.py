@@ -506,7 +506,8 @@ class _Api:
     async def list_files(self, request: Request) -> Response:
         files = await self._hub_call(self.hub.list_files)
         variants = self.hub.knobs.variants
-        listed = [shapes.file_body(info, variants) for info in _newest(files, variants)]
+        shape = shapes.file_shaper(variants)
+        listed = [shape(info) for info in _newest(files, variants)]
         return shapes.json_response({"data": listed}, 200, variants)
 
     async def get_file(self, request: Request) -> Response:
@@ -782,7 +783,8 @@ class _Api:
     async def list_jobs(self, request: Request) -> Response:
         jobs = await self._hub_call(self.hub.list_jobs)
         variants = self.hub.knobs.variants
-        listed = [shapes.job_body(job, variants) for job in _newest(jobs, variants)]
+        shape = shapes.job_shaper(variants)
+        listed = [shape(job) for job in _newest(jobs, variants)]
         return shapes.json_response({"data": listed}, 200, variants)
 
     async def get_job(self, request: Request) -> Response:

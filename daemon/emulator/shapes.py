@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from datetime import datetime, timedelta
 from http import HTTPStatus
 from typing import Any
@@ -81,26 +81,67 @@ def _status(status: str, variants: Variants) -> str:
     return status.upper() if variants.status_case == "upper" else status
 
 
+_JOB_SHAPE = (
+    "progress_scale",
+    "status_case",
+    "extra_status",
+    "error_as_string",
+    "omit_fields",
+    "extra_fields",
+    "timestamp_style",
+    "timestamp_skew",
+)
+_DEFAULT_JOB_SHAPE = tuple(getattr(Variants(), name) for name in _JOB_SHAPE)
+
+
+def job_shaper(variants: Variants) -> Callable[[JobInfo], dict[str, Any]]:
+    """The function that shapes job bodies under ``variants`` (plain ``to_json`` if none do).
+
+    Made once per answer, so a list of thousands of jobs pays for the check once.
+    """
+    if tuple(getattr(variants, name) for name in _JOB_SHAPE) == _DEFAULT_JOB_SHAPE:
+        return JobInfo.to_json
+    stamp = stamper(variants)
+
+    def shape(job: JobInfo) -> dict[str, Any]:
+        body = job.to_json(stamp)
+        body["progress"] = _progress(job.progress, variants.progress_scale)
+        body["status"] = _status(job.status, variants)
+        if variants.error_as_string and job.error is not None:
+            body["error"] = f"{job.error.code}: {job.error.message}"
+        for name in variants.omit_fields:
+            body.pop(name, None)
+        if variants.extra_fields:
+            body.update(EXTRA_FIELDS)
+        return body
+
+    return shape
+
+
 def job_body(job: JobInfo, variants: Variants) -> dict[str, Any]:
     """A job's JSON body as the variants shape it."""
-    body = job.to_json(stamper(variants))
-    body["progress"] = _progress(job.progress, variants.progress_scale)
-    body["status"] = _status(job.status, variants)
-    if variants.error_as_string and job.error is not None:
-        body["error"] = f"{job.error.code}: {job.error.message}"
-    for name in variants.omit_fields:
-        body.pop(name, None)
-    if variants.extra_fields:
-        body.update(EXTRA_FIELDS)
-    return body
+    return job_shaper(variants)(job)
+
+
+def file_shaper(variants: Variants) -> Callable[[FileInfo], dict[str, Any]]:
+    """The function that shapes FileInfo bodies under ``variants``."""
+    plain = variants.timestamp_style == "z" and not variants.timestamp_skew
+    if plain and not variants.extra_fields:
+        return FileInfo.to_json
+    stamp = stamper(variants)
+
+    def shape(info: FileInfo) -> dict[str, Any]:
+        body = info.to_json(stamp)
+        if variants.extra_fields:
+            body.update(EXTRA_FIELDS)
+        return body
+
+    return shape
 
 
 def file_body(info: FileInfo, variants: Variants) -> dict[str, Any]:
     """A FileInfo body as the variants shape it."""
-    body = info.to_json(stamper(variants))
-    if variants.extra_fields:
-        body.update(EXTRA_FIELDS)
-    return body
+    return file_shaper(variants)(info)
 
 
 def engines_body(engines: list[dict[str, Any]], shape: str) -> dict[str, Any]:

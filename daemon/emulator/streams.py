@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import httpx
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -250,6 +251,9 @@ class HostileBody(Response):
             if self._hooks.stopping:
                 return False
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # uvicorn's send returns at once to a gone client: without a checkpoint an
+            # endless source would hold the loop and never see the disconnect.
+            await anyio.lowlevel.checkpoint()
         return True
 
     async def _finish(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -522,6 +522,34 @@ async def test_gzip_bomb_download_is_small_on_the_wire_and_a_gibibyte_inflated(h
 
 
 @pytest.mark.anyio
+async def test_never_ending_bodies_raise_read_timeout_in_process(hub: Hub) -> None:
+    """Without a socket, endless and trickling downloads raise what a client would see."""
+    async with session_for(hub) as session:
+        file_id = await upload(session, make_pdf())
+        for mode in ("endless", "trickle"):
+            hub.update_knobs({"download_mode": mode, "trickle_interval": 0.01})
+            with pytest.raises(httpx.ReadTimeout):
+                await session.get(f"/files/{file_id}/content")
+    assert [d["mode"] for d in hub.ledger()["downloads"]] == ["endless", "trickle"]
+
+
+@pytest.mark.anyio
+async def test_oversize_and_unsized_bodies_in_process(hub: Hub) -> None:
+    """In process, oversize sends more than its Content-Length; unsized sends no length."""
+    data = make_pdf()
+    async with session_for(hub) as session:
+        file_id = await upload(session, data)
+        hub.update_knobs({"download_mode": "oversize", "oversize_bytes": 100})
+        over = await session.get(f"/files/{file_id}/content")
+        hub.update_knobs({"download_mode": "unsized"})
+        unsized = await session.get(f"/files/{file_id}/content")
+    assert int(over.headers["content-length"]) == len(data)
+    assert over.content == data + bytes(100)
+    assert "content-length" not in unsized.headers
+    assert unsized.content == data + bytes(100)
+
+
+@pytest.mark.anyio
 async def test_redirected_download_serves_from_storage_without_the_key(hub: Hub) -> None:
     """download_redirect answers 302 to /_storage/<token>; storage counts requests with a key."""
     data = make_pdf()
@@ -560,6 +588,7 @@ async def test_refused_route_only(hub: Hub, status: int, words: str) -> None:
     assert words in refused.json()["detail"]
     assert listed.status_code == 200
     assert hub.ledger()["jobs"] == []
+    assert hub.ledger()["faults"]["refused_route"] == 1
 
 
 @pytest.mark.anyio

@@ -315,10 +315,14 @@ class _Api:
 
     def _public(self, method: str, path: str, handler: Handler) -> Route:
         async def endpoint(request: Request) -> Response:
-            self.hub.count_request(f"{request.method} {path}")
+            route = f"{request.method} {path}"
+            self.hub.count_request(route)
             mode = self.hub.outage(public=True)
             if mode is not None:
                 return self._outage_answer(request, mode)
+            refused = self.hub.refusal(route)
+            if refused is not None:
+                return self._refused(request, route, refused)
             return await handler(request)
 
         return Route(path, endpoint, methods=[method])

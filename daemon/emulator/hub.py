@@ -892,6 +892,8 @@ class Hub:
         """
         if self._use_up("drop_create_requests", "dropped_create"):
             return True
+        if not self._armed_drops and self._knobs.faults.drop_create_after_failure <= 0:
+            return False  # nothing armed, nothing to arm: no need to settle
         file_id = body.get("file_id") if isinstance(body, dict) else None
         with self._store_lock:
             self._settle()  # a failure due by now arms its drops first
@@ -901,7 +903,10 @@ class Hub:
             left = self._armed_drops.get(name or "", 0)
             if left <= 0:
                 return False
-            self._armed_drops[name or ""] = left - 1
+            if left > 1:
+                self._armed_drops[name or ""] = left - 1
+            else:
+                del self._armed_drops[name or ""]
         self._ledger.count_fault("dropped_create")
         return True
 
@@ -984,13 +989,20 @@ class Hub:
         self._ledger.count_refused(route)
 
     def ledger(self) -> dict[str, Any]:
-        """Return a copy of the ledger (a JSON-ready dict), with every due job settled.
+        """Return a copy of the ledger (a JSON-ready dict).
 
-        Settling first makes each job's ``outcome`` the one its clock time has reached.
+        A job whose end has passed on the clock shows its outcome even if nobody has
+        looked at it since: worked out here, without settling it, so that reading the
+        ledger never moves the rendering of outputs into the reader's thread.
         """
+        snapshot = self._ledger.snapshot()
+        now = self.clock.now()
         with self._store_lock:
-            self._settle()
-        return self._ledger.snapshot()
+            for entry in snapshot["jobs"]:
+                job = self._jobs.get(entry["job_id"]) if entry["outcome"] == "pending" else None
+                if job is not None and job.finished_at <= now:
+                    entry["outcome"] = "failed" if job.failure is not None else "completed"
+        return snapshot
 
     def reset_ledger(self) -> None:
         """Forget everything the ledger recorded."""
@@ -1345,7 +1357,9 @@ class Hub:
         job.output_file_id = output_id
         ttl = storage.output_ttl or self.settings.file_ttl
         if job.finished_at + timedelta(seconds=ttl) <= now:
-            return  # the clock jumped past the output's own expiry: nothing left to store
+            # The clock jumped past the output's own expiry: nothing left to store.
+            _remember(self._gone_files, output_id)
+            return
         fmt = job.inspection.input_format
         try:
             document = self._render(

@@ -4,8 +4,11 @@
 state machine computed lazily from its ``Clock`` (no background threads), decides injected
 faults with seeded ``random.Random`` streams (one per client job, so that a run's luck
 does not depend on how the clients' requests interleave) and records what it received in
-a ledger that tests read. It is thread-safe: the HTTP layer calls it from worker threads while tests
-read the ledger from theirs.
+a ledger that tests read, including what the real hub would bill (one paid conversion of
+``input_pages`` per job created; ``pages_billed``, ``paid_conversions``). Its runtime knobs
+(``knobs.py``) change faults, storage behaviour and answer shapes while it runs. It is
+thread-safe: the HTTP layer calls it from worker threads while tests read the ledger from
+theirs.
 
 Facts come from the fact sheet ``shared/ldxhub-api.md``; where it is silent, comments say
 what a real gateway (Zuplo in front of a backend) most likely does.

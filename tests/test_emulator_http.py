@@ -22,7 +22,7 @@ import pytest
 
 from daemon.emulator.app import STALL_EVENT, create_app, parse_wait
 from daemon.emulator.cli import configure_parser
-from daemon.emulator.hub import Faults, Hub, HubSettings
+from daemon.emulator.hub import Faults, Hub, HubSettings, Knobs
 from daemon.emulator.server import EmulatorServer
 from tests.helpers import wait_for
 from tests.scans import make_pdf
@@ -402,7 +402,7 @@ def test_admin_endpoints(emulator: EmulatorServer) -> None:
     with httpx.Client(base_url=emulator.url) as admin:
         knobs = admin.post("/_emulator/faults", json={"error_rate": 0.25, "latency": 0})
         assert knobs.status_code == 200
-        assert knobs.json() == {**Faults().to_json(), "error_rate": 0.25}
+        assert knobs.json() == {**Knobs().to_json(), "error_rate": 0.25}
         refused = admin.post("/_emulator/faults", json={"error_rate": 3})
         assert refused.status_code == 400
         assert refused.json()["code"] == "invalid_request"
@@ -419,7 +419,16 @@ def test_admin_endpoints(emulator: EmulatorServer) -> None:
         assert admin.get("/files", headers={"Authorization": f"Bearer {KEY}"}).status_code == 403
 
         ledger = admin.get("/_emulator/ledger").json()
-        assert set(ledger) == {"requests", "uploads", "jobs", "downloads", "events", "faults"}
+        assert set(ledger) == {
+            "requests",
+            "refused",
+            "uploads",
+            "jobs",
+            "downloads",
+            "events",
+            "faults",
+            "storage_saw_authorization",
+        }
         assert ledger["requests"] == {"GET /files": 2}  # admin calls are not counted
         emptied = admin.post("/_emulator/reset-ledger").json()
         assert emptied["requests"] == {}

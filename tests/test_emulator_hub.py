@@ -579,6 +579,10 @@ def test_ledger_records_uploads_jobs_downloads_and_resets(hub: Hub) -> None:
             "languages": ["Auto"],
             "output_format": "xlsx",
             "created_at": job.to_json()["created_at"],
+            "filename": "scan.pdf",
+            "input_pages": 1,
+            "outcome": "pending",
+            "reply_lost": False,
         }
     ]
     assert ledger["downloads"] == [{"file_id": "f" * 32, "size": 10, "status": 206}]
@@ -587,13 +591,28 @@ def test_ledger_records_uploads_jobs_downloads_and_resets(hub: Hub) -> None:
     hub.reset_ledger()
     assert hub.ledger() == {
         "requests": {},
+        "refused": {},
         "uploads": [],
         "jobs": [],
         "downloads": [],
         "events": [],
         "faults": dict.fromkeys(
-            ("error", "rate_limit", "drop", "stall", "job_failure", "throttle"), 0
+            (
+                "error",
+                "rate_limit",
+                "drop",
+                "stall",
+                "job_failure",
+                "throttle",
+                "lost_reply",
+                "dropped_create",
+                "outage",
+                "refused_route",
+                "storage_lag",
+            ),
+            0,
         ),
+        "storage_saw_authorization": 0,
     }
 
 

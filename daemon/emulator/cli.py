@@ -1,7 +1,9 @@
 """Command line of the LDX hub emulator (``ldx-hotfolder emulator``).
 
-``configure_parser`` adds the emulator's options to a (sub)parser; ``run`` builds the hub
-from them and serves it in the foreground until Ctrl-C.
+``configure_parser`` adds the emulator's options to a (sub)parser: the server and job
+options, then one ``--knob-name`` option per runtime knob (``knobs.py``; the same names
+as ``POST /_emulator/faults`` takes, grouped as request faults, outputs and downloads,
+answer shapes). ``run`` builds the hub from them and serves it until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from daemon.emulator.hub import DEFAULT_API_KEY, Faults, Hub, HubSettings
+from daemon.emulator import knobs
+from daemon.emulator.hub import DEFAULT_API_KEY, Hub, HubSettings, Knobs
 from daemon.emulator.server import serve
 
 
@@ -91,25 +94,35 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=Path,
         help="where stored files go (default: a temporary directory removed on exit)",
     )
+    knobs.add_options(parser, skip=_HAND_MADE)
+
+
+# Knobs whose options above predate the generated ones (and keep their own defaults).
+_HAND_MADE = frozenset(
+    {
+        "error_rate",
+        "rate_limit_rate",
+        "retry_after",
+        "drop_rate",
+        "job_failure_rate",
+        "latency",
+        "files_rate_limit",
+    }
+)
 
 
 def _settings(args: argparse.Namespace) -> HubSettings:
-    faults = Faults(
-        error_rate=args.error_rate,
-        rate_limit_rate=args.rate_limit_rate,
-        retry_after=args.retry_after,
-        drop_rate=args.drop_rate,
-        job_failure_rate=args.job_failure_rate,
-        latency=args.latency,
-        files_rate_limit=args.files_rate_limit,
-    )
+    hand_made = {name: getattr(args, name) for name in _HAND_MADE}
+    chosen = Knobs().updated({**hand_made, **knobs.changes_from(args)})
     return HubSettings(
         api_keys=tuple(args.api_keys or [DEFAULT_API_KEY]),
         processing_time=args.processing_time,
         queue_delay=args.queue_delay,
         output_size=args.output_size,
         seed=args.seed,
-        faults=faults,
+        faults=chosen.faults,
+        storage=chosen.storage,
+        variants=chosen.variants,
     )
 
 

@@ -4,8 +4,11 @@
 state machine computed lazily from its ``Clock`` (no background threads), decides injected
 faults with seeded ``random.Random`` streams (one per client job, so that a run's luck
 does not depend on how the clients' requests interleave) and records what it received in
-a ledger that tests read. It is thread-safe: the HTTP layer calls it from worker threads while tests
-read the ledger from theirs.
+a ledger that tests read, including what the real hub would bill (one paid conversion of
+``input_pages`` per job created; ``pages_billed``, ``paid_conversions``). Its runtime knobs
+(``knobs.py``) change faults, storage behaviour and answer shapes while it runs. It is
+thread-safe: the HTTP layer calls it from worker threads while tests read the ledger from
+theirs.
 
 Facts come from the fact sheet ``shared/ldxhub-api.md``; where it is silent, comments say
 what a real gateway (Zuplo in front of a backend) most likely does.
@@ -14,7 +17,6 @@ what a real gateway (Zuplo in front of a backend) most likely does.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import enum
 import hashlib
 import heapq
@@ -27,15 +29,22 @@ import secrets
 import struct
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import IO, Any, Literal, Protocol
 
+from daemon.emulator import bombs
 from daemon.emulator.clock import Clock
 from daemon.emulator.documents import OUTPUT_FORMATS, render_document, write_package
+
+# The knobs lived here before they got their own module: re-exported for importers.
+from daemon.emulator.knobs import Faults as Faults  # noqa: PLC0414
+from daemon.emulator.knobs import Knobs as Knobs  # noqa: PLC0414
+from daemon.emulator.knobs import Storage as Storage  # noqa: PLC0414
+from daemon.emulator.knobs import Variants as Variants  # noqa: PLC0414
 from daemon.formats import SNIFF_BYTES, InputFormat, describe, sniff
 
 # "200 MB" and "5 MB" are read as binary megabytes, the more lenient reading: a client
@@ -72,17 +81,42 @@ MEDIA_TYPES = {
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
     "pptx": "application/vnd.openxmlformats-officedocument.presentationml.presentation",
 }
-FAULT_KINDS = ("error", "rate_limit", "drop", "stall", "job_failure", "throttle")
+FAULT_KINDS = (
+    "error",
+    "rate_limit",
+    "drop",
+    "stall",
+    "job_failure",
+    "throttle",
+    "lost_reply",  # a job created, its reply cut (lose_create_replies)
+    "dropped_create",  # a create cut before any job (drop_create_requests / _after_failure)
+    "outage",
+    "refused_route",
+    "storage_lag",  # an output answered 404 (output_delay / output_missing)
+)
 
 _PROGRESS_STEPS = 10
 _RATE_WINDOW = timedelta(minutes=1)
 _MAX_EVENTS = 200_000
+_MAX_GONE = 100_000  # expired ids remembered for a 410 (expired_status)
+_STORAGE_TOKEN_TTL = timedelta(minutes=15)  # pre-signed storage URLs are short-lived
+_MAX_STORAGE_TOKENS = 10_000
+_PLAIN_ID = re.compile(r"[a-z0-9]{32}")
 
 
 def new_id() -> str:
     """Return a fresh id in the hub's style: 32 lowercase alphanumerics."""
     # Hex digits are lowercase alphanumerics too; one call instead of 32 choices.
     return secrets.token_hex(16)
+
+
+def hostile_id() -> str:
+    """Return a fresh id with '..', '/' and '%' in it (the ``hostile_ids`` knob).
+
+    The "%2F" in it is literal: a client that percent-encodes the id sends "%252F"; one
+    that forgets the "%" sends "%2F", which the hub decodes to "/" and does not know.
+    """
+    return f"../../x%2F{secrets.token_hex(12)}"
 
 
 def iso(moment: datetime) -> str:
@@ -94,6 +128,10 @@ def clean_filename(name: str) -> str:
     """Keep only the last path component of a client-given name ("file" if none)."""
     base = name.replace("\\", "/").rsplit("/", 1)[-1].strip()
     return base or "file"
+
+
+Stamp = Callable[[datetime], str]
+"""Formats a moment for an answer body."""
 
 
 def bearer_key(authorization: str | None) -> str | None:
@@ -128,6 +166,14 @@ class PayloadTooLarge(HubError):
     """An upload or chunk is over its size limit."""
 
 
+class Expired(NotFound):
+    """The file or job existed and has expired (404 or 410, per ``expired_status``)."""
+
+
+class MissingInput(InvalidRequest):
+    """A job names a file_id the hub does not have (status and code per Variants)."""
+
+
 # ---------------------------------------------------------------------------------------
 # Models
 
@@ -143,15 +189,15 @@ class FileInfo:
     updated_at: datetime
     expires_at: datetime
 
-    def to_json(self) -> dict[str, Any]:
-        """Return the FileInfo body the API sends."""
+    def to_json(self, stamp: Stamp = iso) -> dict[str, Any]:
+        """Return the FileInfo body the API sends; ``stamp`` formats its times."""
         return {
             "file_id": self.file_id,
             "filename": self.filename,
             "size": self.size,
-            "created_at": iso(self.created_at),
-            "updated_at": iso(self.updated_at),
-            "expires_at": iso(self.expires_at),
+            "created_at": stamp(self.created_at),
+            "updated_at": stamp(self.updated_at),
+            "expires_at": stamp(self.expires_at),
         }
 
 
@@ -195,9 +241,10 @@ class JobInfo:
     expires_at: datetime
     output_file_id: str | None = None
     error: JobError | None = None
+    usage: int | None = None  # input pages billed, once known
 
-    def to_json(self) -> dict[str, Any]:
-        """Return the job body; ``output_file_id``/``error`` only when they apply."""
+    def to_json(self, stamp: Stamp = iso) -> dict[str, Any]:
+        """Return the job body; ``output_file_id``/``error``/``usage`` only when they apply."""
         body: dict[str, Any] = {
             "job_id": self.job_id,
             "file_id": self.file_id,
@@ -209,78 +256,21 @@ class JobInfo:
             body["output_file_id"] = self.output_file_id
         if self.error is not None:
             body["error"] = self.error.to_json()
-        body["created_at"] = iso(self.created_at)
-        body["updated_at"] = iso(self.updated_at)
-        body["completed_at"] = None if self.completed_at is None else iso(self.completed_at)
-        body["expires_at"] = iso(self.expires_at)
+        if self.usage is not None:
+            # Usage is documented with input_pages (fact sheet §7.3); billing per page makes
+            # it likely on RenderOCR jobs, so completed jobs carry it unless told not to.
+            body["usage"] = {"input_pages": self.usage}
+        body["created_at"] = stamp(self.created_at)
+        body["updated_at"] = stamp(self.updated_at)
+        body["completed_at"] = None if self.completed_at is None else stamp(self.completed_at)
+        body["expires_at"] = stamp(self.expires_at)
         return body
-
-
-_RATE_KNOBS = ("error_rate", "rate_limit_rate", "drop_rate", "job_failure_rate")
-_SECONDS_KNOBS = ("retry_after", "latency")
-_COUNT_KNOBS = ("stall_downloads", "files_rate_limit")
-
-
-@dataclass(frozen=True)
-class Faults:
-    """Fault-injection knobs; replace them at any time with ``Hub.update_faults``.
-
-    Rates are fractions of requests (or of jobs, for ``job_failure_rate``). The three
-    request rates share one draw per request, so their sum cannot exceed 1.
-    """
-
-    error_rate: float = 0.0  # answered 500, 502 or 503
-    rate_limit_rate: float = 0.0  # answered 429 with Retry-After: retry_after
-    retry_after: float = 1.0  # seconds, for injected 429s
-    drop_rate: float = 0.0  # connection cut without a response
-    job_failure_rate: float = 0.0  # jobs that end failed with upstream_service_error
-    latency: float = 0.0  # seconds added to every authenticated-route response
-    stall_downloads: int = 0  # upcoming downloads that send half the body, then stall
-    files_rate_limit: int = 0  # requests per minute per key on /files routes; 0 = off
-
-    def __post_init__(self) -> None:
-        for name in _RATE_KNOBS:
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be between 0 and 1, got {value!r}")
-        if self.error_rate + self.rate_limit_rate + self.drop_rate > 1.0:
-            raise ValueError("error_rate + rate_limit_rate + drop_rate must not exceed 1")
-        for name in _SECONDS_KNOBS:
-            value = getattr(self, name)
-            if not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-        for name in _COUNT_KNOBS:
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-
-    def updated(self, changes: Mapping[str, object]) -> Faults:
-        """Return a copy with ``changes`` applied; ValueError names a bad knob or value."""
-        values: dict[str, Any] = {}
-        for name, value in changes.items():
-            if name in _COUNT_KNOBS:
-                if not isinstance(value, int) or isinstance(value, bool):
-                    raise ValueError(f"{name} must be a whole number, got {value!r}")
-            elif name in _RATE_KNOBS or name in _SECONDS_KNOBS:
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    raise ValueError(f"{name} must be a number, got {value!r}")
-            else:
-                raise ValueError(f"unknown fault knob {name!r}; known: {', '.join(self.names())}")
-            values[name] = value
-        return dataclasses.replace(self, **values)
-
-    def to_json(self) -> dict[str, float | int]:
-        """Return the knobs as a JSON object."""
-        return dataclasses.asdict(self)
-
-    @staticmethod
-    def names() -> tuple[str, ...]:
-        """Return the knob names."""
-        return tuple(f.name for f in dataclasses.fields(Faults))
 
 
 @dataclass(frozen=True)
 class HubSettings:
-    """How a ``Hub`` is built; the fault knobs in ``faults`` can change later."""
+    """How a ``Hub`` is built; the knobs in ``faults``, ``storage`` and ``variants`` can
+    change later (``Hub.update_knobs``)."""
 
     api_keys: tuple[str, ...] = (DEFAULT_API_KEY,)
     revoked_keys: tuple[str, ...] = ()
@@ -293,6 +283,8 @@ class HubSettings:
     job_ttl: float = JOB_TTL_SECONDS
     seed: int | None = None
     faults: Faults = field(default_factory=Faults)
+    storage: Storage = field(default_factory=Storage)
+    variants: Variants = field(default_factory=Variants)
 
     def __post_init__(self) -> None:
         low, high = self.processing_range
@@ -479,7 +471,12 @@ _PAGE_COUNTERS = {
 
 
 class _Ledger:
-    """What the hub received, for tests to read; thread-safe."""
+    """What the hub received, for tests to read; thread-safe.
+
+    Besides what came in, it keeps what the hub would bill: every job created is one paid
+    conversion of ``input_pages`` pages, whatever its outcome ("every conversion is a
+    bill", fact sheet §14); and it tells refused requests (429) from answered ones.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -490,13 +487,16 @@ class _Ledger:
         with self._lock:
             self._data = {
                 "requests": {},
+                "refused": {},  # route -> 429 answers (a subset of "requests")
                 "uploads": [],
                 "jobs": [],
                 "downloads": [],
                 "events": [],
                 "faults": dict.fromkeys(FAULT_KINDS, 0),
+                "storage_saw_authorization": 0,  # storage requests that carried the key
             }
             self._upload_index: dict[str, int] = {}  # file_id -> position in "uploads"
+            self._job_index: dict[str, int] = {}  # job_id -> position in "jobs"
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -507,9 +507,18 @@ class _Ledger:
             requests = self._data["requests"]
             requests[route] = requests.get(route, 0) + 1
 
+    def count_refused(self, route: str) -> None:
+        with self._lock:
+            refused = self._data["refused"]
+            refused[route] = refused.get(route, 0) + 1
+
     def count_fault(self, kind: str) -> None:
         with self._lock:
             self._data["faults"][kind] += 1
+
+    def count_storage_authorization(self) -> None:
+        with self._lock:
+            self._data["storage_saw_authorization"] += 1
 
     def record_upload(self, entry: dict[str, Any]) -> None:
         """Add an upload, or update the entry of the same file (a growing session)."""
@@ -531,7 +540,39 @@ class _Ledger:
 
     def record(self, kind: Literal["jobs", "downloads"], entry: dict[str, Any]) -> None:
         with self._lock:
+            if kind == "jobs":
+                self._job_index[entry["job_id"]] = len(self._data["jobs"])
             self._data[kind].append(entry)
+
+    def update_job(self, job_id: str, **changes: Any) -> None:
+        """Change fields of a job's entry (gone after a reset: nothing to do)."""
+        with self._lock:
+            index = self._job_index.get(job_id)
+            if index is not None:
+                self._data["jobs"][index].update(changes)
+
+
+def paid_conversions(ledger: Mapping[str, Any]) -> int:
+    """Conversions the hub would bill: one per job created."""
+    return len(ledger["jobs"])
+
+
+def pages_billed(ledger: Mapping[str, Any], filename: str | None = None) -> int:
+    """Pages the hub would bill, in all or for one upload filename."""
+    return sum(
+        job["input_pages"]
+        for job in ledger["jobs"]
+        if filename is None or job["filename"] == filename
+    )
+
+
+def refused_share(ledger: Mapping[str, Any], route: str | None = None) -> float:
+    """Share of requests (to ``route``, or all) answered 429; 0.0 when there were none."""
+    requests: dict[str, int] = ledger["requests"]
+    refused: dict[str, int] = ledger["refused"]
+    asked = requests.get(route, 0) if route else sum(requests.values())
+    denied = refused.get(route, 0) if route else sum(refused.values())
+    return denied / asked if asked else 0.0
 
 
 # ---------------------------------------------------------------------------------------
@@ -550,6 +591,7 @@ class _StoredFile:
     size: int = 0
     head: bytes = b""
     media_type: str | None = None  # fixed for outputs; sniffed from ``head`` for uploads
+    output: bool = False  # a job's output (subject to output_delay / output_missing)
     session: bool = False  # an upload session, appended to by PUT /uploads/{id}
     digest: _Hasher = field(default_factory=hashlib.sha256)
     content_type: str | None = None  # as the client declared it
@@ -591,6 +633,7 @@ class _Job:
     seq: int
     output_file_id: str | None = None
     settled: bool = False
+    expires_at: datetime | None = None  # fixed when it settles (job_ttl may change later)
 
 
 @dataclass(frozen=True)
@@ -694,7 +737,7 @@ class Hub:
     ) -> None:
         self.data_dir = Path(data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.settings = settings or HubSettings()
+        self.settings = settings = settings or HubSettings()
         self.clock = clock or Clock()
         self._render: Renderer = renderer or render_document
         self._store_lock = threading.RLock()
@@ -702,10 +745,17 @@ class Hub:
         self._ledger = _Ledger()
         self._rng = random.Random(self.settings.seed)
         self._streams: dict[str, random.Random] = {}
-        self._faults = self.settings.faults
+        self._initial_knobs = Knobs(settings.faults, settings.storage, settings.variants)
+        self._knobs = self._initial_knobs
+        self._outage_from = self.clock.now()  # when the ``outage`` knob was last set
+        self._armed_drops: dict[str, int] = {}  # upload filename -> creates still to cut
+        self._storage_tokens: dict[str, tuple[str, datetime]] = {}  # -> (file_id, expiry)
+        self._gone_files: dict[str, None] = {}  # expired ids, oldest first (for a 410)
+        self._gone_jobs: dict[str, None] = {}
         self._api_keys = frozenset(self.settings.api_keys)
         self._revoked = frozenset(self.settings.revoked_keys)
-        self._windows: dict[str, deque[datetime]] = {}
+        self._windows: dict[str, deque[datetime]] = {}  # /files limit, per key
+        self._key_windows: dict[str, deque[datetime]] = {}  # requests_per_minute, per key
         self._files: dict[str, _StoredFile] = {}
         self._jobs: dict[str, _Job] = {}
         self._due: list[tuple[datetime, str]] = []  # unsettled jobs by finish time
@@ -738,19 +788,46 @@ class Hub:
                 self._revoked = frozenset(revoked)
             return {"api_keys": sorted(self._api_keys), "revoked": sorted(self._revoked)}
 
-    # -- faults -------------------------------------------------------------------------
+    # -- knobs --------------------------------------------------------------------------
+
+    @property
+    def knobs(self) -> Knobs:
+        """Every knob in force.
+
+        Read without the lock: ``Knobs`` is immutable and replaced whole, and taking a
+        reference is atomic, so every request pays no lock to look at its knobs.
+        """
+        return self._knobs
 
     @property
     def faults(self) -> Faults:
-        """The fault knobs in force."""
+        """The request-fault knobs in force."""
+        return self.knobs.faults
+
+    def update_knobs(self, changes: Mapping[str, object]) -> Knobs:
+        """Change any knobs, all or none (ValueError names a bad one); return them all.
+
+        Setting ``outage`` to a number starts that many seconds of outage now.
+        """
+        now = self.clock.now()
         with self._meta_lock:
-            return self._faults
+            self._knobs = self._knobs.updated(changes)
+            if "outage" in changes:
+                self._outage_from = now
+            return self._knobs
 
     def update_faults(self, changes: Mapping[str, object]) -> Faults:
-        """Change some knobs (ValueError if a name or value is bad); return all knobs."""
+        """``update_knobs``, returning the request-fault knobs (the older interface)."""
+        return self.update_knobs(changes).faults
+
+    def reset_knobs(self) -> Knobs:
+        """Put every knob back to how the hub was built."""
+        now = self.clock.now()
         with self._meta_lock:
-            self._faults = self._faults.updated(changes)
-            return self._faults
+            self._knobs = self._initial_knobs
+            self._outage_from = now
+            self._armed_drops.clear()
+            return self._knobs
 
     def _stream(self, key: str | None) -> random.Random:
         """The random stream of one client job (by its trace header), or the shared one.
@@ -771,7 +848,7 @@ class Hub:
 
         ``stream`` names the client job the request is for (see ``_stream``)."""
         with self._meta_lock:
-            knobs = self._faults
+            knobs = self._knobs.faults
             total = knobs.drop_rate + knobs.error_rate + knobs.rate_limit_rate
             if total <= 0:
                 return None
@@ -788,15 +865,80 @@ class Hub:
             self._ledger.count_fault(fault.kind)
         return fault
 
+    def _use_up(self, name: str, kind: str) -> bool:
+        """Take one from the count-down fault knob ``name``; count ``kind`` if there was one."""
+        with self._meta_lock:
+            left = getattr(self._knobs.faults, name)
+            if left <= 0:
+                return False
+            self._knobs = self._knobs.updated({name: left - 1})
+        self._ledger.count_fault(kind)
+        return True
+
     def take_stall(self) -> bool:
         """Use up one of the stalled downloads still to come; False when none is left."""
-        with self._meta_lock:
-            if self._faults.stall_downloads <= 0:
-                return False
-            left = self._faults.stall_downloads - 1
-            self._faults = dataclasses.replace(self._faults, stall_downloads=left)
-        self._ledger.count_fault("stall")
+        return self._use_up("stall_downloads", "stall")
+
+    def take_lost_reply(self, job_id: str) -> bool:
+        """Whether the reply creating ``job_id`` is to be lost (``lose_create_replies``)."""
+        if not self._use_up("lose_create_replies", "lost_reply"):
+            return False
+        self._ledger.update_job(job_id, reply_lost=True)
         return True
+
+    def take_create_drop(self, body: object) -> bool:
+        """Whether a create request is to be cut before any job is made.
+
+        Either ``drop_create_requests`` still counts down, or a job for the same upload
+        filename failed and ``drop_create_after_failure`` armed drops for that name. The
+        name, not the file_id, is matched: a client may upload the scan again to retry.
+        """
+        if self._use_up("drop_create_requests", "dropped_create"):
+            return True
+        if not self._armed_drops and self._knobs.faults.drop_create_after_failure <= 0:
+            return False  # nothing armed, nothing to arm: no need to settle
+        file_id = body.get("file_id") if isinstance(body, dict) else None
+        with self._store_lock:
+            self._settle()  # a failure due by now arms its drops first
+            stored = self._files.get(file_id) if isinstance(file_id, str) else None
+            name = stored.filename if stored is not None else None
+        with self._meta_lock:
+            left = self._armed_drops.get(name or "", 0)
+            if left <= 0:
+                return False
+            if left > 1:
+                self._armed_drops[name or ""] = left - 1
+            else:
+                del self._armed_drops[name or ""]
+        self._ledger.count_fault("dropped_create")
+        return True
+
+    def _arm_drops(self, filename: str) -> None:
+        """A job on ``filename`` failed: arm drop_create_after_failure for that name."""
+        with self._meta_lock:
+            count = self._knobs.faults.drop_create_after_failure
+            if count > 0:
+                self._armed_drops[filename] = count
+
+    def outage(self, public: bool = False) -> str | None:
+        """The ``outage_mode`` if an outage is on for this request, else None; counted."""
+        with self._meta_lock:
+            faults, started = self._knobs.faults, self._outage_from
+        if faults.outage is False or (public and faults.outage_spares_engines):
+            return None
+        now = self.clock.now()
+        if faults.outage is not True and now >= started + timedelta(seconds=faults.outage):
+            return None
+        self._ledger.count_fault("outage")
+        return faults.outage_mode
+
+    def refusal(self, route: str) -> int | None:
+        """``refuse_status`` if ``route`` is the refused one (``refuse_route``), else None."""
+        faults = self.faults
+        if not faults.refuse_route or route != faults.refuse_route:
+            return None
+        self._ledger.count_fault("refused_route")
+        return faults.refuse_status
 
     def throttle(self, key: str) -> float | None:
         """Apply the per-key limit on /files; return Retry-After seconds when over it.
@@ -804,12 +946,18 @@ class Hub:
         A sliding one-minute window, as Zuplo's rate-limit policy uses; refused requests
         do not count against the window.
         """
+        return self._slide(self._windows, key, self.faults.files_rate_limit)
+
+    def limit_requests(self, key: str) -> float | None:
+        """Apply ``requests_per_minute`` (every authenticated route); Retry-After or None."""
+        return self._slide(self._key_windows, key, self.faults.requests_per_minute)
+
+    def _slide(self, windows: dict[str, deque[datetime]], key: str, limit: int) -> float | None:
+        if limit <= 0:
+            return None
         now = self.clock.now()
         with self._meta_lock:
-            limit = self._faults.files_rate_limit
-            if limit <= 0:
-                return None
-            window = self._windows.setdefault(key, deque())
+            window = windows.setdefault(key, deque())
             while window and window[0] <= now - _RATE_WINDOW:
                 window.popleft()
             if len(window) < limit:
@@ -829,13 +977,35 @@ class Hub:
         """Log one authenticated-route request (time, route, trace header, answer)."""
         self._ledger.record_event(event)
 
-    def record_download(self, file_id: str, size: int, status: int) -> None:
-        """Note a download answer: the body size it announced and its status."""
-        self._ledger.record("downloads", {"file_id": file_id, "size": size, "status": status})
+    def record_download(
+        self, file_id: str, size: int, status: int, mode: str | None = None
+    ) -> None:
+        """Note a download answer: the body size it announced (0: none), its status, and
+        the ``mode`` of a body that is not the plain file (gzip, endless, ...)."""
+        entry: dict[str, Any] = {"file_id": file_id, "size": size, "status": status}
+        if mode is not None:
+            entry["mode"] = mode
+        self._ledger.record("downloads", entry)
+
+    def count_refused(self, route: str) -> None:
+        """Count one 429 answer to ``route`` (also counted as a request)."""
+        self._ledger.count_refused(route)
 
     def ledger(self) -> dict[str, Any]:
-        """Return a copy of the ledger (a JSON-ready dict)."""
-        return self._ledger.snapshot()
+        """Return a copy of the ledger (a JSON-ready dict).
+
+        A job whose end has passed on the clock shows its outcome even if nobody has
+        looked at it since: worked out here, without settling it, so that reading the
+        ledger never moves the rendering of outputs into the reader's thread.
+        """
+        snapshot = self._ledger.snapshot()
+        now = self.clock.now()
+        with self._store_lock:
+            for entry in snapshot["jobs"]:
+                job = self._jobs.get(entry["job_id"]) if entry["outcome"] == "pending" else None
+                if job is not None and job.finished_at <= now:
+                    entry["outcome"] = "failed" if job.failure is not None else "completed"
+        return snapshot
 
     def reset_ledger(self) -> None:
         """Forget everything the ledger recorded."""
@@ -845,8 +1015,19 @@ class Hub:
 
     def receive_file(self) -> IncomingFile:
         """Start receiving an upload; use the result as a context manager."""
-        file_id = new_id()
-        return IncomingFile(self, file_id, self.data_dir / file_id, self.settings.max_upload_bytes)
+        file_id = self._new_id()
+        path = self._disk_path(file_id)
+        return IncomingFile(self, file_id, path, self.settings.max_upload_bytes)
+
+    def _new_id(self) -> str:
+        """A file or job id: plain, or hostile while ``hostile_ids`` is on."""
+        return hostile_id() if self.knobs.variants.hostile_ids else new_id()
+
+    def _disk_path(self, file_id: str) -> Path:
+        """Where a file is stored: a hostile id must not pick a path (``../../x``)."""
+        if _PLAIN_ID.fullmatch(file_id):
+            return self.data_dir / file_id
+        return self.data_dir / ("h" + hashlib.sha256(file_id.encode()).hexdigest()[:31])
 
     def add_file(self, filename: str, data: bytes, content_type: str | None = None) -> FileInfo:
         """Store ``data`` as an uploaded file (a shortcut for tests and demos)."""
@@ -856,8 +1037,8 @@ class Hub:
 
     def create_upload_session(self, filename: str) -> FileInfo:
         """Create the empty file of an upload session (``POST /uploads``)."""
-        file_id = new_id()
-        path = self.data_dir / file_id
+        file_id = self._new_id()
+        path = self._disk_path(file_id)
         path.touch(exist_ok=False)
         return self._store_upload(
             file_id, path, clean_filename(filename), size=0, head=b"", session=True
@@ -903,6 +1084,51 @@ class Hub:
         with self._store_lock:
             stored = self._files.get(file_id)
             return 0 if stored is None else stored.size
+
+    def hold_output(self, file_id: str) -> None:
+        """Answer NotFound for an output storage has not got yet, or never will.
+
+        Storage may lag behind the job table (``output_delay``) or lose the file
+        (``output_missing``); uploads are never held. The HTTP layer calls this before
+        file info and downloads; ``open_download`` itself stays a plain store lookup.
+        """
+        storage = self.knobs.storage
+        if not (storage.output_missing or storage.output_delay > 0):
+            return
+        with self._store_lock:
+            now = self._settle()
+            stored = self._files.get(file_id)
+            if stored is None or not stored.output:
+                return
+            ready = stored.created_at + timedelta(seconds=storage.output_delay)
+            if not storage.output_missing and now >= ready:
+                return
+        self._ledger.count_fault("storage_lag")
+        raise NotFound("file_not_found", f"File {file_id!r} does not exist or has expired.")
+
+    def storage_token(self, file_id: str) -> str:
+        """A short-lived token naming ``file_id`` on the storage route (a pre-signed URL)."""
+        token = secrets.token_hex(16)
+        now = self.clock.now()
+        with self._meta_lock:
+            tokens = self._storage_tokens
+            for old in [t for t, (_, end) in tokens.items() if end <= now][:100]:
+                del tokens[old]
+            while len(tokens) >= _MAX_STORAGE_TOKENS:
+                del tokens[next(iter(tokens))]
+            tokens[token] = (file_id, now + _STORAGE_TOKEN_TTL)
+        return token
+
+    def resolve_storage_token(self, token: str) -> str | None:
+        """The file_id a live storage token names, or None."""
+        now = self.clock.now()
+        with self._meta_lock:
+            entry = self._storage_tokens.get(token)
+        return entry[0] if entry is not None and now < entry[1] else None
+
+    def count_storage_authorization(self) -> None:
+        """Note a storage request that carried an Authorization header (a leaked key)."""
+        self._ledger.count_storage_authorization()
 
     def open_download(self, file_id: str) -> Download:
         """Where and how to stream a live file; NotFound if unknown or expired."""
@@ -972,6 +1198,11 @@ class Hub:
                     "created_at": iso(job.created_at),
                     # Exact end on the hub clock (epoch seconds), for latency benchmarks.
                     "finishes_at": job.finished_at.timestamp(),
+                    # What is billed: this job's pages, whatever its outcome.
+                    "filename": source_name,
+                    "input_pages": inspection.pages,
+                    "outcome": "pending",  # then "completed" or "failed"
+                    "reply_lost": False,  # lose_create_replies cut the 202
                 },
             )
             # The 202 answer shows the job as accepted: queued, whatever the queue delay.
@@ -990,7 +1221,8 @@ class Hub:
             now = self._settle()
             job = self._jobs.get(job_id)
             if job is None:
-                raise NotFound("job_not_found", f"Job {job_id!r} does not exist or has expired.")
+                gone = Expired if job_id in self._gone_jobs else NotFound
+                raise gone("job_not_found", f"Job {job_id!r} does not exist or has expired.")
             return self._view(job, now)
 
     def job_terminal_at(self, job_id: str) -> datetime | None:
@@ -1024,9 +1256,9 @@ class Hub:
             return stored.info()
 
     def _add_stored(
-        self, file_id: str, path: Path, filename: str, created: datetime
+        self, file_id: str, path: Path, filename: str, created: datetime, ttl: float | None = None
     ) -> _StoredFile:
-        expires = created + timedelta(seconds=self.settings.file_ttl)
+        expires = created + timedelta(seconds=ttl or self.settings.file_ttl)
         stored = _StoredFile(file_id, filename, path, created, created, expires, next(self._seq))
         self._files[file_id] = stored
         heapq.heappush(self._file_expiry, (expires, file_id))
@@ -1035,7 +1267,8 @@ class Hub:
     def _live_file(self, file_id: str) -> _StoredFile:
         stored = self._files.get(file_id)
         if stored is None:
-            raise NotFound("file_not_found", f"File {file_id!r} does not exist or has expired.")
+            gone = Expired if file_id in self._gone_files else NotFound
+            raise gone("file_not_found", f"File {file_id!r} does not exist or has expired.")
         return stored
 
     def _new_job(self, request: _JobRequest, source_name: str, inspection: Inspection) -> _Job:
@@ -1051,7 +1284,7 @@ class Hub:
             if self._draw_job_failure(source_name):
                 failure = JobError("upstream_service_error", UPSTREAM_ERROR_MESSAGE, new_id())
         return _Job(
-            job_id=new_id(),
+            job_id=self._new_id(),
             file_id=request.file_id,
             engine=request.engine,
             languages=request.languages,
@@ -1076,7 +1309,7 @@ class Hub:
         # Keyed by the input's name: whether its n-th conversion fails is then fixed by
         # the seed, however the clients' requests interleave.
         with self._meta_lock:
-            rate = self._faults.job_failure_rate
+            rate = self._knobs.faults.job_failure_rate
             failed = rate > 0 and self._stream(f"job:{source_name}").random() < rate
         if failed:
             self._ledger.count_fault("job_failure")
@@ -1099,21 +1332,37 @@ class Hub:
             stored = self._files.pop(file_id, None)
             if stored is not None:
                 stored.path.unlink(missing_ok=True)
+                _remember(self._gone_files, file_id)
         while self._job_expiry and self._job_expiry[0][0] <= now:
             _, job_id = heapq.heappop(self._job_expiry)
-            self._jobs.pop(job_id, None)
+            if self._jobs.pop(job_id, None) is not None:
+                _remember(self._gone_jobs, job_id)
         return now
 
     def _finish(self, job: _Job, now: datetime) -> None:
         """Settle a job that reached its end: render its output file if it succeeded."""
         job.settled = True
-        heapq.heappush(self._job_expiry, (job.finished_at + self._job_ttl, job.job_id))
+        storage = self.knobs.storage
+        job.expires_at = job.finished_at + timedelta(
+            seconds=storage.job_ttl or self.settings.job_ttl
+        )
+        heapq.heappush(self._job_expiry, (job.expires_at, job.job_id))
+        if job.failure is None:
+            self._store_output(job, now, storage)
+        outcome = "failed" if job.failure is not None else "completed"
+        self._ledger.update_job(job.job_id, outcome=outcome)
         if job.failure is not None:
-            return
-        output_id = new_id()
+            self._arm_drops(job.source_name)
+
+    def _store_output(self, job: _Job, now: datetime, storage: Storage) -> None:
+        """Render and store a completed job's output (or fail the job if rendering fails)."""
+        output_id = self._new_id()
         job.output_file_id = output_id
-        if job.finished_at + timedelta(seconds=self.settings.file_ttl) <= now:
-            return  # the clock jumped past the output's own expiry: nothing left to store
+        ttl = storage.output_ttl or self.settings.file_ttl
+        if job.finished_at + timedelta(seconds=ttl) <= now:
+            # The clock jumped past the output's own expiry: nothing left to store.
+            _remember(self._gone_files, output_id)
+            return
         fmt = job.inspection.input_format
         try:
             document = self._render(
@@ -1128,22 +1377,35 @@ class Hub:
             job.output_file_id = None
             job.failure = JobError("internal_error", f"Rendering failed: {exc}", new_id())
             return
-        path = self.data_dir / output_id
-        size = write_package(path, document, self.settings.output_size)
+        path = self._disk_path(output_id)
+        size = self._write_output(path, document, job.output_format, storage)
         stem = PurePosixPath(job.source_name).stem or "output"
-        stored = self._add_stored(output_id, path, f"{stem}.{job.output_format}", job.finished_at)
+        name = f"{stem}.{job.output_format}"
+        stored = self._add_stored(output_id, path, name, job.finished_at, ttl)
         stored.size = size
         stored.head = document[:SNIFF_BYTES]
         stored.media_type = MEDIA_TYPES[job.output_format]
+        stored.output = True
 
-    @property
+    def _write_output(self, path: Path, document: bytes, output_format: str, knobs: Storage) -> int:
+        """Write an output: the document, padded to ``output_size``, or a bomb built from it."""
+        if knobs.output_bomb == "none" or output_format not in bombs.MAIN_PARTS:
+            return write_package(path, document, self.settings.output_size)
+        if knobs.output_bomb == "zeros":
+            members = bombs.zeros_bomb(document, knobs.bomb_bytes)
+        else:
+            members = bombs.deep_xml_bomb(document, output_format, knobs.bomb_depth)
+        return bombs.write_zip(path, members)
+
     def _job_ttl(self) -> timedelta:
-        return timedelta(seconds=self.settings.job_ttl)
+        return timedelta(seconds=self.knobs.storage.job_ttl or self.settings.job_ttl)
 
     def _view(self, job: _Job, now: datetime) -> JobInfo:
         """The job as seen at ``now`` (already settled if its end has passed)."""
         if job.settled:
             failed = job.failure is not None
+            billed = job.inspection.pages
+            usage = None if failed and not self.knobs.variants.usage_on_failure else billed
             return JobInfo(
                 job.job_id,
                 job.file_id,
@@ -1153,12 +1415,13 @@ class Hub:
                 job.created_at,
                 job.finished_at,
                 job.finished_at,
-                job.finished_at + self._job_ttl,
+                job.expires_at or job.finished_at + self._job_ttl(),
                 output_file_id=job.output_file_id,
                 error=job.failure,
+                usage=usage,
             )
         # Until completion expires_at is provisional (the real value is unknown).
-        provisional_expiry = job.created_at + self._job_ttl
+        provisional_expiry = job.created_at + self._job_ttl()
         if now <= job.started_at:
             return JobInfo(
                 job.job_id,
@@ -1187,9 +1450,16 @@ class Hub:
         )
 
 
-def _no_such_input(file_id: str) -> InvalidRequest:
+def _no_such_input(file_id: str) -> MissingInput:
     # The n8n node's docs list "400 Bad Request - invalid file_id" for this case.
-    return InvalidRequest("invalid_file_id", f"File {file_id!r} does not exist or has expired.")
+    return MissingInput("invalid_file_id", f"File {file_id!r} does not exist or has expired.")
+
+
+def _remember(gone: dict[str, None], key: str) -> None:
+    """Add an expired id to a bounded, oldest-first record."""
+    gone[key] = None
+    if len(gone) > _MAX_GONE:
+        del gone[next(iter(gone))]
 
 
 def _parse_job_request(body: object) -> _JobRequest:

@@ -7,13 +7,16 @@ Both run uvicorn quietly: no access log unless asked, warnings and errors only.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from email.utils import formatdate
 from pathlib import Path
 from types import TracebackType
+from typing import cast
 
 import uvicorn
 from starlette.types import Scope
@@ -30,25 +33,47 @@ _KEEP_ALIVE_SECONDS = 60
 
 
 class _Server(uvicorn.Server):
-    """uvicorn, plus what the app's hooks need: cutting a connection, a stop flag."""
+    """uvicorn, plus what the app's hooks need: cutting a connection, reaching its socket,
+    a stop flag; and a Date header that follows the hub's ``timestamp_skew``."""
 
-    def __init__(self, config: uvicorn.Config, hooks: ServerHooks) -> None:
+    def __init__(self, config: uvicorn.Config, hooks: ServerHooks, hub: Hub) -> None:
         super().__init__(config)
         self._hooks = hooks
+        self._hub = hub
         hooks.stopping = False
         hooks.drop = self.drop_connection
+        hooks.transport = self.find_transport
 
-    def drop_connection(self, scope: Scope) -> bool:
-        """Abort the connection that carries ``scope``'s request; False if not found."""
+    def find_transport(self, scope: Scope) -> asyncio.WriteTransport | None:
+        """The socket transport of the connection carrying ``scope``'s request, or None."""
         client = scope.get("client")
         if client is None:
-            return False
+            return None
         for connection in list(self.server_state.connections):
             transport = getattr(connection, "transport", None)
             if getattr(connection, "client", None) == tuple(client) and transport is not None:
-                transport.abort()  # no FIN handshake, no response: as a network failure
-                return True
-        return False
+                return cast(asyncio.WriteTransport, transport)
+        return None
+
+    def drop_connection(self, scope: Scope) -> bool:
+        """Abort the connection that carries ``scope``'s request; False if not found."""
+        transport = self.find_transport(scope)
+        if transport is None:
+            return False
+        transport.abort()  # no FIN handshake, no response: as a network failure
+        return True
+
+    async def on_tick(self, counter: int) -> bool:
+        """uvicorn's once-a-tick chores; the Date header it refreshes gets the skew."""
+        should_exit = await super().on_tick(counter)
+        skew = self._hub.knobs.variants.timestamp_skew
+        if counter % 10 == 0 and skew:  # uvicorn refreshes the date every ten ticks
+            date = formatdate(time.time() + skew, usegmt=True).encode()
+            headers = self.server_state.default_headers
+            self.server_state.default_headers = [
+                (name, date if name == b"date" else value) for name, value in headers
+            ]
+        return should_exit
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._hooks.stopping = True  # ends long polls and stalls instead of waiting them out
@@ -73,7 +98,7 @@ def _build(hub: Hub, access_log: bool) -> _Server:
         timeout_keep_alive=_KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=_GRACEFUL_SHUTDOWN,
     )
-    return _Server(config, hooks_of(app))
+    return _Server(config, hooks_of(app), hub)
 
 
 def _bind(host: str, port: int) -> socket.socket:

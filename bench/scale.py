@@ -8,7 +8,7 @@ time, and ``ldx-hotfolder run`` as real subprocesses on one inbox, each limited 
 ``max_in_flight``. Once every instance is ready, the files are dropped at once; the time
 until the last one is completed is measured for one instance and for three, and the
 speed-up printed (target: at least 2.5). The helpers here also drive the scale-out
-tests (tests/test_scale_out.py).
+tests (tests/system/test_scale_out.py).
 """
 
 from __future__ import annotations

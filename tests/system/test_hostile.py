@@ -13,9 +13,9 @@ import pytest
 from daemon.emulator.server import EmulatorServer
 from tests.conftest import daemon_config
 from tests.helpers import cli, wait_for
+from tests.inbox.test_intake_pure import JUNK
 from tests.intake_support import done, outputs, rows, running, uploads
 from tests.scans import make_pdf, make_scan
-from tests.test_intake_pure import JUNK
 
 MARKER = b"TOP-SECRET-MARKER-7f3a"
 CONTROL = b"PLAIN-CONTROL-MARKER-91c2"  # in a normal input: shows the marker check can fail

@@ -21,8 +21,8 @@ from daemon.service import run_service
 from tests.conftest import daemon_config
 from tests.helpers import wait_for
 from tests.intake_support import done, rows, running, uploads
+from tests.ops.test_explain import explained, stalled, waiting
 from tests.scans import make_scan
-from tests.test_explain import explained, stalled, waiting
 
 # Root reads a chmod 000 file anyway (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH): the daemon
 # runs without those two in its bounding set, so after exec it has them no more.

@@ -1,0 +1,1 @@
+"""The LDX hub emulator: its logic, its HTTP face and its knobs."""

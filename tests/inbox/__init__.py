@@ -1,0 +1,1 @@
+"""Intake, routing, stability, polling: which files are ready and safe to take."""

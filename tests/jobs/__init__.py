@@ -1,0 +1,1 @@
+"""The state database: model, store, views, writer, schema."""

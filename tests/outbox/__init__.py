@@ -1,0 +1,1 @@
+"""Publishing, error files, permissions, duplicates and the output check."""

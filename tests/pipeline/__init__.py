@@ -1,0 +1,1 @@
+"""The worker, the steps and the fault policy, in process."""

@@ -1,0 +1,1 @@
+"""System tests: real subprocesses, SIGKILL, PostgreSQL, systemd, Docker, FUSE."""

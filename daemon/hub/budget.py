@@ -40,7 +40,7 @@ class Bucket:
         return cls(limit, limit, min(BURST, max(limit, 1.0)), now)
 
     def refill(self, now: float) -> Bucket:
-        """The tokens earned since ``stamp``."""
+        """The tokens earned since ``stamp`` (negative tokens: requests already waiting)."""
         earned = max(0.0, now - self.stamp) * self.rate / 60.0
         return replace(self, tokens=min(BURST, self.tokens + earned), stamp=now)
 
@@ -49,13 +49,10 @@ def wait_for_slot(bucket: Bucket, now: float) -> tuple[float, Bucket]:
     """(seconds to wait, bucket after taking a token at the end of that wait)."""
     if bucket.limit <= 0:
         return max(0.0, bucket.hold_until - now), bucket
-    start = max(now, bucket.hold_until)
-    filled = bucket.refill(start)
-    if filled.tokens >= 1.0:
-        return start - now, replace(filled, tokens=filled.tokens - 1.0)
-    short = (1.0 - filled.tokens) * 60.0 / filled.rate
-    at = start + short
-    return at - now, replace(filled, tokens=0.0, stamp=at)
+    start = max(now, bucket.hold_until, bucket.stamp)
+    taken = bucket.refill(start).tokens - 1.0  # below 0: requests queued for future tokens
+    wait = max(0.0, -taken) * 60.0 / bucket.rate
+    return start + wait - now, replace(bucket, tokens=taken, stamp=start)
 
 
 def after_refusal(bucket: Bucket, now: float, retry_after: float | None) -> Bucket:

@@ -276,7 +276,11 @@ class Service:
         self.worker.wake()
 
     def _held_by(self) -> str | None:
-        """Why no new job starts (the gate), or None."""
+        """Why no new job starts, or None: the gate, while it holds every route (a refused
+        route holds only its own requests, and a waiting one is what tries it again)."""
+        closure = self.gate.closure
+        if closure is None or closure.hold is Hold.REFUSED:
+            return None
         return self.gate.describe()
 
     def _disk_changed(self, low: bool) -> None:
@@ -324,7 +328,7 @@ class Service:
             intake=running("intake"),
             pipeline=running("pipeline"),
             paused=None if closure is None or closure.hold is Hold.DOWN else closure.reason,
-            holding_back=self.worker.holding_back(),
+            holding_back=self.worker.holding_back() or self.gate.describe(),
             in_flight=len(self.worker.active),
         )
 
@@ -514,7 +518,7 @@ class Service:
         closure = self.gate.closure
         outcome = Outcome(
             auth_rejected=closure.reason if closure and closure.hold is Hold.KEY else None,
-            held=self.worker.holding_back(),
+            held=self.worker.holding_back() or self.gate.describe(),
         )
         for path in sorted(self.intake.present):
             job = await asyncio.to_thread(self.views.latest_for_path, path)

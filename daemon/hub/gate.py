@@ -93,7 +93,7 @@ class Gate:
         self._clock = clock
         self._on_change = on_change or (lambda closure: None)
         self._failures = 0
-        self._interval = FIRST_PROBE
+        self._interval = min(FIRST_PROBE, probe_max)
         self._next_turn = 0.0  # when a waiting request of a refused route may go
         self._turn_taken = False
         self._changed = asyncio.Event()
@@ -201,7 +201,7 @@ class Gate:
 
     def _close(self, closure: Closure) -> None:
         self.closure = closure
-        self._interval = FIRST_PROBE
+        self._interval = min(FIRST_PROBE, self._probe_max)
         self._next_turn = self._clock() + self._step()
         self._on_change(closure)
         if closure.hold is not Hold.REFUSED and self.probe is not None:
@@ -212,7 +212,7 @@ class Gate:
         was = self.closure
         self.closure = None
         self._turn_taken = False
-        self._interval = FIRST_PROBE
+        self._interval = min(FIRST_PROBE, self._probe_max)
         self._changed.set()
         prober, self._prober = self._prober, None
         if prober is not None and prober is not asyncio.current_task():

@@ -129,9 +129,7 @@ class Durations:
 
     def learn(self, engine: str, pages: int, seconds: float) -> None:
         """Take one finished job's length into the average."""
-        if seconds <= 0:
-            return
-        sample = seconds / max(1, pages)
+        sample = max(0.0, seconds) / max(1, pages)
         before = self.per_page.get(engine)
         self.per_page[engine] = sample if before is None else before + ALPHA * (sample - before)
         self.changed = True
@@ -167,8 +165,9 @@ class Poller:
             watch = Watch(remote_job_id, engine, pages or 1, now, now)
             watch.future = asyncio.get_running_loop().create_future()
             prior = self.durations.prior(engine, watch.pages)
-            if prior is not None and prior <= self.max_wait:
-                watch.expected_end = now + prior  # short: one long poll catches its end
+            if self.max_wait > 0 and (prior is None or prior <= self.max_wait):
+                # Short, or not known yet: one long poll catches its end (or its progress).
+                watch.expected_end = now + (prior or 0.0)
             watch.due = next_due(watch, now, max_wait=self.max_wait, prior=prior)
             self._watches[remote_job_id] = watch
             self._wake.set()

@@ -86,12 +86,14 @@ def retry_delay(
 
 @dataclass(frozen=True)
 class Retry:
-    """Do the step again after ``delay`` seconds; ``counts``: it uses up an attempt."""
+    """Do the step again after ``delay`` seconds; ``counts``: it uses up an attempt (the
+    job fails once they are used); ``grows``: the next delay is longer (never fails)."""
 
     delay: float
     code: str
     message: str
     counts: bool
+    grows: bool = False
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,11 @@ def _as_transient(exc: BaseException) -> RetryLater:
 
 
 def _retry(exc: RetryLater, job: Job, max_attempts: int, rng: random.Random | None) -> Decision:
+    if isinstance(exc, NotYet):
+        # The hub will have it (an output before its expiry): wait longer each time, up to
+        # the cap, and never fail for it; the step decides when "not yet" becomes "never".
+        delay = retry_delay(job.attempts + 1, retry_after=exc.retry_after, rng=rng)
+        return Retry(delay, exc.code, exc.message, counts=False, grows=True)
     if passes_by_itself(exc):
         # No growth: the gate holds hub work while the hub is down, the budget slows
         # every request after a 429, and both let work go on the moment they open.

@@ -320,7 +320,7 @@ class Worker:
         )
 
     async def _defer(self, job: Job, retry: faults.Retry) -> None:
-        attempts = job.attempts + 1 if retry.counts else job.attempts
+        attempts = job.attempts + 1 if retry.counts or retry.grows else job.attempts
         metrics.record_error(retry.code, "retry", job.stage)
         log.warning(
             "step will be retried",

@@ -340,7 +340,13 @@ def write_config(folders: Folders, url: str, hub: dict[str, Any] | None = None, 
         **top,
         **SETTINGS,
     }
-    hub_settings = {"base_url": url, "api_key_file": str(key_file), **(hub or {})}
+    # The emulated hub has no request limit unless a scenario sets one on both sides.
+    hub_settings = {
+        "base_url": url,
+        "api_key_file": str(key_file),
+        "max_requests_per_minute": 0,
+        **(hub or {}),
+    }
     lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
     lines += ["", "[hub]"] + [f"{k} = {_toml(v)}" for k, v in hub_settings.items()]
     path = folders.root / "config.toml"

@@ -60,7 +60,7 @@ def _config(root: Path, url: str) -> Path:
         f'state_db = "{root / "state" / "state.db"}"\nquiet_period = 0.2\n'
         f'max_in_flight = 8\nlog_format = "json"\n'
         f'[hub]\nbase_url = "{url}"\napi_key_file = "{root / "api-key"}"\n'
-        f"poll_interval = 1.0\n",
+        f"poll_interval = 1.0\nmax_requests_per_minute = 0\n",
         encoding="utf-8",
     )
     return path

@@ -126,7 +126,9 @@ def cmd_once(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure(settings.log_level, settings.log_format)
     progress = sys.stderr.isatty()  # a bar for a person watching, nothing in pipes and logs
-    outcome = asyncio.run(run_service(settings, once=True, progress=progress))
+    outcome = asyncio.run(
+        run_service(settings, once=True, progress=progress, max_wait=args.max_wait)
+    )
     assert outcome is not None
     print(
         f"{len(outcome.completed)} completed, {len(outcome.failed)} failed, "
@@ -136,6 +138,12 @@ def cmd_once(args: argparse.Namespace) -> int:
         print(f"failed: {path}")
     if outcome.auth_rejected:
         print(f"error: {outcome.auth_rejected}", file=sys.stderr)
+    elif outcome.held and outcome.unfinished:
+        print(
+            f"unfinished after --max-wait: {outcome.held}; the unfinished files stay queued "
+            "and are converted by the next run",
+            file=sys.stderr,
+        )
     return outcome.exit_code
 
 
@@ -496,8 +504,9 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
             "once",
             cmd_once,
             "process what is in the inbox now, then exit "
-            "(0: all completed, 1: some failed, 2: configuration error)",
-            None,
+            "(0: all completed, 1: some failed, 2: configuration error, "
+            "3: work still held when --max-wait ran out)",
+            _once_options,
         ),
         ("status", cmd_status, "counts per status and recent failures", _status_options),
         ("jobs", cmd_jobs, "one line per job, newest first", _jobs_options),
@@ -542,6 +551,17 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
             _demo_options,
         ),
     ]
+
+
+def _once_options(once: argparse.ArgumentParser) -> None:
+    once.add_argument(
+        "--max-wait",
+        type=_duration,
+        default=3600.0,
+        metavar="AGE",
+        help="how long to wait while work is held (hub unreachable, page budget reached) "
+        "before exiting with status 3, the held files still queued (default 1h)",
+    )
 
 
 def _json_flag(command: argparse.ArgumentParser, help_text: str = "print JSON") -> None:

@@ -34,7 +34,11 @@ class Commit:
         self.clock = clock
         self.latest: dict[int, Job] = {}  # each running job as last committed
 
-    async def __call__(self, job: Job, stage: Stage, **changes: Any) -> Job:
+    async def __call__(
+        self, job: Job, stage: Stage, *, along: Callable[[], object] | None = None, **changes: Any
+    ) -> Job:
+        """Commit the move; ``along`` is another store call made in the same transaction
+        (what the hub holds, recorded together with the stage it makes true)."""
         now = self.clock()
         # Every change renews the lease; a deferred or final job is let go at once.
         let_go = stage in FINAL_STAGES or changes.get("next_attempt_at") is not None
@@ -48,7 +52,16 @@ class Commit:
             owner=self.instance,
             **changes,
         )
-        new = await self.writer.call(advance)
+        if along is not None:
+            first = along
+
+            def both() -> Job:
+                first()
+                return advance()
+
+            new = await self.writer.call(both)
+        else:
+            new = await self.writer.call(advance)
         if job.id in self.latest:
             self.latest[job.id] = new
         return new

@@ -54,7 +54,7 @@ from daemon.hub.models import JobState, RemoteJob, epoch
 from daemon.hub.polls import Poller
 from daemon.inbox.inputs import HashingReader, check_unchanged, open_input, sha256_of
 from daemon.inbox.stability import Signature
-from daemon.jobs.model import Job, RemoteRecord, Stage
+from daemon.jobs.model import RUNNING_REMOTE, Job, RemoteRecord, Stage
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.ops import failpoints, metrics
@@ -283,6 +283,11 @@ class Steps:
         if file_id is None:  # only a hand-edited row gets here
             return await self.advance(job, Stage.PENDING)
         records = await self.writer.call(self.writer.store.remote_records, job.id)
+        running = [r for r in records if r.status in RUNNING_REMOTE]
+        if running:  # a conversion of this attempt the hub still runs: follow it
+            return await self.advance(
+                job, Stage.SUBMITTED, remote_job_id=running[-1].remote_job_id, attempts=0
+            )
         maybe_sent = job.stage is Stage.SUBMITTING and job.id not in self.nothing_created
         if maybe_sent:
             adopted = await self._adoptable(job, records)
@@ -341,23 +346,22 @@ class Steps:
         return False
 
     async def _created(self, job: Job, remote: RemoteJob) -> Job:
-        """Commit a remote job the moment it is known (and count its conversion)."""
+        """Commit a remote job the moment it is known, with its conversion counted, in one
+        transaction: a crash leaves both or neither."""
         assert job.remote_file_id is not None
         record = RemoteRecord(
             job.id, remote.job_id, job.remote_file_id, epoch(remote.created_at), "queued"
         )
-        store = self.writer.store
-        now = self.clock()
-        advance = self.advance(
+        store, now = self.writer.store, self.clock()
+        return await self.advance(
             job,
             Stage.SUBMITTED,
+            along=lambda: store.record_remote(record, now),
             remote_job_id=remote.job_id,
             output_file_id=None,
             submits=job.submits + 1,
             attempts=0,
         )
-        await self.writer.call(store.record_remote, record, now)
-        return await advance
 
     # -- await -------------------------------------------------------------------------
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from pathlib import Path
+from typing import cast
 
 import anyio
 import anyio.lowlevel
@@ -192,10 +193,11 @@ async def trickle(
     source: AsyncIterator[bytes], interval: float, hooks: ServerHooks
 ) -> AsyncIterator[bytes]:
     """``source`` one byte at a time, ``interval`` seconds of real time apart."""
-    async for chunk in source:
-        for offset in range(len(chunk)):
-            yield chunk[offset : offset + 1]
-            await hooks.pause(interval)
+    async with contextlib.aclosing(cast(AsyncGenerator[bytes, None], source)):
+        async for chunk in source:
+            for offset in range(len(chunk)):
+                yield chunk[offset : offset + 1]
+                await hooks.pause(interval)
 
 
 class HostileBody(Response):
@@ -227,6 +229,11 @@ class HostileBody(Response):
         self._overrun = overrun
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The source holds the stored file open: close it however the body ends.
+        async with contextlib.aclosing(cast(AsyncGenerator[bytes, None], self._source)):
+            await self._respond(scope, receive, send)
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = {"type": "http.response.start", "status": self.status_code}
         await send({**start, "headers": self.raw_headers})
         if self._hooks.drop is None and self._endless:

@@ -37,6 +37,7 @@ LEAD = 1.0  # seconds of slack between a long poll's wait and the expected end
 MARGIN = 0.3  # seconds after an expected end that a plain poll looks
 BACKOFF = (2.0, 4.0, 8.0, 15.0, 30.0)  # when a job's end cannot be estimated
 TOGETHER = 0.5  # jobs due within this many seconds are served by one listing
+LIST_GAP = 0.5  # seconds at least between two listings
 ALPHA = 0.2  # weight of the newest duration in the learned average
 
 
@@ -65,17 +66,26 @@ class Action:
     wait: float = 0.0  # a long poll's wait, for "poll"
 
 
-def choose(now: float, watches: list[Watch], *, can_list: bool) -> Action:
-    """The next action at ``now`` (pure)."""
+def choose(now: float, watches: list[Watch], *, can_list: bool, long_polls: bool) -> Action:
+    """The next action at ``now`` (pure). A job whose end is estimated gets a long poll
+    when the hub honours them (it answers the moment the job ends); jobs of unknown end,
+    and jobs due together when it does not, share one listing."""
     idle = [w for w in watches if not w.busy]
     due = sorted((w for w in idle if w.due <= now), key=lambda w: w.due)
     if not due:
         return Action("sleep", until=min((w.due for w in idle), default=math.inf))
-    soon = [w for w in idle if w.due <= now + TOGETHER]
-    unknown = due[0].expected_end is None and len(idle) > 1
-    if can_list and (len(soon) > 1 or unknown):
+    first = due[0]
+    if long_polls and first.expected_end is not None:
+        return Action("poll", watch=first)
+    listed = [
+        w
+        for w in idle
+        if w.due <= now + TOGETHER and not (long_polls and w.expected_end is not None)
+    ]
+    unknown = first.expected_end is None and len(idle) > 1
+    if can_list and (len(listed) > 1 or unknown):
         return Action("list")
-    return Action("poll", watch=due[0])
+    return Action("poll", watch=first)
 
 
 def long_poll_wait(watch: Watch, now: float, max_wait: float) -> float:
@@ -156,6 +166,7 @@ class Poller:
         self._tasks: set[asyncio.Task[None]] = set()
         self.can_list = True
         self.requests = {"poll": 0, "list": 0}
+        self._last_list = -math.inf
 
     async def until_final(self, remote_job_id: str, *, engine: str, pages: int | None) -> RemoteJob:
         """The job once the hub says it completed or failed (or RemoteNotFound)."""
@@ -166,8 +177,9 @@ class Poller:
             watch.future = asyncio.get_running_loop().create_future()
             prior = self.durations.prior(engine, watch.pages)
             if self.max_wait > 0 and (prior is None or prior <= self.max_wait):
-                # Short, or not known yet: one long poll catches its end (or its progress).
-                watch.expected_end = now + (prior or 0.0)
+                # Short, or not known yet: one long poll catches its end (or, for a longer
+                # job, reports its progress when the wait runs out).
+                watch.expected_end = now + (prior if prior is not None else self.max_wait - LEAD)
             watch.due = next_due(watch, now, max_wait=self.max_wait, prior=prior)
             self._watches[remote_job_id] = watch
             self._wake.set()
@@ -186,10 +198,19 @@ class Poller:
         """Plan and send the polls until cancelled."""
         try:
             while True:
-                action = choose(self._clock(), list(self._watches.values()), can_list=self.can_list)
+                now = self._clock()
+                action = choose(
+                    now,
+                    list(self._watches.values()),
+                    can_list=self.can_list,
+                    long_polls=self.max_wait > 0,
+                )
                 if action.kind == "sleep":
                     await self._sleep(action.until)
+                elif action.kind == "list" and now < self._last_list + LIST_GAP:
+                    await self._sleep(self._last_list + LIST_GAP)  # never a storm of listings
                 elif action.kind == "list":
+                    self._last_list = now
                     await self._list()
                 elif action.watch is not None:
                     self._poll_soon(action.watch)

@@ -140,7 +140,14 @@ class Steps:
         # Jobs whose last creation request certainly made nothing at the hub (a refusal,
         # no connection): their next attempt need not look for a job to adopt.
         self.nothing_created: set[int] = set()
+        self.nothing_uploaded: set[int] = set()  # likewise for an upload: no listing
         self.taken_over: dict[int, str] = {}  # job id -> the instance whose lease expired
+
+    def forget(self, job_id: int) -> None:
+        """Drop what is remembered of a job that is final (or gone)."""
+        self.nothing_created.discard(job_id)
+        self.nothing_uploaded.discard(job_id)
+        self.taken_over.pop(job_id, None)
 
     def for_stage(self, stage: Stage) -> Callable[[Job], Awaitable[Job]]:
         """The step that moves a job on from ``stage``."""
@@ -160,7 +167,8 @@ class Steps:
 
     async def upload(self, job: Job) -> Job:
         """Send the input (or adopt an upload a crash interrupted); duplicates per policy."""
-        if job.stage is Stage.UPLOADING and job.sha256 is not None:
+        maybe_sent = job.stage is Stage.UPLOADING and job.id not in self.nothing_uploaded
+        if maybe_sent and job.sha256 is not None:
             adopted = await self._find_upload(job, job.sha256)
             if adopted is not None:  # a job may have been created on it before the crash
                 return await self._uploaded(job, adopted, job.sha256, fresh=False)
@@ -174,6 +182,10 @@ class Steps:
                 if done:
                     return job
                 info = await self._send(job, fd, digest)
+        except RetryLater as exc:
+            if not exc.maybe_done:  # refused (a 429) or never sent: nothing to look for
+                self.nothing_uploaded.add(job.id)
+            raise
         except InputGone as exc:
             raise InputChanged(f"{exc.message}; nothing was converted") from None
         failpoints.hit("after-upload")
@@ -199,6 +211,7 @@ class Steps:
         self, job: Job, info: tuple[str, float | None], digest: str, *, fresh: bool
     ) -> Job:
         file_id, expires = info
+        self.nothing_uploaded.discard(job.id)
         if fresh:
             self.nothing_created.add(job.id)  # no creation request was sent for this upload
         return await self.advance(

@@ -259,9 +259,10 @@ class Worker:
         except Exception as exc:
             await self._handle(self.commit.latest.get(job.id, job), exc)
         finally:
-            self.commit.latest.pop(job.id, None)
+            last = self.commit.latest.pop(job.id, job)
+            if last.stage in FINAL_STAGES:
+                self.steps.forget(job.id)
             self.active.pop(job.id, None)
-            self.steps.taken_over.pop(job.id, None)
             self.wake()
 
     def _completed(self, job: Job, started: float, timer: metrics.StageTimer) -> None:
@@ -427,6 +428,7 @@ class Worker:
         was converted, so nothing is lost) and let intake take the file again once stable;
         the new version then converts once, as a new job."""
         await self.writer.call(self.writer.store.withdraw, job.id, self.settings.instance)
+        self.steps.forget(job.id)
         log.info(
             "input changed before it was converted; job withdrawn, the file is taken again "
             "once it is stable",

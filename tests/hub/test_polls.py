@@ -46,17 +46,24 @@ def watch(job_id: str = "j", started: float = 0.0, due: float = 0.0, **changes: 
 
 def test_nothing_due_sleeps_until_the_first_due_job() -> None:
     """With no job due, the scheduler sleeps until the earliest one is."""
-    action = choose(10.0, [watch("a", due=15.0), watch("b", due=12.0)], can_list=True)
+    action = choose(
+        10.0, [watch("a", due=15.0), watch("b", due=12.0)], can_list=True, long_polls=False
+    )
     assert (action.kind, action.until) == ("sleep", 12.0)
-    assert choose(10.0, [], can_list=True).until == math.inf
+    assert choose(10.0, [], can_list=True, long_polls=False).until == math.inf
 
 
 def test_several_jobs_due_together_are_served_by_one_listing() -> None:
     """Two jobs due within moments of each other cost one list request, not two polls."""
-    action = choose(10.0, [watch("a", due=9.0), watch("b", due=10.3)], can_list=True)
+    action = choose(
+        10.0, [watch("a", due=9.0), watch("b", due=10.3)], can_list=True, long_polls=False
+    )
     assert action.kind == "list"
     alone = choose(
-        10.0, [watch("a", due=9.0), watch("b", due=30.0, expected_end=31.0)], can_list=False
+        10.0,
+        [watch("a", due=9.0), watch("b", due=30.0, expected_end=31.0)],
+        can_list=False,
+        long_polls=False,
     )
     assert (alone.kind, alone.watch is not None and alone.watch.remote_job_id) == ("poll", "a")
 
@@ -64,7 +71,10 @@ def test_several_jobs_due_together_are_served_by_one_listing() -> None:
 def test_a_job_of_unknown_end_is_read_by_listing_when_others_run() -> None:
     """A job whose end is unknown is looked at with a listing that informs every job."""
     action = choose(
-        10.0, [watch("a", due=9.0), watch("b", due=40.0, expected_end=50.0)], can_list=True
+        10.0,
+        [watch("a", due=9.0), watch("b", due=40.0, expected_end=50.0)],
+        can_list=True,
+        long_polls=False,
     )
     assert action.kind == "list"
 
@@ -82,6 +92,15 @@ def test_progress_and_the_hubs_timestamps_give_the_end() -> None:
     assert end is not None
     assert abs(end - 110.0) < 1e-6
     assert estimate_end(watch(), RemoteJob(job_id="j", status="queued", progress=0), 5.0) is None
+
+
+def test_with_long_polls_a_job_of_known_end_is_long_polled_not_listed() -> None:
+    """When the hub honours ?wait, jobs of estimated end get long polls, never listings."""
+    jobs = [watch("a", due=9.0, expected_end=12.0), watch("b", due=9.5, expected_end=13.0)]
+    action = choose(10.0, jobs, can_list=True, long_polls=True)
+    assert (action.kind, action.watch is not None and action.watch.remote_job_id) == ("poll", "a")
+    unknown = [watch("a", due=9.0), watch("b", due=9.5, expected_end=13.0)]
+    assert choose(10.0, unknown, can_list=True, long_polls=True).kind == "list"
 
 
 def test_a_long_poll_starts_before_the_expected_end_and_holds_just_past_it() -> None:

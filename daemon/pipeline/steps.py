@@ -54,7 +54,7 @@ from daemon.hub.models import JobState, RemoteJob, epoch
 from daemon.hub.polls import Poller
 from daemon.inbox.inputs import HashingReader, check_unchanged, open_input, sha256_of
 from daemon.inbox.stability import Signature
-from daemon.jobs.model import Job, RemoteRecord, Stage
+from daemon.jobs.model import RUNNING_REMOTE, Job, RemoteRecord, Stage
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.ops import failpoints, metrics
@@ -286,6 +286,16 @@ class Steps:
         records = await self.writer.call(self.writer.store.remote_records, job.id)
         maybe_sent = job.stage is Stage.SUBMITTING and job.id not in self.nothing_created
         if maybe_sent:
+            recorded = _unfollowed(job, records)
+            if recorded is not None:  # created and recorded; the crash came before the row
+                return await self.advance(
+                    job,
+                    Stage.SUBMITTED,
+                    remote_job_id=recorded.remote_job_id,
+                    output_file_id=None,
+                    submits=job.submits + 1,
+                    attempts=0,
+                )
             adopted = await self._adoptable(job, records)
             if adopted is not None:
                 return await self._created(job, adopted)
@@ -598,6 +608,19 @@ class Steps:
             await asyncio.to_thread(outbox.archive_input, inbox, archive, job.path, signature(job))
         failpoints.hit("before-done")
         return await self.advance(job, Stage.DONE)
+
+
+def _unfollowed(job: Job, records: list[RemoteRecord]) -> RemoteRecord | None:
+    """A remote job of this upload that ``_created`` recorded but the job row never took
+    in (the record and the row are two commits): the newest one the hub may still run."""
+    running = [
+        r
+        for r in records
+        if r.status in RUNNING_REMOTE
+        and r.remote_file_id == job.remote_file_id
+        and r.remote_job_id != job.remote_job_id
+    ]
+    return running[-1] if running else None
 
 
 def _publish_denied(final: Path, exc: OSError | None) -> RetryLater:

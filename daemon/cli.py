@@ -10,20 +10,21 @@ import argparse
 import asyncio
 import json
 import os
+import socket
 import sys
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__
 from daemon.config import Settings, check_folders, config_path, load_settings, resolve_api_key
-from daemon.errors import AuthRejected, ConfigError, LdxError
-from daemon.fs import stored_path
+from daemon.errors import AlreadyRunning, AuthRejected, ConfigError, LdxError
+from daemon.fs import fs_path, stored_path
 from daemon.hub.client import HubClient, Limits
 from daemon.inbox.mounts import stale_size_warnings_for
+from daemon.installation import VERSION, foreign_package
 from daemon.jobs.database import Database
-from daemon.jobs.model import Job, Status
+from daemon.jobs.model import Instance, Job, Status
 from daemon.jobs.store import Store
 from daemon.jobs.tables import make_engine
 from daemon.jobs.views import Views
@@ -33,11 +34,14 @@ from daemon.ops.health import EXIT_UNHEALTHY, read_heartbeat, verdict
 from daemon.ops.report import (
     HubCheck,
     StatusReport,
+    current_failures,
     filter_jobs,
     holder,
+    instance_alive,
     instance_lines,
     instances_json,
     parse_duration,
+    pid_runs,
     purge_plan,
     render_status,
 )
@@ -45,6 +49,8 @@ from daemon.pipeline.budget import PageLimits, Used, decide, reached
 from daemon.pipeline.steps import held_path
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE (``jobs | head``)
+FAILURES_LOOKED_AT = 500  # failed jobs ``status`` reads to find the current ones
 HUB_CHECK_TIMEOUT = 5.0  # seconds ``status`` waits for the hub
 PURGE_BATCH = 500  # jobs deleted per transaction
 Command = Callable[[argparse.Namespace], int]
@@ -152,10 +158,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status, the oldest waiting job, recent failures, daemon and hub health."""
     settings = _settings(args)
     views = _views(settings)
+    inbox = settings.inbox.absolute()
     try:
         counts = views.counts()
         oldest = views.oldest_unfinished()
-        failures = views.jobs(Status.FAILED, limit=args.failures)
+        failures = current_failures(
+            views.jobs(Status.FAILED, limit=FAILURES_LOOKED_AT),
+            lambda job: _still_current(views, inbox, job),
+            args.failures,
+        )
         hook_failures = views.hook_failures(limit=args.failures)
         stalled = views.waiting()
         instances = views.instances()
@@ -176,17 +187,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         hook_failures=hook_failures,
         pages=pages,
     )
+    here, lease = socket.gethostname(), settings.lease_seconds
+
+    def alive(item: Instance) -> bool:
+        return instance_alive(item, report.now, lease, here, pid_runs)
+
     if args.json:
         payload = report.to_json(job_json)
         payload["stalled"] = [explain.waiting_json(item) for item in stalled]
-        lease = settings.lease_seconds
-        payload["instances"] = instances_json(instances, held, report.now, lease)
+        payload["instances"] = instances_json(instances, held, report.now, alive)
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         print(render_status(report))
         for line in explain.stalled_lines(stalled, report.now):
             print(line)
-        for line in instance_lines(instances, held, report.now, settings.lease_seconds):
+        for line in instance_lines(instances, held, report.now, alive):
             print(line)
     return EXIT_OK
 
@@ -229,6 +244,13 @@ def cmd_usage(args: argparse.Namespace) -> int:
     else:
         print(usage.render(report))
     return EXIT_OK
+def _still_current(views: Views, inbox: Path, job: Job) -> bool:
+    """Whether a failure still stands: its input is in the inbox and no later job of the
+    same path (a corrected file) replaced it."""
+    if not os.path.lexists(inbox / fs_path(job.path)):
+        return False
+    latest = views.latest_for_path(job.path)
+    return latest is not None and latest.id == job.id
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -329,7 +351,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    """Put failed jobs back in the queue."""
+    """Put failed jobs back in the queue; say why a named job was not."""
     if not args.failed and not args.targets:
         print("error: name jobs or paths to retry, or use --failed", file=sys.stderr)
         return EXIT_CONFIG
@@ -343,18 +365,45 @@ def cmd_retry(args: argparse.Namespace) -> int:
             datetime.now(UTC).timestamp(),
             output_kept=lambda job: held_path(held, job).exists(),
         )
+        taken = {job.id for job in requeued}
+        refused = [job for i in ids if i not in taken and (job := store.get(i)) is not None]
     finally:
         store.close()
     for target in unknown:
         print(f"not found: {target}", file=sys.stderr)
+    for job in refused:
+        print(f"not retried: #{job.id} {job.path}: {_not_retried(job)}", file=sys.stderr)
+    code = EXIT_FAILED if unknown or refused else EXIT_OK
     if args.json:
-        payload = {"requeued": [job_json(job) for job in requeued], "not_found": unknown}
+        payload = {
+            "requeued": [job_json(job) for job in requeued],
+            "not_found": unknown,
+            "not_retried": [
+                {
+                    "id": job.id,
+                    "path": job.path,
+                    "status": job.status.value,
+                    "why": _not_retried(job),
+                }
+                for job in refused
+            ],
+        }
         print(json.dumps(payload, indent=2, ensure_ascii=False))
-        return EXIT_FAILED if unknown else EXIT_OK
+        return code
     print(f"requeued {len(requeued)} job(s)")
     for job in requeued:
         print(f"  #{job.id} {job.path}")
-    return EXIT_FAILED if unknown else EXIT_OK
+    return code
+
+
+def _not_retried(job: Job) -> str:
+    """Why ``retry`` leaves a job that did not fail alone."""
+    if job.status is Status.COMPLETED:
+        return (
+            "it completed, so there is nothing to retry (to convert it again, drop the "
+            "file in the inbox again under a new name or with changed content)"
+        )
+    return f"it is {job.status.value} already; the daemon works on it"
 
 
 def _resolve_targets(
@@ -433,27 +482,45 @@ def cmd_health(args: argparse.Namespace) -> int:
 
 def cmd_engines(args: argparse.Namespace) -> int:
     """The engines, languages and conversions the hub offers."""
-    base_url = args.base_url or _settings(args).hub.base_url
-    engines = asyncio.run(_fetch_engines(base_url))
+    settings = None if args.base_url and args.config is None else _settings(args)
+    base_url = args.base_url or (settings.hub.base_url if settings else "")
+    engines = asyncio.run(_fetch_engines(base_url, _key_if_any(settings)))
+    if engines is None:
+        print("error: the hub's engine list cannot be read", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps([e.model_dump(by_alias=True) for e in engines], indent=2))
         return EXIT_OK
     for engine in engines:
         print(f"{engine.id}  {engine.display_name or ''}")
-        langs = ", ".join(lang.code for lang in engine.supported_languages)
+        listed = engine.supported_languages
+        langs = ", ".join(lang.code for lang in listed) if listed else "(not listed)"
         print(f"  languages: {langs}")
-        pairs = sorted({f"{c.from_}->{c.to}" for c in engine.supported_conversions})
+        convs = engine.supported_conversions
+        pairs = sorted({f"{c.from_}->{c.to}" for c in convs}) if convs else ["(not listed)"]
         print(f"  conversions: {', '.join(pairs)}")
     return EXIT_OK
 
 
-async def _fetch_engines(base_url: str) -> list[Any]:
-    async with HubClient.connect(base_url, api_key="") as client:
-        return await client.engines() or []
+def _key_if_any(settings: Settings | None) -> str:
+    """The configured key, for a gateway that wants it on the engine list too ("" if none)."""
+    if settings is None:
+        return ""
+    try:
+        return resolve_api_key(settings.hub)
+    except ConfigError:
+        return ""
+
+
+async def _fetch_engines(base_url: str, key: str) -> list[Any] | None:
+    async with HubClient.connect(base_url, api_key=key) as client:
+        return await client.engines()
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate configuration, folders and the API key; say what is wrong."""
+    """Validate configuration, folders, the API key and the engine, language and format
+    of ``[hub]`` and every rule against the hub's list; say what is wrong. A value the
+    hub does not offer ends it as ``run`` ends: the same message, exit 2."""
     settings = _settings(args)
     print(f"configuration: ok ({config_path(args.config)})")
     problems = check_folders(settings)
@@ -464,7 +531,25 @@ def cmd_check(args: argparse.Namespace) -> int:
     for warning in stale_size_warnings_for(settings.inbox, settings.quiet_period):
         print(f"folders: warning: {warning}")
     key_ok = asyncio.run(_check_key(settings))
+    print(f"hub offer: {asyncio.run(_check_offer(settings))}")
     return EXIT_OK if key_ok and not problems else EXIT_CONFIG
+
+
+async def _check_offer(settings: Settings) -> str:
+    """What ``run`` finds when it checks the settings against the hub's engine list
+    (``service.hub_offer``); ConfigError when the hub does not offer them."""
+    from daemon.service import hub_offer, route_defaults
+
+    hub = settings.hub
+    async with HubClient.connect(
+        hub.base_url, _key_if_any(settings), timeout=hub.timeout
+    ) as client:
+        offer, warning = await hub_offer(client, settings.rules, route_defaults(settings))
+    if warning is not None:
+        return f"warning: {warning}"
+    assert offer is not None
+    rules = f" and {len(settings.rules)} rule(s)" if settings.rules else ""
+    return f"ok (engine, language and format of [hub]{rules} offered by {hub.base_url})"
 
 
 async def _check_key(settings: Settings) -> bool:
@@ -520,7 +605,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watched-folder OCR daemon: converts scans dropped into an inbox "
         "into docx, xlsx or pptx with the LDX hub RenderOCR API.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {VERSION}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "-c",
@@ -748,12 +833,31 @@ def _add(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    foreign = foreign_package()
+    if foreign is not None:
+        print(f"ldx-hotfolder: {foreign}", file=sys.stderr)
+        return EXIT_CONFIG
     args = build_parser().parse_args(argv)
     try:
         code: int = args.func(args)
+        sys.stdout.flush()  # a reader that went away (``| head``) shows here, not at exit
     except ConfigError as exc:
-        print(f"ldx-hotfolder: configuration error: {exc.message}", file=sys.stderr)
+        kind = "" if isinstance(exc, AlreadyRunning) else "configuration error: "
+        print(f"ldx-hotfolder: {kind}{exc.message}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
     return code
+
+
+def _quiet_stdout() -> None:
+    """Send what is left for stdout nowhere: the reader is gone (``jobs | head``), and
+    Python would otherwise complain when it flushes stdout at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)

@@ -149,6 +149,11 @@ def _run_in(root: Path, *, keep: bool) -> int:
     if keep:
         config = write_config(root, settings)
         print(f"\nThe folders are kept. Try: ldx-hotfolder jobs -c {config}")
+    else:
+        print(
+            f"\nThe demo folder {root} is deleted now. To keep it and try the other "
+            "commands on it: ldx-hotfolder demo --keep DIR"
+        )
     ok = expected(outcome)
     print("\nDemo finished: all good scans converted." if ok else "\nDemo did NOT go as expected.")
     return 0 if ok else 1

@@ -28,7 +28,8 @@ The tree::
         └── ConfigError           the configuration is invalid; exit 2 with the key and fix
             ├── SchemaMismatch    the state database's schema is not this program's
             ├── StateDamaged      the state database is damaged, vanished or replaced
-            └── FolderFileError   a folder's .ldx-hotfolder.toml is unreadable or invalid
+            ├── FolderFileError   a folder's .ldx-hotfolder.toml is unreadable or invalid
+            └── AlreadyRunning    this instance already runs (on this host: its pid)
 
 Control-flow signals are kept outside the root, as huey keeps ``RetryTask`` and
 structlog ``DropEvent``: they are not errors and nothing logs them as such.
@@ -193,6 +194,12 @@ class StateDamaged(ConfigError):
 
 class FolderFileError(ConfigError):
     """A folder file cannot be read or holds an invalid value."""
+
+
+class AlreadyRunning(ConfigError):
+    """A live daemon already runs under this instance id on this state database."""
+
+    code = "already_running"
 
 
 class Signal(Exception):

@@ -19,10 +19,11 @@ import signal
 import socket
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from daemon.config import (
+    Rule,
     Settings,
     changed_settings,
     check_folders,
@@ -31,7 +32,7 @@ from daemon.config import (
     service_manager,
     split_reload,
 )
-from daemon.errors import ConfigError, LdxError, StateDamaged, Unhealthy
+from daemon.errors import AlreadyRunning, ConfigError, LdxError, StateDamaged, Unhealthy
 from daemon.hub.budget import RequestBudget
 from daemon.hub.client import HubClient, Limits
 from daemon.hub.gate import Closure, Gate, Hold
@@ -39,7 +40,7 @@ from daemon.hub.polls import Durations, Poller
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.intake import Intake, IntakeSettings
 from daemon.inbox.mounts import stale_size_warnings_for
-from daemon.inbox.routing import Router, check_rules, offer_from_engines
+from daemon.inbox.routing import Offer, Router, offer_from_engines, validate_routes
 from daemon.inbox.stability import Patience
 from daemon.inbox.watcher import Watcher
 from daemon.jobs.database import damaged_message
@@ -53,6 +54,7 @@ from daemon.ops.diskspace import DiskMonitor
 from daemon.ops.health import Liveness, Monitor
 from daemon.ops.notify import Notifier, watchdog_interval
 from daemon.ops.progress import ProgressBar, follow
+from daemon.ops.report import pid_runs
 from daemon.ops.supervise import Supervisor
 from daemon.outbox import reconcile
 from daemon.outbox.permissions import OutputPermissions, tighten_umask
@@ -65,6 +67,7 @@ from daemon.pipeline.worker import Worker, WorkerSettings
 
 log = get_logger(component="service")
 ENGINES_REFRESH_SECONDS = 3600.0  # the engine list checks folder files between restarts
+ENGINES_WAIT_SECONDS = 30.0  # the start waits this long for the engine list, then goes on
 STOP_GRACE_SECONDS = 10.0  # uploads and downloads in progress get this long to finish
 DURATIONS_SAVE_SECONDS = 60.0  # learned job durations are written at most this often
 DEFAULT_MAX_WAIT = 3600.0  # ``once`` waits this long for held work before exit code 3
@@ -107,6 +110,43 @@ def prepare(settings: Settings) -> str:
         settings.archive_dir.mkdir(parents=True, exist_ok=True)
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     return key
+
+
+def route_defaults(settings: Settings) -> dict[str, str]:
+    """What a file gets when no rule or folder file says otherwise."""
+    hub = settings.hub
+    return {
+        "engine": hub.engine,
+        "language": hub.language,
+        "output_format": hub.output_format,
+        "on_success": settings.on_success,
+    }
+
+
+_ADVICE = (
+    "running with the configured engine, language and format, and the hub's answer to "
+    "each job decides"
+)
+
+
+async def hub_offer(
+    client: HubClient,
+    rules: Sequence[Rule],
+    defaults: dict[str, str],
+    wait: float = ENGINES_WAIT_SECONDS,
+) -> tuple[Offer | None, str | None]:
+    """The hub's offer, with ``[hub]`` and ``[[rules]]`` checked against it
+    (``validate_routes``: ConfigError when it lacks a configured engine, language or
+    format), or None and the warning why there is none to check against."""
+    try:
+        engines = await asyncio.wait_for(client.engines(), wait)
+    except (LdxError, TimeoutError) as exc:
+        why = exc.message if isinstance(exc, LdxError) else f"no answer within {wait:g} s"
+        return None, f"cannot read the hub's engine list now ({why}); {_ADVICE}"
+    offer = validate_routes(rules, defaults, engines)
+    if offer is None:
+        return None, f"the hub's engine list is empty or unreadable; {_ADVICE}"
+    return offer, None
 
 
 def _intake_settings(settings: Settings, impatient: bool) -> IntakeSettings:
@@ -383,30 +423,19 @@ class Service:
         )
         store = self.writer.store
         existing = await self.writer.call(store.instance, me)
-        problem = instance_conflict(existing, host, pid, now, self.settings.lease_seconds)
+        lease, shared = self.settings.lease_seconds, self.store.dialect != "sqlite"
+        problem = instance_conflict(existing, host, pid, now, lease, shared=shared)
         if problem is not None:
-            raise ConfigError(problem)
+            raise AlreadyRunning(problem)
         await self.writer.call(store.register_instance, me, host, pid, now)
 
     async def _check_routes(self) -> None:
-        """Check [hub] and the rules against the hub's engine list; ConfigError if wrong."""
-        try:
-            engines = await asyncio.wait_for(self.client.engines(), 30)
-        except (LdxError, TimeoutError) as exc:
-            why = exc.message if isinstance(exc, LdxError) else "no answer within 30 s"
-            log.warning("cannot check the settings against the hub now", error=why)
-            return
-        if not engines:
-            log.warning(
-                "the hub's engine list is empty or unreadable; running with the configured "
-                "engine, language and format, and the hub's answer to each job decides"
-            )
-            return
-        offer = offer_from_engines(engines)
+        """Check [hub] and the rules against the hub's engine list; ConfigError if wrong
+        (``hub_offer``, the very check ``check`` makes); warn once when there is no list."""
         router = self.intake.router
-        problems = check_rules(self.settings.rules, router.defaults, offer)
-        if problems:
-            raise ConfigError("the hub does not offer what is configured: " + "; ".join(problems))
+        offer, warning = await hub_offer(self.client, self.settings.rules, router.defaults)
+        if warning is not None:
+            log.warning(warning)
         router.offer = offer
 
     async def _refresh_engines(self) -> None:
@@ -556,16 +585,6 @@ class Service:
         self.writer.close()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def instance_conflict(
     existing: Instance | None,
     host: str,
@@ -573,22 +592,35 @@ def instance_conflict(
     now: float,
     lease: float,
     *,
-    alive: Callable[[int], bool] = _pid_alive,
+    alive: Callable[[int], bool] | None = None,
+    shared: bool = False,
 ) -> str | None:
     """Why this daemon must not start under ``existing``'s id, or None.
 
-    An instance seen within one lease, on another host or as another live process of
-    this host, would hold the same jobs as this one; an older row, or one that stopped
-    cleanly, is this instance's own earlier run (a crash or a restart).
+    On this host the process decides (``alive``; by default its pid runs and began before
+    the row was written: an SQLite daemon writes its row only when it starts and stops);
+    on another host, a row seen within one lease (a shared database's heartbeat). A row
+    that stopped cleanly, or whose process is gone, is this instance's own earlier run.
     """
-    if existing is None or existing.stopped_at is not None or now - existing.seen_at > lease:
-        return None  # never there, stopped cleanly, or dead for a lease
-    if existing.host == host and (existing.pid == pid or not alive(existing.pid)):
+    if existing is None or existing.stopped_at is not None:
         return None
-    where = f"pid {existing.pid} on {existing.host}"
+    if existing.host == host:
+        runs = alive or (lambda other: pid_runs(other, existing.started_at))
+        if existing.pid == pid or not runs(existing.pid):
+            return None
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(existing.started_at))
+        several = "; to run several on one database, give each its own instance_id"
+        return (
+            f"ldx-hotfolder already runs as pid {existing.pid} on {host} (instance_id "
+            f"{existing.id!r}, since {since}) with this state database; stop that one first "
+            f"(systemctl stop ldx-hotfolder, or Ctrl-C where it runs){several if shared else ''}"
+        )
+    if now - existing.seen_at > lease:
+        return None  # dead for a lease
     return (
-        f"another instance runs under instance_id {existing.id!r} ({where}, seen "
-        f"{now - existing.seen_at:.0f} s ago); give each instance its own instance_id"
+        f"another instance runs under instance_id {existing.id!r} (pid {existing.pid} on "
+        f"{existing.host}, seen {now - existing.seen_at:.0f} s ago); give each instance "
+        "its own instance_id"
     )
 
 

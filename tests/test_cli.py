@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -15,8 +23,8 @@ from daemon.jobs.model import NewJob, Stage
 from daemon.jobs.store import Store
 from daemon.ops.health import Heartbeat, write_heartbeat
 from tests.conftest import daemon_config, write_config
-from tests.helpers import enqueue
-from tests.tooling import free_port
+from tests.helpers import _env, enqueue
+from tests.tooling import REPO, free_port
 
 SUBCOMMANDS = [  # the contract (design.md); the parser may not drop any of them
     "run",
@@ -119,6 +127,7 @@ def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def seeded_store(folders: dict[str, Path]) -> Store:
+    (folders["inbox"] / "b.pdf").write_bytes(b"%PDF-1.4\n")  # the failed input is still there
     store = Store(f"sqlite:///{folders['state'] / 'state.db'}")
     ok = enqueue(store, NewJob("a/ok.pdf", 1, 1, 1, "pdf", "ki/ocr", "jpn", "docx"), "a/ok.docx", 1)
     store.advance(ok.id, Stage.DONE, 2.0, remote_job_id="r" * 32)
@@ -185,7 +194,7 @@ def test_retry_by_path_id_and_failed(
     assert both.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
     code, out = run_main(["retry", "--failed", "--json", "-c", str(config)], capsys)
-    assert json.loads(out) == {"requeued": [], "not_found": []}
+    assert json.loads(out) == {"requeued": [], "not_found": [], "not_retried": []}
 
 
 def test_engines_lists_languages(
@@ -313,6 +322,8 @@ def test_status_screen_at_a_glance(
     """Counts, the oldest wait, recent failures with reasons, daemon health, hub not checked."""
     now = time.time()
     aged_store(folders, now).close()
+    (folders["inbox"] / "letters").mkdir()
+    (folders["inbox"] / "letters" / "c.pdf").write_bytes(b"%PDF-1.4\n")  # still failing
     write_heartbeat(
         folders["state"] / "heartbeat.json",
         Heartbeat(time=now, pid=77, started_at=now - 60, healthy=True, in_flight=2),
@@ -358,3 +369,230 @@ def test_status_checks_the_hub_and_the_key(
     code, out = run_main(["status", "-c", config], capsys)
     assert code == 0
     assert "UNREACHABLE" in out
+
+
+# -- check refuses what run refuses ----------------------------------------------------
+
+STUB_ENGINES = {
+    "data": [
+        {
+            "id": "ki/ocr",
+            "supported_languages": [{"code": "jpn"}, {"code": "eng"}],
+            "supported_conversions": [{"from": "pdf", "to": "docx"}, {"from": "png", "to": "pptx"}],
+        },
+        {
+            "id": "other/ocr",
+            "supported_languages": [{"code": "eng"}],
+            "supported_conversions": [{"from": "pdf", "to": "xlsx"}],
+        },
+    ]
+}
+
+
+class StubHub(BaseHTTPRequestHandler):
+    """A hub that lists ``engines`` and answers ``GET /files``; 404 for anything else."""
+
+    engines: ClassVar[object] = STUB_ENGINES
+
+    def do_GET(self) -> None:
+        path = self.path.split("?", 1)[0]
+        found = {"/renderocr/engines": type(self).engines, "/files": {"data": []}}.get(path)
+        body = json.dumps(found if found is not None else {"message": "no"}).encode()
+        self.send_response(200 if found is not None else 404)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        return
+
+
+@pytest.fixture
+def stub_hub() -> Iterator[tuple[str, type[StubHub]]]:
+    """A real loopback HTTP server with its own engine list: its URL and handler class."""
+    handler = type("Stub", (StubHub,), {"engines": STUB_ENGINES})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def with_rule(config: Path, **fields: str) -> Path:
+    """Append one ``[[rules]]`` entry (match "letters/**") to a configuration file."""
+    lines = ["", "[[rules]]", 'match = "letters/**"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
+    config.write_text(config.read_text(encoding="utf-8") + "\n".join(lines) + "\n", "utf-8")
+    return config
+
+
+NOT_OFFERED = [
+    (
+        {"engine": "nope/ocr"},
+        {},
+        "[hub]: engine 'nope/ocr' is not offered (valid: ki/ocr, other/ocr)",
+    ),
+    ({"language": "fra"}, {}, "[hub]: language 'fra' is not offered by ki/ocr (valid: eng, jpn)"),
+    ({"output_format": "xlsx"}, {}, "[hub]: output format 'xlsx' is not offered by ki/ocr"),
+    ({}, {"engine": "nope/ocr"}, "rules[1] (match 'letters/**'): engine 'nope/ocr' is not"),
+    ({}, {"engine": "other/ocr"}, "rules[1] (match 'letters/**'): language 'jpn' is not offered"),
+    ({}, {"language": "fra"}, "rules[1] (match 'letters/**'): language 'fra' is not offered"),
+    ({}, {"output_format": "pptx", "engine": "other/ocr", "language": "eng"}, "format 'pptx'"),
+]
+
+
+@pytest.mark.parametrize(("hub", "rule", "expected"), NOT_OFFERED)
+def test_check_and_run_refuse_the_same_with_the_same_words(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    stub_hub: tuple[str, type[StubHub]],
+    capsys: pytest.CaptureFixture[str],
+    hub: dict[str, str],
+    rule: dict[str, str],
+    expected: str,
+) -> None:
+    """An engine, language or format the hub does not list, in [hub] or a rule: exit 2 and one
+    identical message from ``check`` and from ``run``."""
+    config = daemon_config(tmp_path, folders, stub_hub[0], hub=hub)
+    if rule:
+        with_rule(config, **rule)
+    said = {}
+    for command in ("check", "run"):
+        capsys.readouterr()
+        assert main([command, "-c", str(config)]) == 2, command
+        err = capsys.readouterr().err
+        (line,) = [x for x in err.splitlines() if x.startswith("ldx-hotfolder: configuration")]
+        said[command] = line
+    assert said["check"] == said["run"]
+    assert said["check"].startswith(
+        "ldx-hotfolder: configuration error: the hub does not offer what is configured: "
+    )
+    assert expected in said["check"]
+
+
+@pytest.mark.parametrize(
+    "engines",
+    [
+        {"data": []},
+        {"engines": "none"},
+        {"data": [{"id": "ki/ocr"}, {"id": "other/ocr"}]},
+        ["ki/ocr"],
+    ],
+    ids=["empty", "unreadable", "no_lists", "strings"],
+)
+def test_check_takes_an_empty_or_thin_engine_list_as_advice(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    stub_hub: tuple[str, type[StubHub]],
+    capsys: pytest.CaptureFixture[str],
+    engines: object,
+) -> None:
+    """No list, or one without languages and formats: check passes what only the hub can judge."""
+    # The engine id is still checked when the list names engines.
+    url, handler = stub_hub
+    handler.engines = engines
+    config = daemon_config(tmp_path, folders, url, hub={"language": "fra"})
+    code, out = run_main(["check", "-c", str(config)], capsys)
+    assert code == 0, out
+    assert "hub offer: " in out
+    listed = engines not in ({"data": []}, {"engines": "none"})
+    assert ("hub offer: ok" in out) is listed
+    assert ("the hub's answer to each job decides" in out) is not listed
+    bad = daemon_config(tmp_path, folders, url, hub={"engine": "nope/ocr"})
+    assert (main(["check", "-c", str(bad)]) == 2) is listed
+
+
+def test_retry_of_a_job_that_did_not_fail_says_why(
+    tmp_path: Path, folders: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``retry 1`` on a completed job: exit 1 and why, not "requeued 0 job(s)" and 0."""
+    seeded_store(folders).close()
+    config = str(write_config(tmp_path / "c.toml", base(folders)))
+    code, out = run_main(["retry", "1", "-c", config], capsys)
+    assert code == 1
+    assert "not retried: #1 a/ok.pdf: it completed, so there is nothing to retry" in out
+    code, out = run_main(["retry", "c.png", "-c", config], capsys)
+    assert code == 1
+    assert "not retried: #3 c.png: it is queued already" in out
+    assert main(["retry", "1", "--json", "-c", config]) == 1
+    assert json.loads(capsys.readouterr().out)["not_retried"][0]["status"] == "completed"
+
+
+def test_engines_shows_lists_the_hub_leaves_out(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    stub_hub: tuple[str, type[StubHub]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """An engine listed without languages or conversions is shown as such, not a crash."""
+    url, handler = stub_hub
+    handler.engines = {"data": [{"id": "ki/ocr"}]}
+    code, out = run_main(["engines", "--base-url", url], capsys)
+    assert code == 0, out
+    assert "languages: (not listed)" in out
+    assert "conversions: (not listed)" in out
+
+
+@pytest.mark.parametrize(
+    "args", [["jobs"], ["jobs", "--json"], ["status", "--json", "--no-hub"], ["engines", "--json"]]
+)
+def test_output_into_a_closed_pipe_is_no_traceback(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, args: list[str]
+) -> None:
+    """``jobs | head`` and the like: the reader went away; exit 141, nothing on stderr."""
+    seeded_store(folders).close()
+    config = daemon_config(tmp_path, folders, emulator.url)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written, as ``head`` after a line
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "daemon", *args, "-c", str(config)],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            env=_env(),
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 141
+
+
+def test_a_daemon_package_that_is_not_ours_is_named(tmp_path: Path) -> None:
+    """python-daemon's ``daemon`` over ours in one environment: a clear sentence, exit 2."""
+    # As pip leaves it when both distributions go into one environment: our modules with
+    # python-daemon's __init__.py (and its own modules) in the same folder.
+    site = tmp_path / "site"
+    shutil.copytree(
+        REPO / "daemon", site / "daemon", ignore=shutil.ignore_patterns("__pycache__", "demo_scans")
+    )
+    (site / "daemon" / "__init__.py").write_text(
+        '"""Library to implement a well-behaved Unix daemon process."""\n'
+        "from .daemon import DaemonContext\n",
+        encoding="utf-8",
+    )
+    (site / "daemon" / "daemon.py").write_text("class DaemonContext:\n    pass\n", "utf-8")
+    env = {**_env(), "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert (
+        f"the Python package 'daemon' in {site / 'daemon'} is not ldx-hotfolder's" in result.stderr
+    )
+    assert "python-daemon" in result.stderr
+    assert "virtual environment of its own" in result.stderr
+    assert "pipx" in result.stderr

@@ -188,9 +188,12 @@ class HubClient:
     # -- endpoints ---------------------------------------------------------------------
 
     async def engines(self) -> list[Engine] | None:
-        """``GET /renderocr/engines`` (public: sent without the key); None when the
-        answer holds no readable engine list."""
-        body = await self._json("GET", "/renderocr/engines", ENGINES, auth=False)
+        """``GET /renderocr/engines`` (public: sent without the key, and again with it
+        when a gateway wants it); None when the answer holds no readable engine list."""
+        try:
+            body = await self._json("GET", "/renderocr/engines", ENGINES, auth=False)
+        except AuthRejected:
+            body = await self._json("GET", "/renderocr/engines", ENGINES)
         return read_engines(body)
 
     async def list_files(self) -> list[FileInfo]:
@@ -221,8 +224,16 @@ class HubClient:
             "languages": [language],
             "output_format": output_format,
         }
-        body = await self._json("POST", "/renderocr/jobs", CREATE, json=payload)
-        return read(RemoteJob, body, "create job")
+        try:
+            return read(
+                RemoteJob,
+                await self._json("POST", "/renderocr/jobs", CREATE, json=payload),
+                "create job",
+            )
+        except HubUnavailable as exc:
+            if exc.code == "bad_response":  # a 2xx we cannot read: the job exists, paid
+                exc.maybe_done = True
+            raise
 
     async def get_job(self, job_id: str, wait: float = 0) -> RemoteJob:
         """``GET /renderocr/jobs/{id}``, long-polling up to ``wait`` seconds when > 0."""
@@ -312,7 +323,7 @@ class HubClient:
                 ):
                     if not response.is_success:
                         body = await _read_capped(response, 64 * 1024, route, strict=False)
-                        raise await self._refusal(response, body, route)
+                        raise await self._refusal(response, body, route, auth=auth)
                     self._answered(route)
                     yield response, deadline
             except (HubUnavailable, HubBusy) as exc:
@@ -346,10 +357,14 @@ class HubClient:
         if self.gate is not None and exc.code != "bad_response":
             self.gate.unreachable(route, exc.message)
 
-    async def _refusal(self, response: httpx.Response, body: bytes, route: str) -> LdxError:
+    async def _refusal(
+        self, response: httpx.Response, body: bytes, route: str, *, auth: bool = True
+    ) -> LdxError:
         """The error an unsuccessful answer means; closes the gate for a refused key or
-        a refused route."""
+        a refused route (a request sent without the key says nothing of the key)."""
         error = status_error(response.status_code, response.headers, body, route)
+        if not auth and isinstance(error, AuthRejected):
+            return error
         if isinstance(error, AuthRejected) and route != FILES:
             error = await self._key_or_plan(error, route)
         if self.gate is not None:

@@ -25,6 +25,7 @@ _M = TypeVar("_M", bound=BaseModel)
 MAX_TEXT = 500  # characters of a hub message kept: enough to act on, never a flood
 _BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;}]+")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CODED = re.compile(r"([a-z][a-z0-9_.-]{1,63}):\s+(\S.*)", re.DOTALL)
 _ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
 
 
@@ -125,7 +126,8 @@ class RemoteJob(_Model):
     @classmethod
     def _error(cls, value: object) -> object:
         if isinstance(value, str):  # a gateway that sends the message alone
-            return {"message": value}
+            coded = _CODED.fullmatch(value.strip())  # "code: message"
+            return {"code": coded[1], "message": coded[2]} if coded else {"message": value}
         return value
 
     @field_validator("progress", mode="before")

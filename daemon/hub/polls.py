@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from daemon.errors import JobFailed, LdxError, RemoteNotFound
 from daemon.hub.client import HubClient
 from daemon.hub.models import JobState, RemoteJob, epoch
+from daemon.logs import get_logger
+
+log = get_logger(component="polls")
 
 LIST_AGE = 2.0  # seconds a new job runs before its progress is worth reading
 LIST_SHARE = 0.2  # ... or this share of its expected length, to read several at once
@@ -167,6 +170,7 @@ class Poller:
         self.can_list = True
         self.requests = {"poll": 0, "list": 0}
         self._last_list = -math.inf
+        self.unknown_statuses: set[str] = set()  # said once each in the log
 
     async def until_final(self, remote_job_id: str, *, engine: str, pages: int | None) -> RemoteJob:
         """The job once the hub says it completed or failed (or RemoteNotFound)."""
@@ -291,9 +295,23 @@ class Poller:
             self._learn(watch, job, now)
             self._settle(watch, job=job)
             return
+        if job.state is JobState.UNKNOWN:
+            self._unknown(job)
         watch.expected_end = estimate_end(watch, job, now)
         prior = self.durations.prior(watch.engine, watch.pages)
         watch.due = next_due(watch, now, max_wait=self.max_wait, prior=prior)
+
+    def _unknown(self, job: RemoteJob) -> None:
+        """A status outside the four: the job is polled on, and the log says so once."""
+        if job.status in self.unknown_statuses:
+            return
+        self.unknown_statuses.add(job.status)
+        log.warning(
+            "the hub reports a job status this version does not know; taking it as "
+            "still running and polling on until the job ends or its deadline (job_deadline)",
+            status=job.status,
+            remote_job_id=job.job_id,
+        )
 
     def _learn(self, watch: Watch, job: RemoteJob, now: float) -> None:
         if job.state is not JobState.COMPLETED:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import os
 import stat
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path, PurePosixPath
 
+from daemon.advice import os_error_text
 from daemon.errors import InputGone, InputUnreadable, UnsafeOutputPath
 from daemon.fs import fs_path, stored_path
 from daemon.inbox.filters import NameFilter
@@ -55,6 +57,7 @@ from daemon.inbox.stability import (
 )
 from daemon.jobs.model import Entry, Job, NameClaims, NewJob
 from daemon.jobs.store import Store
+from daemon.jobs.views import Views
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.outbox import publish as outbox
@@ -70,11 +73,10 @@ CLAIM_CANDIDATES = 50
 FIRST_CANDIDATES = 2
 TAKE_BATCH = 200  # candidates inspected and inserted per call of the single writer
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
-# The hub takes at most "200 MB" in one POST /files (ldxhub-api.md), read here as MiB, the
-# lenient reading the emulator uses too: a larger file is refused before it is uploaded
-# in full for nothing. One between 200e6 bytes and 200 MiB is still sent, and the hub's
-# own 413 fails it if the hub means decimal megabytes.
-MAX_UPLOAD_BYTES = 200 * 1024 * 1024
+# The hub takes at most "200 MB" in one POST /files (ldxhub-api.md): a larger file is
+# refused before it is uploaded in full for nothing. A hub with a lower limit says so
+# with a 413, which fails the job with the hub's own reason.
+MAX_UPLOAD_BYTES = 200 * 10**6
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -159,7 +161,7 @@ def too_large_message(size: int) -> str:
     """Why a file over the hub's upload limit is refused, and what a person can do."""
     return (
         f"the file is {size / 1e6:.1f} MB, more than the hub takes in one upload "
-        f"({MAX_UPLOAD_BYTES // 2**20} MiB, {MAX_UPLOAD_BYTES / 1e6:.1f} MB); split it into "
+        f"({MAX_UPLOAD_BYTES / 1e6:g} MB); split it into "
         "smaller files or scan it at a lower resolution, then drop those in the inbox"
     )
 
@@ -208,6 +210,7 @@ class Intake:
         self.known: dict[str, Signature] = {}  # stored path -> version already taken
         self.present: set[str] = set()
         self.stalled: set[str] = set()  # paths noted in the table's ``waiting``
+        self.waited_since: dict[str, float] = {}  # waited on by the last run, since when
         self.paused = False  # disk nearly full: keep watching, take nothing
         self._on_enqueued = on_enqueued
         self._rescan_soon = False
@@ -220,9 +223,12 @@ class Intake:
     # -- sources -------------------------------------------------------------------------
 
     async def load_known(self) -> None:
-        """Read what the table already holds; forget the last run's waiting list."""
+        """Read what the table already holds. The last run's waiting list is cleared, but
+        each input on it keeps its waiting-since: a restart does not restart its clock."""
         versions = await self.db.call(self.db.store.versions)
         self.known = {path: Signature(*version) for path, version in versions.items()}
+        waited = await self.db.call(Views(self.db.store).waiting)
+        self.waited_since = {item.path: item.since for item in waited}
         await self.db.call(self.db.store.clear_waiting)
 
     async def scan(self, folder: Path | None = None) -> int:
@@ -292,7 +298,10 @@ class Intake:
         signature = signature_of(st)
         if self.known.get(rel) == signature:
             return
-        sighting = observe(self.sightings.get(rel), signature, now)
+        previous = self.sightings.get(rel)
+        sighting = observe(previous, signature, now)
+        if previous is None and rel in self.waited_since:  # waited on before a restart
+            sighting = dataclasses.replace(sighting, first_seen=self.waited_since.pop(rel))
         self.sightings[rel] = sighting
         self._expect(sighting.since + self.patience.quiet_period)
 
@@ -550,7 +559,7 @@ class Intake:
                 outbox.write_error_file, self.outbox, job.path, text, self.perms
             )
         except OSError as exc:
-            log.error("cannot write the error file", job_id=job.id, error=str(exc))
+            log.error("cannot write the error file", job_id=job.id, error=os_error_text(exc))
 
     async def _drop(self, rel: str) -> None:
         self.sightings.pop(rel, None)

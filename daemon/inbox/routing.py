@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from daemon.config import RouteFields, Rule
-from daemon.errors import FolderFileError
+from daemon.errors import ConfigError, FolderFileError
 
 FOLDER_FILE = ".ldx-hotfolder.toml"
 
@@ -137,9 +137,10 @@ def read_folder_file(inbox: Path, rel: str) -> RouteFields | None:
 
 @dataclass(frozen=True)
 class Offer:
-    """What the hub offers: engine id → (languages, output formats)."""
+    """What the hub offers: engine id → (languages, output formats), each None when the
+    hub's list does not say (then any value is left to the hub's answer to each job)."""
 
-    engines: dict[str, tuple[frozenset[str], frozenset[str]]]
+    engines: dict[str, tuple[frozenset[str] | None, frozenset[str] | None]]
 
     def problems(self, engine: str, language: str, output_format: str) -> list[str]:
         """What in (engine, language, format) the hub does not offer, with the choices."""
@@ -147,11 +148,11 @@ class Offer:
             return [f"engine {engine!r} is not offered (valid: {_list(self.engines)})"]
         languages, formats = self.engines[engine]
         found = []
-        if language not in languages:
+        if languages is not None and language not in languages:
             found.append(
                 f"language {language!r} is not offered by {engine} (valid: {_list(languages)})"
             )
-        if output_format not in formats:
+        if formats is not None and output_format not in formats:
             found.append(
                 f"output format {output_format!r} is not offered by {engine} "
                 f"(valid: {_list(formats)})"
@@ -176,6 +177,22 @@ def check_rules(rules: Sequence[Rule], defaults: dict[str, str], offer: Offer) -
         ):
             found.append(f"rules[{index}] (match {rule.match!r}): {problem}")
     return found
+
+
+def validate_routes(
+    rules: Sequence[Rule], defaults: dict[str, str], engines: Sequence[Any] | None
+) -> Offer | None:
+    """The one check of ``[hub]`` and ``[[rules]]`` against the hub's engine list, shared
+    by ``check`` and ``run``: the offer to check folder files against later, or None when
+    the list is empty or unreadable (it is advice: the hub's answer to each job decides).
+    ConfigError names every engine, language or format the hub does not offer."""
+    if not engines:
+        return None
+    offer = offer_from_engines(engines)
+    problems = check_rules(rules, defaults, offer)
+    if problems:
+        raise ConfigError("the hub does not offer what is configured: " + "; ".join(problems))
+    return offer
 
 
 class Router:
@@ -248,13 +265,16 @@ class Router:
 
 
 def offer_from_engines(engines: Iterable[Any]) -> Offer:
-    """An ``Offer`` from the client's engine models."""
-    return Offer(
-        {
-            engine.id: (
-                frozenset(lang.code for lang in engine.supported_languages),
-                frozenset(conv.to for conv in engine.supported_conversions),
-            )
-            for engine in engines
-        }
-    )
+    """An ``Offer`` from the client's engine models (a part the list leaves out, or
+    lists empty, is not checked)."""
+    return Offer({engine.id: (_codes(engine), _targets(engine)) for engine in engines})
+
+
+def _codes(engine: Any) -> frozenset[str] | None:
+    listed = engine.supported_languages
+    return frozenset(lang.code for lang in listed) if listed else None
+
+
+def _targets(engine: Any) -> frozenset[str] | None:
+    listed = engine.supported_conversions
+    return frozenset(conv.to for conv in listed) if listed else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from daemon.advice import advice_for
 from daemon.config import Settings
 from daemon.errors import BudgetReached, JobFailed
 from daemon.fs import fs_path, is_escaped, stored_path
@@ -59,6 +60,7 @@ class Facts:
     waiting: Waiting | None = None
     files_inside: int | None = None
     held_back: str | None = None  # why the running daemon starts no new work now
+    error_file: bool = False  # the latest job's error file is in the outbox
 
 
 @dataclass(frozen=True)
@@ -147,6 +149,7 @@ def gather(settings: Settings, store: Store, given: str, cwd: Path) -> Facts:
         blocked_by=_blocked_by(rules.inbox, fs_rel),
         job=Views(store).latest_for_path(rel) if rel else None,
         waiting=next(iter(Views(store).waiting(rel)), None) if rel else None,
+        error_file=bool(rel) and os.path.lexists(rules.outbox / error_file_for(rel)),
     )
     if facts.blocked_by is not None:
         return facts
@@ -401,7 +404,7 @@ def _job_lines(job: Job, rules: Rules, facts: Facts) -> tuple[str, list[str]]:
     if job.status is Status.COMPLETED:
         return "completed", _completed(job, rules, facts)
     if job.status is Status.FAILED:
-        return "failed", _failed(job, rules)
+        return "failed", _failed(job, rules, facts)
     if job.status is Status.QUEUED:
         line = f"Queued as job #{job.id} since {_stamp(job.created_at)}, waiting for a free slot"
         if job.error_message:
@@ -448,14 +451,32 @@ def _completed(job: Job, rules: Rules, facts: Facts) -> list[str]:
     return lines
 
 
-def _failed(job: Job, rules: Rules) -> list[str]:
+def _failed(job: Job, rules: Rules, facts: Facts) -> list[str]:
     error_file = rules.outbox / error_file_for(job.path)
-    return [
+    advice = advice_for(job.error_code)
+    lines = [
         f"Failed on {_stamp(job.finished_at or job.updated_at)} (job #{job.id}): "
         f"{job.error_message} [{job.error_code}].",
-        f"The error file is {error_file}. Once the cause is fixed: "
-        f"ldx-hotfolder retry {job.id} (or drop a corrected file under the same name).",
+        f"What it means: {advice.meaning}",
+        f"What to do: {advice.action}",
     ]
+    if facts.error_file:
+        lines.append(f"The error file is {error_file}.")
+    else:
+        lines.append(
+            f"No error file could be written ({error_file} is not there: its folder may be "
+            "read-only, or a link); the reason is here, in `status` and in the log."
+        )
+    if advice.retry_helps:
+        lines.append(
+            f"Once the cause is fixed: ldx-hotfolder retry {job.id} "
+            "(or drop a corrected file under the same name)."
+        )
+    else:
+        lines.append(
+            "Retrying the same file cannot help: drop a corrected file under the same name."
+        )
+    return lines
 
 
 def _stamp(ts: float) -> str:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon import __version__
+from daemon.installation import VERSION
 from daemon.jobs.model import Status
 from daemon.jobs.views import Views
 from daemon.jobs.writer import Writer
@@ -77,7 +77,7 @@ class Heartbeat:
     counts: dict[str, int] = field(default_factory=dict)
     oldest_waiting_at: float | None = None
     in_flight: int = 0
-    version: str = __version__
+    version: str = VERSION
 
     def to_json(self) -> str:
         """The file content."""

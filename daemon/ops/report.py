@@ -7,11 +7,14 @@ prints what these return.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 from daemon.jobs.model import Instance, Job
@@ -43,6 +46,14 @@ def filter_jobs(jobs: Iterable[Job], path: str | None, limit: int | None) -> lis
     """Jobs whose path matches ``path`` (all when None), at most ``limit`` of them."""
     chosen = [job for job in jobs if path is None or path_matches(path, job.path)]
     return chosen if limit is None else chosen[:limit]
+
+
+def current_failures(
+    failures: Iterable[Job], stands: Callable[[Job], bool], limit: int
+) -> list[Job]:
+    """The failures that still stand, newest first, at most ``limit``: one fixed by a
+    corrected file of the same name, or whose input was deleted, is history."""
+    return list(itertools.islice((job for job in failures if stands(job)), max(0, limit)))
 
 
 def purge_plan(
@@ -181,6 +192,12 @@ def render_status(report: StatusReport) -> str:
             lines.append(
                 f"  #{job.id} {job.path}: {job.error_message} [{job.error_code}] ({ago} ago)"
             )
+    if report.counts.get("failed", 0) > len(report.failures):
+        lines += [
+            "",
+            "`ldx-hotfolder jobs --status failed` lists every failed job, also those fixed "
+            "since by a corrected file and those whose input is gone",
+        ]
     if report.hook_failures:
         lines += ["", "hooks that failed (the conversions are not affected):"]
         lines += [f"  #{job.id} {job.path}: {job.hook_error}" for job in report.hook_failures]
@@ -207,16 +224,64 @@ def holder(job: Job, now: float) -> str | None:
     return job.owner
 
 
+START_SLACK = 5.0  # seconds between a process's start and its instance row's
+RECENTLY_STOPPED = 86400.0  # ``status`` lists an instance this long after a clean stop
+
+
+def pid_runs(pid: int, started_at: float) -> bool:
+    """Whether process ``pid`` of this host runs and began no later than ``started_at``
+    (the instance row's start): a pid taken by another program since (after a reboot,
+    say) is not that instance."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's process: it runs
+    began = process_start(pid)
+    return began is None or began <= started_at + START_SLACK
+
+
+def process_start(pid: int) -> float | None:
+    """When process ``pid`` started (epoch seconds), from /proc; None when unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+        boot = next(
+            float(line.split()[1])
+            for line in Path("/proc/stat").read_text(encoding="ascii").splitlines()
+            if line.startswith("btime ")
+        )
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+    except (OSError, StopIteration, IndexError, ValueError):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def instance_alive(
+    item: Instance, now: float, lease: float, here: str, runs: Callable[[int, float], bool]
+) -> bool:
+    """Whether an instance runs: by its pid on this host (an SQLite daemon writes its row
+    only when it starts and stops), by its heartbeat within a lease elsewhere."""
+    if item.stopped_at is not None:
+        return False
+    if item.host == here:
+        return runs(item.pid, item.started_at)
+    return now - item.seen_at <= lease
+
+
 def instances_json(
-    instances: Sequence[Instance], held: dict[str, int], now: float, lease: float
+    instances: Sequence[Instance],
+    held: dict[str, int],
+    now: float,
+    alive: Callable[[Instance], bool],
 ) -> list[dict[str, Any]]:
-    """The instances sharing the database, for ``status --json``."""
+    """The instances sharing the database, for ``status --json`` (every one ever seen)."""
     return [
         {
             "id": item.id,
             "host": item.host,
             "pid": item.pid,
-            "alive": item.stopped_at is None and now - item.seen_at <= lease,
+            "alive": alive(item),
             "stopped": item.stopped_at is not None,
             "seen_seconds_ago": round(max(0.0, now - item.seen_at), 1),
             "jobs_held": held.get(item.id, 0),
@@ -226,18 +291,31 @@ def instances_json(
 
 
 def instance_lines(
-    instances: Sequence[Instance], held: dict[str, int], now: float, lease: float
+    instances: Sequence[Instance],
+    held: dict[str, int],
+    now: float,
+    alive: Callable[[Instance], bool],
 ) -> list[str]:
-    """The ``status`` lines naming each instance and the jobs it holds."""
+    """The ``status`` lines naming each instance that runs, holds jobs or stopped within
+    a day, with the jobs it holds; other earlier runs (one that never got past its
+    configuration, one that died, an old container's) are only counted."""
+    shown: list[str] = []
+    for item in instances:
+        running, holds = alive(item), held.get(item.id, 0)
+        stopped = item.stopped_at
+        if running:
+            state = "running"
+        elif stopped is not None and now - stopped <= RECENTLY_STOPPED:
+            state = f"stopped {age_text(max(0.0, now - stopped))} ago"
+        elif holds:
+            state = "not running, its leases not expired yet"
+        else:
+            continue
+        shown.append(f"  {item.id} (pid {item.pid} on {item.host}): {state}; holds {holds} job(s)")
+    gone = len(instances) - len(shown)
     if not instances:
         return []
-    lines = ["", "instances:"]
-    for item in instances_json(instances, held, now, lease):
-        state = "alive" if item["alive"] else "not seen within its lease"
-        if item["stopped"]:
-            state = "stopped"
-        lines.append(
-            f"  {item['id']} (pid {item['pid']} on {item['host']}): {state}, seen "
-            f"{age_text(item['seen_seconds_ago'])} ago; holds {item['jobs_held']} job(s)"
-        )
+    lines = ["", "instances:", *(shown or ["  none running"])]
+    if gone:
+        lines.append(f"  ({gone} earlier run(s) that ended are not listed)")
     return lines

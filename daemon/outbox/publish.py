@@ -16,6 +16,7 @@ import stat
 from datetime import UTC, datetime
 from pathlib import Path
 
+from daemon.advice import advice_for
 from daemon.errors import RetryLater, UnsafeOutputPath
 from daemon.fs import fs_path
 from daemon.inbox.stability import Signature
@@ -59,21 +60,53 @@ def discard(tmp: Path) -> None:
         tmp.unlink()
 
 
-def error_text(rel_input: str, code: str, message: str, when: float, job_id: int) -> str:
-    """What a person reads in an error file."""
-    stamp = datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return (
-        f"ldx-hotfolder could not convert {rel_input}\n"
-        f"\n"
-        f"Reason: {message}\n"
-        f"Code:   {code}\n"
-        f"When:   {stamp}\n"
-        f"Job:    {job_id}\n"
-        f"\n"
-        f"The input was left where it is. Once the cause is fixed, run\n"
-        f"  ldx-hotfolder retry {job_id}\n"
-        f"or drop a corrected file under the same name.\n"
-    )
+def error_text(
+    rel_input: str,
+    code: str,
+    message: str,
+    when: float,
+    job_id: int,
+    *,
+    auto_retry_at: float | None = None,
+) -> str:
+    """What a person reads in an error file: the reason, what it means, what to do, and
+    the next step: the automatic retry that is coming (``auto_retry_at``), ``retry``, or
+    a corrected file where retrying the same file cannot help."""
+    advice = advice_for(code)
+    lines = [
+        f"ldx-hotfolder could not convert {rel_input}",
+        "",
+        f"Reason: {message}",
+        f"Code:   {code}",
+        f"When:   {_utc(when)}",
+        f"Job:    {job_id}",
+        "",
+        f"What it means: {advice.meaning}",
+        f"What to do:    {advice.action}",
+        "",
+        "The input was left where it is.",
+    ]
+    if auto_retry_at is not None:
+        lines += [
+            f"The daemon tries it again by itself at {_utc(auto_retry_at)} (auto_retry_after);",
+            "nothing to do unless that fails too. To try at once, run",
+            f"  ldx-hotfolder retry {job_id}",
+        ]
+    elif advice.retry_helps:
+        lines += [
+            "Once the cause is fixed, run",
+            f"  ldx-hotfolder retry {job_id}",
+            "or drop a corrected file under the same name.",
+        ]
+    else:
+        lines.append(
+            "Retrying the same file cannot help: drop a corrected file under the same name."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _utc(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def write_error_file(

@@ -24,6 +24,7 @@ import errno
 import random
 from dataclasses import dataclass
 
+from daemon.advice import os_error_text
 from daemon.errors import (
     HubBusy,
     HubUnavailable,
@@ -179,7 +180,7 @@ def _signal(exc: BaseException) -> Decision | None:
 
 def _as_transient(exc: BaseException) -> RetryLater:
     if isinstance(exc, OSError):
-        return RetryLater(f"local file error: {exc.strerror or exc}", code="local_io")
+        return RetryLater(f"local file error: {os_error_text(exc)}", code="local_io")
     return RetryLater(f"internal error: {type(exc).__name__}: {exc}", code="internal")
 
 

@@ -170,10 +170,21 @@ async def _post_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
     try:
         response = await client.post(url, json=body)
     except httpx.HTTPError as exc:
-        return f"{type(exc).__name__}: {exc}"
+        return _plain(exc)
     if response.is_success:
         return None
     return f"HTTP {response.status_code}"
+
+
+def _plain(exc: httpx.HTTPError) -> str:
+    """A failed webhook request in words an office administrator follows."""
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return "the receiver cannot be reached (no connection: is it running, is the URL right?)"
+    if isinstance(exc, httpx.TimeoutException):
+        return "the receiver did not answer in time"
+    if isinstance(exc, httpx.TransportError):
+        return "the connection to the receiver broke off"
+    return f"the request could not be sent ({type(exc).__name__})"
 
 
 async def run_command(argv: list[str], env: dict[str, str], timeout: float) -> int | None:

@@ -58,6 +58,7 @@ from daemon.jobs.model import RUNNING_REMOTE, Job, RemoteRecord, Stage
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.ops import failpoints, metrics
+from daemon.ops.health import age_text
 from daemon.outbox import duplicates
 from daemon.outbox import publish as outbox
 from daemon.outbox.layout import upload_name
@@ -398,10 +399,10 @@ class Steps:
             await self._record(job, job.remote_job_id, status="lost")
             return await self.advance(job, Stage.UPLOADED, remote_job_id=None)
         except TimeoutError:
-            hours = self.settings.job_deadline / 3600
             raise JobFailed(
-                f"the hub kept the job {job.remote_job_id} running for {hours:g} h without "
-                "an end; it was given up (job_deadline)",
+                f"the hub kept the job {job.remote_job_id} running for "
+                f"{age_text(self.settings.job_deadline)} without an end; it was given up "
+                "(job_deadline)",
                 code="hub_job_deadline",
             ) from None
         return await self._judge(job, remote)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from daemon.advice import os_error_text
 from daemon.errors import LeaseLost, StateUnavailable
 from daemon.hub.client import current_job
 from daemon.jobs.model import FINAL_STAGES, Job, Stage
@@ -423,13 +424,16 @@ class Worker:
 
     async def _fail(self, job: Job, code: str, message: str) -> None:
         failed = await self.commit(job, Stage.FAILED, error_code=code, error_message=message)
-        text = outbox.error_text(job.path, code, message, self.clock(), job.id)
+        now = self.clock()
+        text = outbox.error_text(
+            job.path, code, message, now, job.id, auto_retry_at=self._auto_retry_at(failed, now)
+        )
         try:
             await asyncio.to_thread(
                 outbox.write_error_file, self.settings.outbox, job.path, text, self.settings.perms
             )
         except OSError as err:
-            log.error("cannot write the error file", job_id=job.id, error=str(err))
+            log.error("cannot write the error file", job_id=job.id, error=os_error_text(err))
         metrics.record_error(code, "fail")
         metrics.record_finished("failed")
         log.error(
@@ -442,6 +446,13 @@ class Worker:
             remote_job_id=failed.remote_job_id,
         )
         self._tell_hooks(failed)
+
+    def _auto_retry_at(self, job: Job, now: float) -> float | None:
+        """When the automatic re-arm takes ``job`` up again (None: it never will)."""
+        s = self.settings
+        if s.auto_retry_after <= 0 or job.error_code not in faults.REARM_CODES:
+            return None
+        return None if job.rearms >= s.auto_retry_limit else now + s.auto_retry_after
 
     async def _withdraw(self, job: Job, withdraw: faults.Withdraw) -> None:
         """The input changed or vanished before its upload counted: drop the job (nothing

@@ -16,6 +16,8 @@ from daemon.emulator.app import create_app
 from daemon.emulator.hub import DEFAULT_API_KEY, Hub, HubSettings
 from daemon.errors import AuthRejected, HubBusy, HubUnavailable, JobFailed, RemoteNotFound
 from daemon.hub.client import HubClient, error_detail, retry_after_seconds
+from daemon.hub.gate import Gate
+from daemon.hub.models import JobState, RemoteJob
 from tests.scans import make_scan
 
 BASE = "http://hub.test"
@@ -213,3 +215,58 @@ def test_create_job_body_shape() -> None:
     assert bodies == [
         {"file_id": "f" * 32, "engine": "ki/ocr", "languages": ["eng"], "output_format": "xlsx"}
     ]
+
+
+def test_an_unreadable_creation_answer_counts_as_maybe_created() -> None:
+    """A 2xx to POST /renderocr/jobs that cannot be read: the job may exist (paid), so the
+    caller must look for it rather than create another."""
+    for answer in (httpx.Response(202, text="<html>ok</html>"), httpx.Response(202, json={})):
+        client = mock_client(lambda request, answer=answer: answer)
+        with pytest.raises(HubUnavailable) as info:
+            run(client.create_job("f" * 32, "ki/ocr", "jpn", "docx"))
+        assert info.value.code == "bad_response"
+        assert info.value.maybe_done
+
+
+def test_an_engine_list_behind_the_key_is_asked_again_with_it() -> None:
+    """A gateway answering 401 to the public engine list gets the key; the gate stays open."""
+    seen: list[str | None] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers.get("authorization"))
+        if request.headers.get("authorization") is None:
+            return httpx.Response(401, json={"title": "Unauthorized", "detail": "no key"})
+        return httpx.Response(200, json={"data": [{"id": "ki/ocr"}]})
+
+    gate = Gate()
+    client = HubClient(
+        httpx.AsyncClient(base_url=BASE, transport=httpx.MockTransport(handler)), "k", gate=gate
+    )
+    engines = run(client.engines())
+    assert [engine.id for engine in engines] == ["ki/ocr"]
+    assert seen == [None, "Bearer k"]
+    assert gate.closure is None
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        ("invalid_input: The PDF file is damaged.", "invalid_input", "The PDF file is damaged."),
+        ("The PDF file is damaged.", "unknown", "The PDF file is damaged."),
+        ({"code": "x_y", "message": "m"}, "x_y", "m"),
+    ],
+)
+def test_a_failed_jobs_error_as_object_or_string(error: object, code: str, message: str) -> None:
+    """``error`` as an object, as "code: message" or as a bare message: code and message kept."""
+    job = RemoteJob.model_validate({"job_id": "j", "status": "FAILED", "error": error})
+    assert job.state is JobState.FAILED
+    assert job.error is not None
+    assert (job.error.code, job.error.message) == (code, message)
+
+
+def test_nested_error_bodies_give_code_and_message() -> None:
+    """``{"error": {code, message}}`` shows both, not only "HTTP 400 Bad Request"."""
+    nested = json.dumps({"error": {"code": "invalid_language", "message": "no fra"}}).encode()
+    assert error_detail(nested, "application/json") == ("invalid_language", "no fra")
+    flat = json.dumps({"error": "quota exceeded"}).encode()
+    assert error_detail(flat, "application/json") == (None, "quota exceeded")

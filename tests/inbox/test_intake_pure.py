@@ -221,15 +221,16 @@ def test_refusal_reasons() -> None:
 
 
 def test_files_over_the_upload_cap_are_refused() -> None:
-    """A scan over 200 MiB fails with too_large (size, cap, what to do), even incomplete."""
+    """A scan over 200 MB (10**6 bytes each) fails with too_large (size, cap, what to do)."""
     at_cap = Inspection(Signature(MAX_UPLOAD_BYTES, 1, 2), 1, InputFormat.PDF, "a PDF file")
     assert refusal(at_cap, "a.pdf", allow_hardlinks=False) is None
     over = Signature(MAX_UPLOAD_BYTES + 1, 1, 2)
     cut = Inspection(over, 1, InputFormat.TIFF, "a TIFF image", "incomplete TIFF")
     code, message = refusal(cut, "a.tif", allow_hardlinks=False) or ("", "")
     assert code == "too_large"
-    assert message.startswith("the file is 209.7 MB")
-    assert "200 MiB" in message
+    assert MAX_UPLOAD_BYTES == 200 * 10**6  # the reference's "200 MB"
+    assert message.startswith("the file is 200.0 MB, more than the hub takes in one upload")
+    assert "(200 MB)" in message
     assert "split it" in message
     assert "lower resolution" in message
     zip_file = Inspection(over, 1, None, "a ZIP archive or Office document")

@@ -154,7 +154,7 @@ def test_once_fails_an_unreadable_input_at_once(
 def test_input_over_the_upload_cap_is_refused_unsent(
     tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
 ) -> None:
-    """A PDF over 200 MiB fails with too_large and is never uploaded; the others convert."""
+    """A PDF over 200 MB fails with too_large and is never uploaded; the others convert."""
     inbox, db = folders["inbox"], folders["state"] / "state.db"
     huge = inbox / "huge.pdf"
     huge.write_bytes(b"%PDF-1.7\n")
@@ -166,7 +166,7 @@ def test_input_over_the_upload_cap_is_refused_unsent(
     assert outcome.exit_code == 1
     failed = job(db, "huge.pdf")
     assert failed["error_code"] == "too_large"
-    assert "209.7 MB" in failed["error_message"]
+    assert "200.0 MB, more than the hub takes in one upload (200 MB)" in failed["error_message"]
     assert "split it" in (folders["outbox"] / "huge.pdf.error.txt").read_text(encoding="utf-8")
     assert "ok.png" in done(db)
     assert uploads(emulator) == Counter({"ok.png": 1})

@@ -41,3 +41,20 @@ def test_demo_converts_every_format_in_nested_folders(tmp_path: Path) -> None:
     assert "5 converted, 1 failed, 0 unfinished." in result.stdout
     assert "Demo finished: all good scans converted." in result.stdout
     assert f"note: demo does not read {unused}: the demo runs on its own" in result.stderr
+
+
+def test_the_demo_says_it_deletes_its_folder_and_how_to_keep_it() -> None:
+    """Without --keep the demo says its folder goes away, and how to keep it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    tail = result.stdout.strip().splitlines()
+    (said,) = [line for line in tail if "is deleted now" in line]
+    folder = said.split("The demo folder ", 1)[1].split(" is deleted now", 1)[0]
+    assert not Path(folder).exists()
+    assert "ldx-hotfolder demo --keep DIR" in said

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon.cli import EXIT_CONFIG
 from daemon.emulator.server import EmulatorServer
 from tests.conftest import daemon_config
 from tests.helpers import _env, wait_for
@@ -90,6 +91,17 @@ def test_unit_runs_the_daemon_as_a_notify_service() -> None:
     assert argv[1] == "run"
     assert "-HUP" in one(entries, "ExecReload")
     assert int(one(entries, "TimeoutStopSec")) >= 30
+
+
+def test_unit_does_not_restart_after_a_configuration_error() -> None:
+    """Exit 2 (a configuration error, as ``run`` and ``check`` give it) is never restarted."""
+    # Restarting every RestartSec cannot fix a configuration; a crash (any other failure)
+    # is still restarted.
+    entries = unit_entries(UNIT.read_text(encoding="utf-8"))
+    prevented = {value for line in entries["RestartPreventExitStatus"] for value in line.split()}
+    assert str(EXIT_CONFIG) in prevented
+    assert one(entries, "Restart") == "on-failure"
+    assert not prevented & {"1", "70", "SIGKILL", "SIGABRT"}
 
 
 def test_unit_identity_secret_and_paths() -> None:

@@ -23,7 +23,7 @@ import os
 import shutil
 from pathlib import Path
 
-from daemon.errors import InputGone, OoxmlProblem
+from daemon.errors import InputGone, OoxmlProblem, OutputRefused
 from daemon.inbox.inputs import open_input
 from daemon.outbox import publish as outbox
 from daemon.outbox.permissions import OutputPermissions, make_dirs, open_output
@@ -99,6 +99,6 @@ def copy_output(
 def _valid(path: Path, output_format: str) -> bool:
     try:
         verify_package(path, output_format)
-    except (OoxmlProblem, OSError):
+    except (OoxmlProblem, OutputRefused, OSError):
         return False
     return True

@@ -68,6 +68,9 @@ from daemon.jobs.tables import (
 )
 
 _STATUS_AT, _STAGE_AT = JOB_ORDER.index("status"), JOB_ORDER.index("stage")
+# Stages in which nothing was paid for yet (with no conversion counted): a job there may
+# be withdrawn for a newer version of its input.
+_UNPAID_STAGES = (Stage.PENDING.value, Stage.UPLOADING.value, Stage.UPLOADED.value)
 _TABLE_ORDER = tuple(column.name for column in jobs_table.columns)
 
 
@@ -296,6 +299,35 @@ class Store(Database):
             for path, names in wanted
         ]
 
+    def unfinished_of(self, paths: Sequence[str]) -> dict[str, Job]:
+        """The newest unfinished job of each of ``paths`` that has one."""
+        query = (
+            select(jobs_table)
+            .where(jobs_table.c.path.in_(bindparam("paths", expanding=True)), unfinished())
+            .order_by(jobs_table.c.id)
+        )
+        with self.read() as conn:
+            rows = conn.execute(query, {"paths": list(paths)})
+            return {job.path: job for job in map(job_from_row, rows)}
+
+    def withdraw_unpaid(self, job_id: int, now: float) -> bool:
+        """Delete a job that nothing was paid for and nobody holds (a newer version of its
+        input supersedes it); False when it is held, or a conversion may be paid for."""
+        query = delete(jobs_table).where(
+            jobs_table.c.id == job_id,
+            jobs_table.c.stage.in_(_UNPAID_STAGES),
+            jobs_table.c.submits == 0,
+            or_(jobs_table.c.lease_until.is_(None), jobs_table.c.lease_until < now),
+        )
+        with self.write() as conn:
+            return bool(conn.execute(query).rowcount == 1)
+
+    def unfinished_ids(self, job_ids: Sequence[int]) -> set[int]:
+        """Which of ``job_ids`` are still unfinished jobs."""
+        query = select(jobs_table.c.id).where(jobs_table.c.id.in_(list(job_ids)), unfinished())
+        with self.read() as conn:
+            return set(conn.execute(query).scalars().all())
+
     def versions(self) -> dict[str, tuple[int, int, int]]:
         """Latest (size, mtime_ns, inode) per input path: the versions intake already took."""
         latest = (
@@ -330,6 +362,21 @@ class Store(Database):
                     path=path, code=code, reason=reason, since=since, noted_at=now
                 )
             )
+
+    def note_waiting_many(self, notes: Sequence[tuple[str, str, str, float]], now: float) -> None:
+        """Record (or update) many inputs intake waits on, as (path, code, reason,
+        since), in two statements."""
+        if not notes:
+            return
+        rows = [
+            {"path": path, "code": code, "reason": reason, "since": since, "noted_at": now}
+            for path, code, reason, since in notes
+        ]
+        with self.write() as conn:
+            conn.execute(
+                delete(waiting_table).where(waiting_table.c.path.in_([r["path"] for r in rows]))
+            )
+            conn.execute(insert(waiting_table), rows)
 
     def clear_waiting(self, paths: Iterable[str] | None = None) -> None:
         """Forget waiting inputs (all of them when ``paths`` is None)."""

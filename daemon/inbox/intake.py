@@ -117,6 +117,27 @@ def _stored(job: Job | None, held: Stored | None) -> Stored:
     return Stored(job, held.behind, held.superseded)
 
 
+def _supersede(store: Store, earlier: Job | None, now: float) -> Stored | None:
+    """One job per path (in the single writer): the job of an earlier version that
+    nothing was paid for, and nobody holds, is withdrawn; any other makes the new
+    version wait until it ends. None when the path has no unfinished job."""
+    if earlier is None:
+        return None
+    if store.withdraw_unpaid(earlier.id, now):
+        return Stored(superseded=earlier.id)
+    return Stored(behind=earlier.id)
+
+
+def _mark_adopted(store: Store, added: dict[str, Job], adopt: dict[str, str], now: float) -> None:
+    """Record as converted the new jobs whose output was already in the outbox."""
+    for path, output in adopt.items():
+        job = added.get(path)
+        if job is not None and job.output == output:
+            added[path] = store.advance(
+                job.id, Stage.DONE, now, error_code="adopted", error_message=ADOPTED_NOTE
+            )
+
+
 def walk_inbox(
     inbox: Path, name_filter: NameFilter, folder: str = ""
 ) -> Iterator[tuple[str, os.stat_result]]:
@@ -717,13 +738,10 @@ class Intake:
         for (new, refused), first, claim in zip(news, firsts, claims, strict=True):
             if claim.latest == (new.size, new.mtime_ns, new.inode):
                 continue  # never queue a known version twice
-            earlier = running.get(new.path)
-            if earlier is not None:
-                withdrawn = store.withdraw_unpaid(earlier.id, now)
-                held[new.path] = (
-                    Stored(superseded=earlier.id) if withdrawn else Stored(behind=earlier.id)
-                )
-                if not withdrawn:
+            replaced = _supersede(store, running.get(new.path), now)
+            if replaced is not None:
+                held[new.path] = replaced
+                if replaced.behind is not None:
                     continue
             output = adopt.get(new.path)
             if output is None or output in claim.taken | given:
@@ -731,12 +749,7 @@ class Intake:
             given.add(output)
             entries.append((new, output, refused))
         added = store.add_jobs(entries, now)
-        for path, output in adopt.items():
-            job = added.get(path)
-            if job is not None and job.output == output:
-                added[path] = store.advance(
-                    job.id, Stage.DONE, now, error_code="adopted", error_message=ADOPTED_NOTE
-                )
+        _mark_adopted(store, added, adopt, now)
         return [_stored(added.get(new.path), held.get(new.path)) for new, _ in news]
 
     def _output_for(self, new: NewJob, first: list[str], claim: NameClaims, given: set[str]) -> str:

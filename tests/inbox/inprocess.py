@@ -66,4 +66,4 @@ def table(folders: dict[str, Path], name: str = "jobs") -> list[dict[str, Any]]:
     """Every row of a table of the state database."""
     with sqlite3.connect(folders["state"] / "state.db") as conn:
         conn.row_factory = sqlite3.Row
-        return [dict(row) for row in conn.execute(f"SELECT * FROM {name} ORDER BY rowid")]  # noqa: S608
+        return [dict(row) for row in conn.execute(f"SELECT * FROM {name} ORDER BY rowid")]

@@ -285,13 +285,15 @@ def test_status_summarises_many_waiting_placeholders(
     with running(config, tmp_path / "daemon.log"):
         wait_for(lambda: waiting_count(db) == 2000, 60, "the placeholders to show as stalled")
         wait_for(lambda: "real.png" in done(db), 30, "the real scan to convert")
+        (inbox / "placeholder-0000.pdf").unlink()  # removed: it leaves the list at once
+        wait_for(lambda: waiting_count(db) == 1999, 10, "the removed one to leave the list")
         status = cli(config, "status", "--no-hub")
     assert status.returncode == 0, status.stderr
     lines = status.stdout.splitlines()
     assert len(lines) < 30, status.stdout[-2000:]
-    assert "stalled in the inbox (not taken yet): 2000" in lines
-    assert "  empty_file: 2000" in lines
-    assert "    ... and 1997 more" in lines
+    assert "stalled in the inbox (not taken yet): 1999" in lines
+    assert "  empty_file: 1999" in lines
+    assert "    ... and 1996 more" in lines
 
 
 def waiting_count(db: Path) -> int:

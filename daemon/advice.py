@@ -164,6 +164,11 @@ ADVICE: dict[str, Advice] = {
         "The hub refuses one kind of request while the key works. The work waits.",
         "Do what the message says (credit, plan); the work goes on by itself.",
     ),
+    "adopted": Advice(
+        "Not an error: the state database had no record of this file, and its output was "
+        "already in the outbox, so it was counted as converted instead of paid for again.",
+        "Nothing. If that output is not this file's, delete it and drop the file again.",
+    ),
     "budget_reached": Advice(
         "The page budget ([budget] pages_per_day or pages_per_month) is used up; new "
         "conversions wait, nothing fails, and they go on when the day or month turns.",

@@ -32,7 +32,14 @@ from daemon.config import (
     service_manager,
     split_reload,
 )
-from daemon.errors import AlreadyRunning, ConfigError, LdxError, StateDamaged, Unhealthy
+from daemon.errors import (
+    AlreadyRunning,
+    ConfigError,
+    LdxError,
+    StateDamaged,
+    StateUnavailable,
+    Unhealthy,
+)
 from daemon.hub.budget import RequestBudget
 from daemon.hub.client import HubClient, Limits
 from daemon.hub.gate import Closure, Gate, Hold
@@ -43,7 +50,7 @@ from daemon.inbox.mounts import stale_size_warnings_for
 from daemon.inbox.routing import Offer, Router, offer_from_engines, validate_routes
 from daemon.inbox.stability import Patience
 from daemon.inbox.watcher import Watcher
-from daemon.jobs.database import damaged_message
+from daemon.jobs.database import damaged_message, replaced_message
 from daemon.jobs.model import Instance, Status
 from daemon.jobs.store import Store
 from daemon.jobs.views import PagesUsed, Views
@@ -71,6 +78,7 @@ ENGINES_WAIT_SECONDS = 30.0  # the start waits this long for the engine list, th
 STOP_GRACE_SECONDS = 10.0  # uploads and downloads in progress get this long to finish
 DURATIONS_SAVE_SECONDS = 60.0  # learned job durations are written at most this often
 DEFAULT_MAX_WAIT = 3600.0  # ``once`` waits this long for held work before exit code 3
+DATABASE_CHECK_SECONDS = 5.0  # how often the SQLite file is checked for removal (one stat)
 
 
 @dataclass
@@ -285,6 +293,7 @@ class Service:
         self.worker.on_disk_full = self.disk.check_now
         self.watcher: Watcher | None = None
         self.supervisor = None if once else self._supervisor()
+        self.fatal: ConfigError | None = None  # why the daemon stopped itself, if it did
 
     def _supervisor(self) -> Supervisor:
         s = self.settings
@@ -482,6 +491,8 @@ class Service:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if self.fatal is not None:
+            raise self.fatal  # nothing more is written to a database nobody will read
         await self._save_durations()
         log.info("stopped")
         return await self._outcome() if self.once else None
@@ -513,6 +524,7 @@ class Service:
             asyncio.create_task(self.disk.run(stop), name="diskspace"),
             asyncio.create_task(self._refresh_engines(), name="engines"),
             asyncio.create_task(self._keep_durations(), name="durations"),
+            asyncio.create_task(self._watch_database(), name="database"),
         ]
         if self.watcher is not None:
             watcher = self.watcher
@@ -525,6 +537,19 @@ class Service:
             bar = follow(self.views, self.started_at, ProgressBar())
             tasks.append(asyncio.create_task(bar, name="progress"))
         return tasks
+
+    async def _watch_database(self) -> None:
+        """Stop the daemon when its SQLite file is removed or replaced while it runs: its
+        writes would go to a file nobody sees, and a restart would convert (and pay for)
+        every input again. One stat every few seconds, nothing written."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), DATABASE_CHECK_SECONDS)
+            if self.stop.is_set() or not await asyncio.to_thread(self.store.replaced):
+                continue
+            self.fatal = StateDamaged(replaced_message(self.settings.state_db))
+            log.error("stopping: the state database vanished", error=self.fatal.message)
+            self.stop.set()
 
     async def _keep_durations(self) -> None:
         """Write what the poll scheduler learned about job durations, now and then."""
@@ -547,23 +572,30 @@ class Service:
     async def _stop_when_quiet(self) -> None:
         held_since: float | None = None
         while not self.stop.is_set():
-            quiet = not self.intake.sightings and await self.worker.idle()
+            try:
+                quiet = not self.intake.pending() and await self.worker.idle()
+            except StateUnavailable:  # a full disk under the database: held, not quiet
+                quiet = False
             closure = self.gate.closure
             if closure is not None and closure.hold is Hold.KEY:
                 self.stop.set()  # ``once`` cannot wait for a person to fix the key
                 return
-            held = closure is not None or self.worker.holding_back() is not None
+            held = closure is not None or self._holding_back() is not None
             held_since = (held_since or time.monotonic()) if held else None
             if quiet or (held_since is not None and time.monotonic() - held_since > self.max_wait):
                 self.stop.set()
                 return
             await asyncio.sleep(0.1)
 
+    def _holding_back(self) -> str | None:
+        """Why work is held (the worker's brakes, or intake unable to record), or None."""
+        return self.worker.holding_back() or self.intake.holding
+
     async def _outcome(self) -> Outcome:
         closure = self.gate.closure
         outcome = Outcome(
             auth_rejected=closure.reason if closure and closure.hold is Hold.KEY else None,
-            held=self.worker.holding_back() or self.gate.describe(),
+            held=self._holding_back() or self.gate.describe(),
         )
         for path in sorted(self.intake.present):
             job = await asyncio.to_thread(self.views.latest_for_path, path)

@@ -1,11 +1,12 @@
 """Inputs: open files in the inbox safely, read their type and hash them.
 
 Every open walks the relative path one component at a time from a descriptor of the
-inbox, with ``O_NOFOLLOW``, so neither a symlinked file nor a symlinked folder can lead
-outside the inbox; ``O_NONBLOCK`` keeps a FIFO named like a scan from blocking the
-daemon. Every check is made on the opened descriptor, never on the path: it must be a
-regular file, and one with a single link unless ``allow_hardlinks`` (a hard link may
-be a file from outside the inbox under an innocent name). Paths come in their stored
+inbox, with ``O_NOFOLLOW`` (``daemon.fs.walk``), so neither a symlinked file nor a
+symlinked folder can lead outside the inbox; ``O_NONBLOCK`` keeps a FIFO named like a
+scan from blocking the daemon. Every check is made on the opened descriptor, never on
+the path: it must be a regular file, and one with a single link unless
+``allow_hardlinks`` (a hard link may be a file from outside the inbox under an innocent
+name). Paths come in their stored
 form (``daemon.fs``) and are turned back into the bytes on disk here.
 """
 
@@ -22,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemon import fs
 from daemon.errors import HardLinked, InputChanged, InputGone, InputUnreadable
 from daemon.formats import (
     SNIFF_BYTES,
@@ -35,8 +37,6 @@ from daemon.formats import (
 from daemon.fs import fs_path
 from daemon.inbox.stability import Signature
 
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 HASH_CHUNK = 1024 * 1024
 UNWRITTEN = "it holds only zero bytes at its start: its space was reserved, its content not written"
 
@@ -84,7 +84,7 @@ def open_input(inbox: Path, rel_path: str, *, allow_hardlinks: bool = False) -> 
     fd = _walk_dirs(inbox, parts[:-1], rel_path)
     try:
         try:
-            file_fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
+            file_fd = fs.open_at(fd, parts[-1])
         except FileNotFoundError:
             raise InputGone(f"{rel_path} is no longer in the inbox") from None
         except OSError as exc:
@@ -119,18 +119,12 @@ def open_folder(root: Path, parts: list[str]) -> int:
 
 
 def _walk_dirs(inbox: Path, dirs: list[str], rel_path: str) -> int:
-    fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    for part in dirs:
-        try:
-            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
-        except OSError as exc:
-            os.close(fd)
-            raise InputGone(
-                f"{rel_path}: folder {part!r} cannot be entered safely ({exc.strerror})"
-            ) from None
-        os.close(fd)
-        fd = nxt
-    return fd
+    try:
+        return fs.walk(inbox, dirs)
+    except OSError as exc:
+        raise InputGone(
+            f"{rel_path}: folder {exc.filename!r} cannot be entered safely ({exc.strerror})"
+        ) from None
 
 
 def read_head(fd: int) -> bytes:

@@ -32,8 +32,16 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path, PurePosixPath
 
+from daemon import fs
 from daemon.advice import os_error_text
-from daemon.errors import InputGone, InputUnreadable, UnsafeOutputPath
+from daemon.errors import (
+    InputGone,
+    InputUnreadable,
+    OoxmlProblem,
+    OutputRefused,
+    StateUnavailable,
+    UnsafeOutputPath,
+)
 from daemon.fs import fs_path, stored_path
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.inputs import (
@@ -44,29 +52,44 @@ from daemon.inbox.inputs import (
     signature_of,
     unreadable_message,
 )
+from daemon.inbox.parking import Parking
 from daemon.inbox.routing import Router
 from daemon.inbox.stability import (
     Patience,
     Sighting,
     Signature,
     Verdict,
+    is_parkable,
+    next_look,
     observe,
     stall,
     verdict,
     with_problem,
 )
-from daemon.jobs.model import Entry, Job, NameClaims, NewJob
+from daemon.inbox.stalls import Stalls
+from daemon.jobs.model import Entry, Job, NameClaims, NewJob, Stage
 from daemon.jobs.store import Store
 from daemon.jobs.views import Views
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
 from daemon.outbox import publish as outbox
-from daemon.outbox.layout import output_candidates
+from daemon.outbox.layout import error_file_for, output_candidates
 from daemon.outbox.permissions import OutputPermissions, unsafe_component, unsafe_folder_message
+from daemon.outbox.verify import verify_package
 
 log = get_logger(component="intake")
 Ready = tuple[str, Sighting, bool]  # (path, sighting, giving up)
-Record = tuple[str, Inspection, tuple[str, str] | None]  # (path, inspection, refusal)
+ADOPTED = (
+    "output already in the outbox adopted: the state database had no record of this input "
+    "(a new or lost database) and its output is newer than it; not converted again"
+)
+ADOPTED_NOTE = (
+    "its output was already in the outbox when the state database had no record of it "
+    "(a new or lost database); recorded as converted, not paid for again"
+)
+SUPERSEDED = "a newer version replaced the earlier version's job, for which nothing was paid"
+Refusal = tuple[str, str] | None  # (code, message) of an input failed before it is sent
+Record = tuple[str, Inspection, Refusal]  # (path, inspection, refusal)
 TICK_SECONDS = 0.25
 QUIET_MARGIN = 0.002  # look just after a quiet period ends, never just before
 CLAIM_CANDIDATES = 50
@@ -77,7 +100,44 @@ ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
 # refused before it is uploaded in full for nothing. A hub with a lower limit says so
 # with a 413, which fails the job with the hub's own reason.
 MAX_UPLOAD_BYTES = 200 * 10**6
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+STATE_RETRY_SECONDS = 5.0  # intake waits this long when the state database fails
+BEHIND_CHECK_SECONDS = 1.0  # how often a version held behind an earlier job looks again
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What intake's writer call did with one new version of an input."""
+
+    job: Job | None = None  # its new row (None: this version is in the table already)
+    behind: int | None = None  # it waits until this unfinished job of its path ends
+    superseded: int | None = None  # the unpaid job of an earlier version it replaced
+
+
+def _stored(job: Job | None, held: Stored | None) -> Stored:
+    if held is None:
+        return Stored(job)
+    return Stored(job, held.behind, held.superseded)
+
+
+def _supersede(store: Store, earlier: Job | None, now: float) -> Stored | None:
+    """One job per path (in the single writer): the job of an earlier version that
+    nothing was paid for, and nobody holds, is withdrawn; any other makes the new
+    version wait until it ends. None when the path has no unfinished job."""
+    if earlier is None:
+        return None
+    if store.withdraw_unpaid(earlier.id, now):
+        return Stored(superseded=earlier.id)
+    return Stored(behind=earlier.id)
+
+
+def _mark_adopted(store: Store, added: dict[str, Job], adopt: dict[str, str], now: float) -> None:
+    """Record as converted the new jobs whose output was already in the outbox."""
+    for path, output in adopt.items():
+        job = added.get(path)
+        if job is not None and job.output == output:
+            added[path] = store.advance(
+                job.id, Stage.DONE, now, error_code="adopted", error_message=ADOPTED_NOTE
+            )
 
 
 def walk_inbox(
@@ -109,7 +169,7 @@ def walk_inbox(
                 yield f"{prefix}{name}", st
             elif stat.S_ISDIR(st.st_mode):
                 with contextlib.suppress(OSError):
-                    sub, sub_prefix = os.open(name, _DIR_FLAGS, dir_fd=fd), f"{prefix}{name}/"
+                    sub, sub_prefix = fs.open_at(fd, name, fs.DIR_FLAGS), f"{prefix}{name}/"
                     frames.append((sub, sub_prefix, _entries(sub, sub_prefix, name_filter)))
     finally:
         for fd, _, _ in frames:
@@ -129,6 +189,18 @@ def _entries(fd: int, prefix: str, name_filter: NameFilter) -> Iterator[tuple[st
             continue
         with contextlib.suppress(OSError):
             yield entry.name, entry.stat(follow_symlinks=False)
+
+
+def _regular(st: os.stat_result) -> Signature | None:
+    """The signature of a regular file; None for anything else."""
+    return signature_of(st) if stat.S_ISREG(st.st_mode) else None
+
+
+def _failed_read_record(rel: str, sighting: Sighting, found: OSError) -> Record:
+    """The failed record of a file whose reading failed in the system (an I/O error...)."""
+    seen = Inspection(sighting.signature, 1, described="a file that could not be read")
+    why = found.strerror or str(found)
+    return rel, seen, ("read_error", f"reading it failed: {why}")
 
 
 def _unreadable_record(rel: str, sighting: Sighting, found: InputUnreadable) -> Record:
@@ -171,6 +243,30 @@ def output_folder(rel: str) -> PurePosixPath:
     return PurePosixPath(rel).parent
 
 
+def _folder_problem(root: Path, folder: PurePosixPath) -> str | None:
+    """Why nothing may be written into ``root/folder`` (a link or a file on the way, or
+    a folder the daemon cannot look into), or None."""
+    try:
+        culprit = unsafe_component(root, root / folder)
+    except OSError as exc:
+        return f"its output folder {root / folder} cannot be looked at: {exc.strerror}"
+    return None if culprit is None else unsafe_folder_message(culprit, root)
+
+
+def path_too_long(root: Path, rel: str, output_format: str) -> str | None:
+    """Why the output (or error file) of ``rel`` below ``root`` could not be created (a
+    path or name over the system's limits), or None (pure)."""
+    names = [*islice(output_candidates(rel, output_format), FIRST_CANDIDATES), error_file_for(rel)]
+    for name in names:
+        why = fs.too_long(root / name)
+        if why is not None:
+            return (
+                f"the path it would get below {root} is too long for the system: {why}; "
+                "move it to a folder nearer the top of the inbox or give it a shorter name"
+            )
+    return None
+
+
 @dataclass(frozen=True)
 class IntakeSettings:
     """The values intake needs (from the configuration, read once)."""
@@ -209,9 +305,15 @@ class Intake:
         self.sightings: dict[str, Sighting] = {}  # stored path -> what we saw
         self.known: dict[str, Signature] = {}  # stored path -> version already taken
         self.present: set[str] = set()
-        self.stalled: set[str] = set()  # paths noted in the table's ``waiting``
+        self.stalls = Stalls(db)  # the inputs noted in the table's ``waiting`` list
+        self.parked = Parking()  # quiet candidates that wait: nothing per tick
+        self.behind: dict[str, tuple[int, Sighting]] = {}  # path -> (earlier job, sighting)
+        self.adoptable: set[str] = set()  # start-up files when the table was empty
+        self._empty_table = False
+        self._next_behind_check = 0.0
         self.waited_since: dict[str, float] = {}  # waited on by the last run, since when
         self.paused = False  # disk nearly full: keep watching, take nothing
+        self.holding: str | None = None  # why intake cannot record what it takes, if so
         self._on_enqueued = on_enqueued
         self._rescan_soon = False
         self._quiet_end = math.inf  # when the next candidate turns quiet
@@ -230,26 +332,42 @@ class Intake:
         waited = await self.db.call(Views(self.db.store).waiting)
         self.waited_since = {item.path: item.since for item in waited}
         await self.db.call(self.db.store.clear_waiting)
+        # An empty table (a new or lost database): the start-up scan's files whose
+        # output is already in the outbox are adopted rather than paid for again.
+        self._empty_table = not versions
 
     async def scan(self, folder: Path | None = None) -> int:
         """Walk the inbox (or a folder in it); return how many new candidates it found."""
         sub = "" if folder is None else folder.relative_to(self.inbox).as_posix()
         sub = "" if sub == "." else sub
-        entries = await asyncio.to_thread(lambda: list(walk_inbox(self.inbox, self.filter, sub)))
+        entries = await asyncio.to_thread(self._walk, sub)
         now = self.clock()
         before = len(self.sightings)
-        for fs_rel, st in entries:
-            self._consider(fs_rel, st, now)
+        for fs_rel, signature in entries:
+            self._consider(fs_rel, signature, now)
         if not sub:
-            self._prune({stored_path(fs_rel) for fs_rel, _ in entries})
+            seen = {stored_path(fs_rel) for fs_rel, _ in entries}
+            if self._empty_table:  # the start-up scan of an empty table
+                self.adoptable, self._empty_table = set(seen), False
+            del entries  # a large inbox: free the stat results before pruning
+            await self._prune(seen)
             await self._recheck_unreadable()
         return len(self.sightings) - before
 
-    def _prune(self, seen: set[str]) -> None:
+    def _walk(self, sub: str) -> list[tuple[str, Signature]]:
+        """(path, signature) of every file below ``sub``: small from the start, since a
+        scanner's inbox may hold 100,000 files."""
+        return [(rel, signature_of(st)) for rel, st in walk_inbox(self.inbox, self.filter, sub)]
+
+    async def _prune(self, seen: set[str]) -> None:
         # Versions of files no longer in the inbox need no memory; the table still has
         # them, and is asked again before anything is queued.
         self.known = {path: sig for path, sig in self.known.items() if path in seen}
+        for rel in self.parked.keep_only(seen):  # removed while parked
+            self.present.discard(rel)
+            self.stalls.forget(rel)
         self.present &= seen | set(self.sightings)
+        await self.stalls.flush(self.clock())
 
     def hint(self, path: str, is_dir: bool) -> None:
         """A watcher event: look at ``path`` soon (a folder is scanned)."""
@@ -263,11 +381,14 @@ class Intake:
             self._scan_folder_soon(fs_rel)
             return
         try:
-            st = (self.inbox / fs_rel).lstat()
-        except OSError:
+            st = fs.lstat_below(self.inbox, fs_rel)
+        except (OSError, ValueError):
+            self._wake_parked(stored_path(fs_rel))  # removed: the next tick drops it
             return
         if stat.S_ISREG(st.st_mode):
-            self._consider(fs_rel, st, self.clock())
+            self._consider(fs_rel, signature_of(st), self.clock())
+        else:
+            self._wake_parked(stored_path(fs_rel))
 
     def _scan_folder_soon(self, fs_rel: str) -> None:
         # A folder created or moved in: its files may have no events of their own.
@@ -280,30 +401,48 @@ class Intake:
     def forget(self, path: str) -> None:
         """The worker withdrew a job of ``path`` (it changed or vanished): look again."""
         self.known.pop(path, None)
+        held = self.behind.pop(path, None)
+        if held is not None:  # the job it waited for ended: take it up again
+            self.sightings.setdefault(path, held[1])
         try:
-            st = (self.inbox / fs_path(path)).lstat()
-        except OSError:
+            st = fs.lstat_below(self.inbox, fs_path(path))
+        except (OSError, ValueError):
             self.present.discard(path)
             return
         if stat.S_ISREG(st.st_mode):
-            self._consider(fs_path(path), st, self.clock())
+            self._consider(fs_path(path), signature_of(st), self.clock())
+
+    def pending(self) -> bool:
+        """Whether a candidate is still to be taken (``once`` runs until none is)."""
+        return bool(self.sightings or self.behind)
 
     def request_rescan(self) -> None:
         """Rescan the whole inbox at the next tick (events were lost)."""
         self._rescan_soon = True
 
-    def _consider(self, fs_rel: str, st: os.stat_result, now: float) -> None:
+    def _consider(self, fs_rel: str, signature: Signature, now: float) -> None:
         rel = stored_path(fs_rel)
         self.present.add(rel)
-        signature = signature_of(st)
-        if self.known.get(rel) == signature:
-            return
-        previous = self.sightings.get(rel)
+        if self.known.get(rel) == signature or rel in self.behind:
+            return  # taken already, or waiting for its earlier version's job to end
+        parked = self.parked.get(rel)
+        if parked is not None:
+            if parked.signature == signature:
+                return  # a parked file that did not change costs nothing
+            self.parked.unpark(rel)
+        previous = parked or self.sightings.get(rel)
         sighting = observe(previous, signature, now)
         if previous is None and rel in self.waited_since:  # waited on before a restart
             sighting = dataclasses.replace(sighting, first_seen=self.waited_since.pop(rel))
         self.sightings[rel] = sighting
         self._expect(sighting.since + self.patience.quiet_period)
+
+    def _wake_parked(self, rel: str) -> None:
+        """An event names a parked file that may be gone: look at it on the next tick."""
+        parked = self.parked.unpark(rel)
+        if parked is not None:
+            self.sightings[rel] = parked
+            self._expect(0.0)
 
     def _expect(self, quiet_end: float) -> None:
         """A candidate turns quiet at ``quiet_end``: look then if that is before the next tick."""
@@ -312,52 +451,79 @@ class Intake:
             self._look_soon.set()
 
     def _earliest_quiet_end(self, now: float) -> float:
-        """When the next still-changing candidate turns quiet (inf when none)."""
+        """When the next still-changing candidate turns quiet, or a parked one is due
+        (inf when none)."""
         quiet = self.patience.quiet_period
         ends = (s.since + quiet for s in self.sightings.values() if s.since + quiet > now)
-        return min(ends, default=math.inf)
+        return min(min(ends, default=math.inf), self.parked.next_due())
 
     # -- the tick --------------------------------------------------------------------------
 
     async def tick(self) -> None:
-        """Re-examine every candidate; queue those that became stable."""
-        if self.paused or not self.sightings:
+        """Re-examine every active candidate; queue those that became stable, park those
+        that must wait."""
+        if self.paused:
+            return
+        now = self.clock()
+        for rel, sighting in self.parked.due(now):
+            self.sightings[rel] = sighting  # due: to show as stalled, or to give up
+        await self._release_behind(now)
+        if not self.sightings:
+            self._quiet_end = self.parked.next_due()
             return
         rels = list(self.sightings)
-        stats = await asyncio.to_thread(self._lstat_all, rels)
+        looks = await asyncio.to_thread(fs.lstat_many, self.inbox, map(fs_path, rels), _regular)
         now = self.clock()
         ready: list[Ready] = []
-        for rel, st in zip(rels, stats, strict=True):
+        for rel, signature in zip(rels, looks, strict=True):
             if rel not in self.sightings:
                 continue  # taken or dropped while we looked
-            if st is None or not stat.S_ISREG(st.st_mode):
+            if signature is None:
                 await self._drop(rel)  # gone (or replaced) before it was taken
                 continue
-            sighting = observe(self.sightings[rel], signature_of(st), now)
+            sighting = observe(self.sightings[rel], signature, now)
             self.sightings[rel] = sighting
             decision = verdict(sighting, now, self.patience)
             if decision is Verdict.WAIT:
-                await self._note_stall(rel, sighting, now)
+                self._wait(rel, sighting, now)
             else:
                 ready.append((rel, sighting, decision is Verdict.GIVE_UP))
+        await self.stalls.flush(now)
         for start in range(0, len(ready), TAKE_BATCH):
             await self._take(ready[start : start + TAKE_BATCH])
+        await self.stalls.flush(now)
         self._quiet_end = self._earliest_quiet_end(now)
 
-    def _lstat_all(self, rels: list[str]) -> list[os.stat_result | None]:
-        results: list[os.stat_result | None] = []
-        for rel in rels:
-            try:
-                results.append((self.inbox / fs_path(rel)).lstat())
-            except OSError:
-                results.append(None)
-        return results
+    def _wait(self, rel: str, sighting: Sighting, now: float) -> None:
+        """A candidate that must wait: note it when stalled, and park it once quiet."""
+        stalled = self.stalls.judge(
+            rel, stall(sighting, now, self.patience), sighting.waiting_since
+        )
+        if is_parkable(sighting, now, self.patience):
+            del self.sightings[rel]
+            due = next_look(sighting, self.patience, stalled=stalled)
+            self.parked.park(rel, sighting, due)
+
+    async def _release_behind(self, now: float) -> None:
+        """Take up again the versions whose earlier job ended (looked at every second)."""
+        if not self.behind or now < self._next_behind_check:
+            return
+        self._next_behind_check = now + BEHIND_CHECK_SECONDS
+        waiting_on = [job_id for job_id, _ in self.behind.values()]
+        running = await self.db.call(self.db.store.unfinished_ids, waiting_on)
+        for rel, (job_id, sighting) in list(self.behind.items()):
+            if job_id not in running:
+                del self.behind[rel]
+                self.sightings.setdefault(rel, sighting)
 
     async def _take(self, batch: list[Ready]) -> None:
         """Inspect quiet candidates; queue or refuse them, or keep waiting for the rest."""
         looks = await asyncio.to_thread(self._inspect_all, [rel for rel, _, _ in batch])
         records: list[Record] = []
         for (rel, sighting, final), found in zip(batch, looks, strict=True):
+            if isinstance(found, OSError):  # this file alone fails; the rest go on
+                records.append(_failed_read_record(rel, sighting, found))
+                continue
             if isinstance(found, InputUnreadable):
                 if final:
                     records.append(_unreadable_record(rel, sighting, found))
@@ -400,19 +566,20 @@ class Intake:
         """
         rels = [
             rel
-            for rel, sighting in self.sightings.items()
+            for rel, sighting in [*self.sightings.items(), *self.parked.items()]
             if sighting.problem is not None and sighting.problem_code == InputUnreadable.code
         ]
         if not rels:
             return
         looks = await asyncio.to_thread(self._inspect_all, rels)
         for rel, found in zip(rels, looks, strict=True):
-            sighting = self.sightings.get(rel)
+            sighting = self.sightings.get(rel) or self.parked.get(rel)
             if sighting is None or isinstance(found, InputUnreadable):
                 continue
             log.info("an input the daemon could not read can be read now", path=rel)
+            self.parked.unpark(rel)
             self.sightings[rel] = with_problem(sighting, None)
-            await self._clear_stall(rel)
+            self.stalls.forget(rel)
 
     async def _check_output_folders(self, records: list[Record]) -> list[Record]:
         """Refuse the inputs whose output folder below the outbox (or, for inputs to be
@@ -423,12 +590,13 @@ class Intake:
         checked: list[Record] = []
         for rel, found, refused in records:
             why = unsafe.get(rel) if refused is None else None
-            checked.append((rel, found, refused if why is None else (UnsafeOutputPath.code, why)))
+            checked.append((rel, found, refused if why is None else why))
         return checked
 
-    def _unsafe_folders(self, rels: list[str]) -> dict[str, str]:
-        """The inputs whose output or archive folder cannot be written into safely, each
-        with the reason; each folder is looked at once."""
+    def _unsafe_folders(self, rels: list[str]) -> dict[str, tuple[str, str]]:
+        """The inputs whose output or archive path cannot be made (too long for the
+        system), or whose folder cannot be written into safely, each with (code,
+        reason); each folder is looked at once."""
         archive = self.settings.archive_dir
         seen: dict[tuple[Path, PurePosixPath], str | None] = {}
         unsafe = {}
@@ -437,22 +605,24 @@ class Intake:
             if archive is not None and self.router.route(rel)[0].on_success == "archive":
                 roots.append(archive.absolute())  # the archive mirrors the inbox too
             for root in roots:
+                too_long = path_too_long(root, rel, self.router.defaults["output_format"])
+                if too_long is not None:
+                    unsafe[rel] = ("path_too_long", too_long)
+                    break
                 if (root, folder) not in seen:
-                    culprit = unsafe_component(root, root / folder)
-                    why = None if culprit is None else unsafe_folder_message(culprit, root)
-                    seen[root, folder] = why
+                    seen[root, folder] = _folder_problem(root, folder)
                 if why := seen[root, folder]:
-                    unsafe[rel] = why
+                    unsafe[rel] = (UnsafeOutputPath.code, why)
                     break
         return unsafe
 
-    def _inspect_all(self, rels: list[str]) -> list[Inspection | InputGone]:
-        looks: list[Inspection | InputGone] = []
+    def _inspect_all(self, rels: list[str]) -> list[Inspection | InputGone | OSError]:
+        looks: list[Inspection | InputGone | OSError] = []
         for rel in rels:
             try:
                 allow = self.settings.allow_hardlinks  # a refused hard link is not read
                 looks.append(inspect_input(self.inbox, rel, allow_hardlinks=allow))
-            except InputGone as exc:
+            except (InputGone, OSError) as exc:
                 looks.append(exc)
         return looks
 
@@ -464,15 +634,24 @@ class Intake:
             if refused is None and route_problem is not None:
                 records[index] = (rel, found, ("bad_folder_settings", route_problem))
             news.append((new, records[index][2]))
-        jobs = await self.db.call(self._store_jobs, news, self.clock())
+        adopt = await asyncio.to_thread(self._outputs_to_adopt, news) if self.adoptable else {}
+        stored = await self.db.call(self._store_jobs, news, self.clock(), adopt)
         queued = False
-        for (rel, found, refused), job in zip(records, jobs, strict=True):
+        for (rel, found, refused), outcome in zip(records, stored, strict=True):
             self.sightings.pop(rel, None)
-            self.known[rel] = found.signature
-            await self._clear_stall(rel)
-            if job is None:
-                queued = True  # another instance queued this version: ours to claim too
+            self.stalls.forget(rel)
+            if outcome.behind is not None:
+                self._hold_behind(rel, found, outcome.behind)
                 continue
+            self.known[rel] = found.signature
+            job = outcome.job
+            if job is None or job.stage is Stage.DONE:
+                queued = queued or job is None  # another instance queued it: ours to claim too
+                if job is not None:
+                    log.info(ADOPTED, path=rel, job_id=job.id, output=job.output)
+                continue
+            if outcome.superseded is not None:
+                log.info(SUPERSEDED, path=rel, job_id=job.id, earlier_job_id=outcome.superseded)
             if refused is None:
                 log.info("queued", path=rel, job_id=job.id)
                 queued = True
@@ -481,6 +660,43 @@ class Intake:
             await self._write_error_file(job, *refused)
         if queued:
             self._on_enqueued()
+
+    def _hold_behind(self, rel: str, found: Inspection, job_id: int) -> None:
+        """A new version waits until the job of its earlier version ends (that job is
+        paid for, or being worked on): one job per path at a time."""
+        sighting = Sighting(found.signature, self.clock())
+        self.behind[rel] = (job_id, sighting)
+        log.info(
+            "a newer version waits until the job of the earlier one ends",
+            path=rel,
+            earlier_job_id=job_id,
+        )
+
+    def _outputs_to_adopt(self, news: list[tuple[NewJob, Refusal]]) -> dict[str, str]:
+        """The start-up inputs of an empty table whose first output name holds, in the
+        outbox, a valid output newer than the input: path -> that output name."""
+        found = {}
+        for new, refused in news:
+            if new.path not in self.adoptable:
+                continue
+            self.adoptable.discard(new.path)
+            name = next(output_candidates(new.path, new.output_format))
+            if refused is None and self._holds_output(new, name):
+                found[new.path] = name
+        return found
+
+    def _holds_output(self, new: NewJob, name: str) -> bool:
+        """Whether the outbox has at ``name`` a valid output written after ``new``'s version."""
+        try:
+            if _folder_problem(self.outbox, output_folder(name)) is not None:
+                return False
+            st = fs.lstat_below(self.outbox, name)
+            if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < new.mtime_ns:
+                return False
+            verify_package(self.outbox / name, new.output_format)
+        except (OSError, OoxmlProblem, OutputRefused):
+            return False
+        return True
 
     def _new_job(self, rel: str, found: Inspection) -> tuple[NewJob, str | None]:
         chosen, problem = self.router.route(rel)
@@ -500,14 +716,19 @@ class Intake:
         return new, problem
 
     def _store_jobs(
-        self, news: list[tuple[NewJob, tuple[str, str] | None]], now: float
-    ) -> list[Job | None]:
+        self,
+        news: list[tuple[NewJob, tuple[str, str] | None]],
+        now: float,
+        adopt: dict[str, str],
+    ) -> list[Stored]:
         """Claim output names and insert rows (runs in the single writer).
 
         Intake's lock row is held until the batch commits, so several instances seeing
         the same files claim output names one after the other; the unique version key
-        inserts each version once whatever happens. A batch costs two statements (the
-        claims, the inserts) and a rare third for an input whose first names are taken.
+        inserts each version once whatever happens. A batch costs three statements (the
+        claims, the unfinished jobs of its paths, the inserts) and a rare fourth for an
+        input whose first names are taken. A path keeps one job at a time: a new version
+        replaces an earlier one's job nothing was paid for, else waits until it ends.
         """
         store: Store = self.db.store
         store.lock_intake()
@@ -520,16 +741,26 @@ class Intake:
         claims = store.name_claims(
             [(new.path, first) for (new, _), first in zip(news, firsts, strict=True)]
         )
+        running = store.unfinished_of([new.path for new, _ in news])
         entries: list[Entry] = []
         given: set[str] = set()  # names this batch's earlier inputs took
+        held: dict[str, Stored] = {}
         for (new, refused), first, claim in zip(news, firsts, claims, strict=True):
             if claim.latest == (new.size, new.mtime_ns, new.inode):
                 continue  # never queue a known version twice
-            output = self._output_for(new, first, claim, given)
+            replaced = _supersede(store, running.get(new.path), now)
+            if replaced is not None:
+                held[new.path] = replaced
+                if replaced.behind is not None:
+                    continue
+            output = adopt.get(new.path)
+            if output is None or output in claim.taken | given:
+                output = self._output_for(new, first, claim, given)
             given.add(output)
             entries.append((new, output, refused))
         added = store.add_jobs(entries, now)
-        return [added.get(new.path) for new, _ in news]
+        _mark_adopted(store, added, adopt, now)
+        return [_stored(added.get(new.path), held.get(new.path)) for new, _ in news]
 
     def _output_for(self, new: NewJob, first: list[str], claim: NameClaims, given: set[str]) -> str:
         """The output name of a new input: the first free candidate."""
@@ -548,9 +779,17 @@ class Intake:
         for candidate in candidates:
             if candidate in taken:
                 continue
-            if candidate in mine or not (self.outbox / candidate).exists():
+            if candidate in mine or not self._in_outbox(candidate):
                 return candidate
         return None
+
+    def _in_outbox(self, name: str) -> bool:
+        """Whether the outbox has anything at ``name`` (a name it cannot even look up,
+        too long for the system, counts as free: intake refuses those inputs anyway)."""
+        try:
+            return os.path.lexists(self.outbox / name)
+        except (OSError, ValueError):
+            return False
 
     async def _write_error_file(self, job: Job, code: str, message: str) -> None:
         text = outbox.error_text(job.path, code, message, self.clock(), job.id)
@@ -563,30 +802,9 @@ class Intake:
 
     async def _drop(self, rel: str) -> None:
         self.sightings.pop(rel, None)
+        self.parked.unpark(rel)
         self.present.discard(rel)
-        await self._clear_stall(rel)
-
-    # -- stalled files -------------------------------------------------------------------
-
-    async def _note_stall(self, rel: str, sighting: Sighting, now: float) -> None:
-        stalled = stall(sighting, now, self.patience)
-        if stalled is None:
-            await self._clear_stall(rel)
-            return
-        if rel in self.stalled:
-            return
-        self.stalled.add(rel)
-        code, reason = stalled
-        waited = round(now - sighting.waiting_since)
-        log.warning("an input is stalled", path=rel, code=code, reason=reason, waited=waited)
-        await self.db.call(
-            self.db.store.note_waiting, rel, code, reason, sighting.waiting_since, now
-        )
-
-    async def _clear_stall(self, rel: str) -> None:
-        if rel in self.stalled:
-            self.stalled.discard(rel)
-            await self.db.call(self.db.store.clear_waiting, [rel])
+        self.stalls.forget(rel)
 
     # -- running -------------------------------------------------------------------------
 
@@ -597,18 +815,34 @@ class Intake:
         stopping.add_done_callback(lambda _: self._look_soon.set())  # a stop ends a doze
         try:
             while not stop.is_set():
-                await self.tick()
-                if self._rescan_soon or self.clock() >= next_rescan:
-                    self._rescan_soon = False
-                    found = await self.scan()
-                    if found:
-                        log.info("rescan found files the watcher missed", count=found)
-                    for listener in self.after_rescan:
-                        await listener()
-                    next_rescan = self.clock() + self.settings.rescan_interval
+                try:
+                    next_rescan = await self._step(next_rescan)
+                except StateUnavailable as exc:
+                    # A full disk under the database: hold what was seen, try again soon.
+                    if self.holding is None:
+                        log.error("the state database failed; intake holds", error=exc.message)
+                    self.holding = f"the state database failed: {exc.message}"
+                    await _wait(stop, STATE_RETRY_SECONDS)
+                    continue
+                if self.holding is not None:
+                    log.info("the state database works again; intake resumes")
+                    self.holding = None
                 await self._doze(stop)
         finally:
             stopping.cancel()
+
+    async def _step(self, next_rescan: float) -> float:
+        """One tick, and a rescan when it is due; return when the next rescan is."""
+        await self.tick()
+        if not self._rescan_soon and self.clock() < next_rescan:
+            return next_rescan
+        self._rescan_soon = False
+        found = await self.scan()
+        if found:
+            log.info("rescan found files the watcher missed", count=found)
+        for listener in self.after_rescan:
+            await listener()
+        return self.clock() + self.settings.rescan_interval
 
     async def _doze(self, stop: asyncio.Event) -> None:
         """Sleep until the next tick, or until the first candidate's quiet period ends, so a
@@ -627,3 +861,8 @@ class Intake:
                     await self._look_soon.wait()  # a new candidate may turn quiet sooner
             except TimeoutError:
                 return
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)

@@ -9,11 +9,17 @@ Sources, strongest first, field by field:
 3. the ``[hub]`` defaults (and ``on_success`` at the top level).
 
 Matching and merging are pure functions; reading folder files is the caller's I/O.
+A folder file is read like an input (``read_folder_file``): reached without links,
+a regular file of at most 64 KiB, never blocking; anything else is refused with a
+reason, and the files of its folder fail with it (``bad_folder_settings``).
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -23,10 +29,13 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from daemon import fs
 from daemon.config import RouteFields, Rule
 from daemon.errors import ConfigError, FolderFileError
+from daemon.fs import fs_path
 
 FOLDER_FILE = ".ldx-hotfolder.toml"
+FOLDER_FILE_MAX = 64 * 1024  # bytes; a folder file holds a few settings
 
 
 @dataclass(frozen=True)
@@ -124,15 +133,68 @@ def parse_folder_file(text: str, where: str) -> RouteFields:
 
 
 def read_folder_file(inbox: Path, rel: str) -> RouteFields | None:
-    """The folder file at ``inbox/rel``, None when there is none; FolderFileError if bad."""
-    path = inbox / rel
+    """The folder file at ``inbox/rel`` (stored form), None when there is none;
+    FolderFileError if it is bad, or anything but a small regular file.
+
+    It is read as inputs are (``daemon.fs``): its folders walked by descriptor without
+    links, the file itself opened with ``O_NOFOLLOW | O_NONBLOCK`` (a link to
+    ``/dev/zero`` is refused, a FIFO never blocks) and read up to ``FOLDER_FILE_MAX``.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with fs.parent_of(inbox, fs_path(rel)) as (folder, name):
+            data = _read_small(folder, name, rel)
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise FolderFileError(f"{rel} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise FolderFileError(f"{rel} cannot be read safely: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FolderFileError(f"{rel} is not UTF-8 text: {exc.reason}") from None
     return parse_folder_file(text, rel)
+
+
+def _read_small(folder: int, name: str, rel: str) -> bytes:
+    """The bytes of a small regular file in an open folder, or FolderFileError."""
+    _check_kind(fs.lstat_at(folder, name), rel)  # a FIFO or a device is never opened
+    try:
+        fd = fs.open_at(folder, name)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # swapped for a link since it was looked at
+            raise FolderFileError(f"{rel} is a symbolic link; {_ONLY_FILES}") from None
+        raise
+    try:
+        _check_kind(os.fstat(fd), rel)
+        data = os.read(fd, FOLDER_FILE_MAX + 1)
+        while len(data) <= FOLDER_FILE_MAX and (more := os.read(fd, FOLDER_FILE_MAX)):
+            data += more  # a file that grew past what fstat said is stopped at the cap
+    finally:
+        os.close(fd)
+    if len(data) > FOLDER_FILE_MAX:
+        raise FolderFileError(_too_big(rel))
+    return data
+
+
+_ONLY_FILES = "folder files are read only as regular files, never through a link"
+
+
+def _check_kind(st: os.stat_result, rel: str) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise FolderFileError(f"{rel} is a symbolic link; {_ONLY_FILES}")
+    if not stat.S_ISREG(st.st_mode):
+        raise FolderFileError(f"{rel} is not a regular file (a FIFO, a device...); {_ONLY_FILES}")
+    if st.st_size > FOLDER_FILE_MAX:
+        raise FolderFileError(_too_big(rel))
+
+
+def _too_big(rel: str) -> str:
+    return (
+        f"{rel} is larger than {FOLDER_FILE_MAX // 1024} KiB, more than a folder file "
+        "needs; it is not read"
+    )
+
+
+_Key = tuple[int, int, int, int]  # what lstat says of a folder file: mode, inode, size, mtime
 
 
 @dataclass(frozen=True)
@@ -213,7 +275,7 @@ class Router:
         # file is read later: without this the worker would silently keep its inputs.
         self.archive_dir_set = archive_dir_set
         self.offer: Offer | None = None  # set once the hub's engine list is known
-        self._folder_cache: dict[str, tuple[int, RouteFields | None]] = {}
+        self._folder_cache: dict[str, tuple[_Key, RouteFields | str | None]] = {}
 
     def route(self, rel_path: str) -> tuple[Route, str | None]:
         """The route of ``rel_path`` and, when its folder file is bad, why."""
@@ -252,16 +314,21 @@ class Router:
 
     def _folder_file(self, rel: str) -> RouteFields | None:
         try:
-            mtime = (self.inbox / rel).lstat().st_mtime_ns
-        except OSError:
+            st = fs.lstat_below(self.inbox, fs_path(rel))
+        except (OSError, ValueError):
             self._folder_cache.pop(rel, None)
             return None
+        key = (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns)
         cached = self._folder_cache.get(rel)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
-        fields = read_folder_file(self.inbox, rel)
-        self._folder_cache[rel] = (mtime, fields)
-        return fields
+        if cached is None or cached[0] != key:
+            try:
+                cached = (key, read_folder_file(self.inbox, rel))
+            except FolderFileError as exc:
+                cached = (key, exc.message)  # the reason, kept: nothing is read again
+            self._folder_cache[rel] = cached
+        if isinstance(cached[1], str):
+            raise FolderFileError(cached[1])
+        return cached[1]
 
 
 def offer_from_engines(engines: Iterable[Any]) -> Offer:

@@ -11,7 +11,9 @@ it changes. Three kinds of file wait although they are quiet:
 - a file the daemon may not read waits the same way, with its own code, for a person
   to fix its permissions.
 
-Any of them shows as *stalled* once it has waited ``stalled_after``. ``once`` runs are
+Any of them shows as *stalled* once it has waited ``stalled_after``. While such a file
+waits quietly, intake does not look at it on every tick (it is *parked*): only at the
+time ``next_look`` names, at a rescan, or when an event names it. ``once`` runs are
 impatient: they cannot wait for a writer (or a person) that may never come, so such a
 file fails as soon as it has been quiet for the quiet period.
 """
@@ -20,10 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Signature:
     """What a stat call says about a file, enough to notice any change."""
 
@@ -32,7 +35,7 @@ class Signature:
     inode: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sighting:
     """A signature, since when it is unchanged, and what holds the file back."""
 
@@ -113,3 +116,17 @@ def stall(sighting: Sighting, now: float, patience: Patience) -> tuple[str, str]
     if sighting.problem is not None and quiet_for(sighting, now) >= patience.quiet_period:
         return sighting.problem_code, sighting.problem
     return None
+
+
+def is_parkable(sighting: Sighting, now: float, patience: Patience) -> bool:
+    """Whether a file that must wait is quiet, so only time or a change can move it on."""
+    return quiet_for(sighting, now) >= patience.quiet_period
+
+
+def next_look(sighting: Sighting, patience: Patience, *, stalled: bool) -> float:
+    """When a parked file needs looking at again: to show it as stalled, or to give up
+    on it (an empty file waits for ever: inf once it shows as stalled)."""
+    due = [] if stalled else [sighting.waiting_since + patience.stalled_after]
+    if sighting.signature.size > 0 and sighting.problem is not None:
+        due.append(sighting.since + patience.incomplete_timeout)
+    return min(due, default=math.inf)

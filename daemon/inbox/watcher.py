@@ -29,6 +29,7 @@ from watchdog.events import (
     DirMovedEvent,
     FileClosedEvent,
     FileCreatedEvent,
+    FileDeletedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -49,6 +50,7 @@ log = get_logger(component="watcher")
 # close-without-write event each) never wake the emitter thread.
 _WANTED_EVENTS: list[type[FileSystemEvent]] = [
     FileCreatedEvent,
+    FileDeletedEvent,  # a parked placeholder removed leaves the stalled list at once
     FileModifiedEvent,
     FileMovedEvent,
     FileClosedEvent,

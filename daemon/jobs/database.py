@@ -35,6 +35,16 @@ def damaged_message(where: str, detail: str) -> str:
     )
 
 
+def replaced_message(where: str) -> str:
+    """What to tell a person whose state database was removed or replaced meanwhile."""
+    return (
+        f"the state database {where} was removed or replaced while the daemon ran; the "
+        "daemon stopped rather than record work in a file nobody reads. Restore the file "
+        "(from a backup) and start the daemon again; started on a new, empty database it "
+        "adopts the outputs already in the outbox instead of converting their inputs again"
+    )
+
+
 def _is_damage(exc: DatabaseError) -> bool:
     # SQLITE_NOTADB and SQLITE_CORRUPT; OperationalError (locked, unreachable, read-only)
     # may pass, and is left as it is.

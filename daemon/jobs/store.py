@@ -37,7 +37,6 @@ from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import ColumnElement
 
 from daemon.errors import BudgetReached, LeaseLost
-from daemon.jobs.database import Database
 from daemon.jobs.model import (
     FINAL_STAGES,
     JOB_FIELDS,
@@ -50,15 +49,14 @@ from daemon.jobs.model import (
     Job,
     NameClaims,
     NewJob,
-    RemoteRecord,
     Stage,
     Status,
     check_transition,
     resume_point,
     status_of,
 )
+from daemon.jobs.remote import HubRecords
 from daemon.jobs.tables import (
-    durations_table,
     instances_table,
     jobs_table,
     locks_table,
@@ -69,6 +67,9 @@ from daemon.jobs.tables import (
 )
 
 _STATUS_AT, _STAGE_AT = JOB_ORDER.index("status"), JOB_ORDER.index("stage")
+# Stages in which nothing was paid for yet (with no conversion counted): a job there may
+# be withdrawn for a newer version of its input.
+_UNPAID_STAGES = (Stage.PENDING.value, Stage.UPLOADING.value, Stage.UPLOADED.value)
 _TABLE_ORDER = tuple(column.name for column in jobs_table.columns)
 
 
@@ -252,7 +253,7 @@ def _gone(job_id: int, guarded: bool) -> Exception:
     return NoResultFound(f"job {job_id} is no longer in the table")
 
 
-class Store(Database):
+class Store(HubRecords):
     """The queue's statements over one state database."""
 
     def __init__(self, url: str, *, upgrade: bool = False) -> None:
@@ -311,6 +312,35 @@ class Store(Database):
             for path, names in wanted
         ]
 
+    def unfinished_of(self, paths: Sequence[str]) -> dict[str, Job]:
+        """The newest unfinished job of each of ``paths`` that has one."""
+        query = (
+            select(jobs_table)
+            .where(jobs_table.c.path.in_(bindparam("paths", expanding=True)), unfinished())
+            .order_by(jobs_table.c.id)
+        )
+        with self.read() as conn:
+            rows = conn.execute(query, {"paths": list(paths)})
+            return {job.path: job for job in map(job_from_row, rows)}
+
+    def withdraw_unpaid(self, job_id: int, now: float) -> bool:
+        """Delete a job that nothing was paid for and nobody holds (a newer version of its
+        input supersedes it); False when it is held, or a conversion may be paid for."""
+        query = delete(jobs_table).where(
+            jobs_table.c.id == job_id,
+            jobs_table.c.stage.in_(_UNPAID_STAGES),
+            jobs_table.c.submits == 0,
+            or_(jobs_table.c.lease_until.is_(None), jobs_table.c.lease_until < now),
+        )
+        with self.write() as conn:
+            return bool(conn.execute(query).rowcount == 1)
+
+    def unfinished_ids(self, job_ids: Sequence[int]) -> set[int]:
+        """Which of ``job_ids`` are still unfinished jobs."""
+        query = select(jobs_table.c.id).where(jobs_table.c.id.in_(list(job_ids)), unfinished())
+        with self.read() as conn:
+            return set(conn.execute(query).scalars().all())
+
     def versions(self) -> dict[str, tuple[int, int, int]]:
         """Latest (size, mtime_ns, inode) per input path: the versions intake already took."""
         latest = (
@@ -345,6 +375,21 @@ class Store(Database):
                     path=path, code=code, reason=reason, since=since, noted_at=now
                 )
             )
+
+    def note_waiting_many(self, notes: Sequence[tuple[str, str, str, float]], now: float) -> None:
+        """Record (or update) many inputs intake waits on, as (path, code, reason,
+        since), in two statements."""
+        if not notes:
+            return
+        rows = [
+            {"path": path, "code": code, "reason": reason, "since": since, "noted_at": now}
+            for path, code, reason, since in notes
+        ]
+        with self.write() as conn:
+            conn.execute(
+                delete(waiting_table).where(waiting_table.c.path.in_([r["path"] for r in rows]))
+            )
+            conn.execute(insert(waiting_table), rows)
 
     def clear_waiting(self, paths: Iterable[str] | None = None) -> None:
         """Forget waiting inputs (all of them when ``paths`` is None)."""
@@ -491,75 +536,6 @@ class Store(Database):
         with self.read() as conn:
             row = conn.execute(select(jobs_table).where(jobs_table.c.id == job_id)).first()
         return job_from_row(row) if row is not None else None
-
-    # -- what the hub holds ------------------------------------------------------------
-
-    def record_remote(self, record: RemoteRecord, now: float) -> None:
-        """Insert or update what the hub holds for a job: one row per remote job."""
-        values = {**dataclasses.asdict(record), "recorded_at": now}
-        table = remote_jobs_table
-        with self.write() as conn:
-            changed = conn.execute(
-                update(table).where(table.c.remote_job_id == record.remote_job_id).values(values)
-            ).rowcount
-            if not changed:
-                conn.execute(insert(table).values(values))
-
-    def remote_records(self, job_id: int) -> list[RemoteRecord]:
-        """Every remote job made for ``job_id``, oldest first."""
-        table = remote_jobs_table
-        query = select(table).where(table.c.job_id == job_id).order_by(table.c.recorded_at)
-        names = {f.name for f in dataclasses.fields(RemoteRecord)}
-        with self.read() as conn:
-            rows = [dict(row._mapping) for row in conn.execute(query)]
-        return [RemoteRecord(**{k: v for k, v in row.items() if k in names}) for row in rows]
-
-    def record_usage(self, job: Job, record: RemoteRecord, folder: str, billed_at: float) -> bool:
-        """Note what the hub billed for one remote job (once, whatever happens after);
-        True when it was noted now, False when there was nothing (new) to note."""
-        if record.pages is None:
-            return False
-        values = {
-            "remote_job_id": record.remote_job_id,
-            "job_id": job.id,
-            "path": job.path,
-            "folder": folder,
-            "rule": job.rule,
-            "pages": record.pages,
-            "outcome": record.status,
-            "billed_at": billed_at,
-        }
-        table = usage_table
-        with self.write() as conn:
-            known = select(table.c.remote_job_id).where(
-                table.c.remote_job_id == record.remote_job_id
-            )
-            if conn.execute(known).first() is not None:
-                return False
-            conn.execute(insert(table).values(values))
-        return True
-
-    def durations(self) -> dict[str, tuple[float, float, int]]:
-        """Learned durations per engine: (seconds per page, base seconds, samples)."""
-        table = durations_table
-        with self.read() as conn:
-            return {
-                row.engine: (row.per_page, row.base, row.samples)
-                for row in conn.execute(select(table))
-            }
-
-    def save_duration(
-        self, engine: str, per_page: float, base: float, samples: int, now: float
-    ) -> None:
-        """Keep what was learned about ``engine``'s durations, across restarts."""
-        table = durations_table
-        values = {"per_page": per_page, "base": base, "samples": samples, "updated_at": now}
-        with self.write() as conn:
-            changed = conn.execute(
-                update(table).where(table.c.engine == engine).values(values)
-            ).rowcount
-            if not changed:
-                conn.execute(insert(table).values(engine=engine, **values))
 
     # -- instances -------------------------------------------------------------------
 

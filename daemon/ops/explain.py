@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from daemon import fs
 from daemon.advice import advice_for
 from daemon.config import Settings
 from daemon.errors import BudgetReached, JobFailed
 from daemon.fs import fs_path, is_escaped, stored_path
 from daemon.inbox.filters import DEFAULT_IGNORE, NameFilter
 from daemon.inbox.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
+from daemon.inbox.intake import path_too_long
 from daemon.inbox.stability import Signature
 from daemon.jobs.model import Job, Status, Waiting
 from daemon.jobs.store import Store
@@ -61,6 +63,7 @@ class Facts:
     files_inside: int | None = None
     held_back: str | None = None  # why the running daemon starts no new work now
     error_file: bool = False  # the latest job's error file is in the outbox
+    too_long: str | None = None  # why its output path would pass the system's limits
 
 
 @dataclass(frozen=True)
@@ -174,15 +177,17 @@ def _blocked_by(inbox: Path, fs_rel: str) -> str | None:
 def _with_file_facts(facts: Facts, rules: Rules, store: Store, settings: Settings) -> Facts:
     path = rules.inbox / fs_path(facts.rel or "")
     try:
-        st = path.lstat()
-    except OSError:
+        st = fs.lstat_below(rules.inbox, fs_path(facts.rel or ""))  # however long the path
+    except (OSError, ValueError):
         return facts
+    too_long = path_too_long(rules.outbox, facts.rel or "", settings.hub.output_format)
+    facts = _replace(facts, too_long=too_long)
     mode = st.st_mode
     if stat.S_ISDIR(mode):
         return _replace(facts, kind="folder", files_inside=_count_files(path))
     for test, phrase in _KINDS:
         if test(mode):
-            target = os.readlink(path) if stat.S_ISLNK(mode) else None
+            target = _link_target(path) if stat.S_ISLNK(mode) else None
             return _replace(facts, kind=phrase, link_target=target)
     if not stat.S_ISREG(mode):
         return _replace(facts, kind="not a regular file")
@@ -194,6 +199,13 @@ def _with_file_facts(facts: Facts, rules: Rules, store: Store, settings: Setting
         mtime=st.st_mtime,
     )
     return _with_content(facts, rules, store, settings)
+
+
+def _link_target(path: Path) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
 
 
 def _with_content(facts: Facts, rules: Rules, store: Store, settings: Settings) -> Facts:
@@ -326,13 +338,23 @@ def _regular(facts: Facts, rules: Rules, now: float) -> tuple[str, list[str]]:
     return state, lines + more
 
 
-def _untaken(facts: Facts, rules: Rules, now: float) -> tuple[str, list[str]]:
+def _refused_unread(facts: Facts, rules: Rules) -> list[str]:
+    """Why the file will fail before anything is read or sent, if it will."""
     if facts.links > 1 and not rules.allow_hardlinks:
-        return "will_fail", [
+        return [
             f"It has {facts.links} hard links, so it will be refused unread (code hard_link): "
             "a hard link can show a file from outside the inbox. Set allow_hardlinks = true "
             "to accept such files."
         ]
+    if facts.too_long is not None:
+        return [f"It will fail without any call to the hub (code path_too_long): {facts.too_long}."]
+    return []
+
+
+def _untaken(facts: Facts, rules: Rules, now: float) -> tuple[str, list[str]]:
+    refused = _refused_unread(facts, rules)
+    if refused:
+        return "will_fail", refused
     unreadable = _unreadable_lines(facts, rules)
     if unreadable:
         return "unreadable", unreadable
@@ -460,7 +482,9 @@ def _failed(job: Job, rules: Rules, facts: Facts) -> list[str]:
         f"What it means: {advice.meaning}",
         f"What to do: {advice.action}",
     ]
-    if facts.error_file:
+    if job.error_code == "path_too_long":
+        lines.append("No error file could be written: its path would be too long as well.")
+    elif facts.error_file:
         lines.append(f"The error file is {error_file}.")
     else:
         lines.append(
@@ -509,11 +533,22 @@ def waiting_json(item: Waiting) -> dict[str, object]:
     }
 
 
+STALLED_EXAMPLES = 3  # inputs named per reason in ``status``; the rest are counted
+
+
 def stalled_lines(items: list[Waiting], now: float) -> list[str]:
-    """The ``status`` lines about inputs intake still waits on (none when there are none)."""
+    """The ``status`` lines about inputs intake still waits on (none when there are
+    none): a count per reason and the longest-waiting few of each, however many wait."""
     if not items:
         return []
-    lines = ["", "stalled in the inbox (not taken yet):"]
-    for item in items:
-        lines.append(f"  {item.path}: {item.reason} (waiting {age_text(now - item.since)})")
+    by_code: dict[str, list[Waiting]] = {}
+    for item in sorted(items, key=lambda item: item.since):
+        by_code.setdefault(item.code, []).append(item)
+    lines = ["", f"stalled in the inbox (not taken yet): {len(items)}"]
+    for code, group in sorted(by_code.items(), key=lambda pair: (-len(pair[1]), pair[0])):
+        lines.append(f"  {code}: {len(group)}")
+        for item in group[:STALLED_EXAMPLES]:
+            lines.append(f"    {item.path}: {item.reason} (waiting {age_text(now - item.since)})")
+        if len(group) > STALLED_EXAMPLES:
+            lines.append(f"    ... and {len(group) - STALLED_EXAMPLES} more")
     return lines

@@ -21,10 +21,11 @@ from __future__ import annotations
 import enum
 import os
 import shutil
+import stat
 from pathlib import Path
 
-from daemon.errors import InputGone, OoxmlProblem
-from daemon.inbox.inputs import open_input
+from daemon import fs
+from daemon.errors import OoxmlProblem, OutputRefused
 from daemon.outbox import publish as outbox
 from daemon.outbox.permissions import OutputPermissions, make_dirs, open_output
 from daemon.outbox.verify import verify_package
@@ -75,17 +76,13 @@ def copy_output(
     make_dirs(outbox_root, final.parent, perms)
     if source == target:
         return _valid(final, output_format)
+    fd = _open_earlier(outbox_root, source)
+    if fd is None:
+        return False
     tmp = outbox.temp_path_for(final, job_id, instance)
     try:
-        with (
-            open_input(outbox_root, source) as fd,
-            os.fdopen(os.dup(fd), "rb") as src,
-            open_output(tmp) as dst,
-        ):
+        with os.fdopen(fd, "rb") as src, open_output(tmp) as dst:
             shutil.copyfileobj(src, dst, COPY_CHUNK)
-    except InputGone:
-        outbox.discard(tmp)
-        return False
     except BaseException:
         outbox.discard(tmp)
         raise
@@ -96,9 +93,24 @@ def copy_output(
     return True
 
 
+def _open_earlier(root: Path, rel: str) -> int | None:
+    """A descriptor of an earlier output, a regular file with one link reached without
+    links below the outbox; None when there is no such file (then the input converts)."""
+    try:
+        with fs.parent_of(root, fs.fs_path(rel)) as (dir_fd, name):
+            fd = fs.open_at(dir_fd, name)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        return None
+    return fd
+
+
 def _valid(path: Path, output_format: str) -> bool:
     try:
         verify_package(path, output_format)
-    except (OoxmlProblem, OSError):
+    except (OoxmlProblem, OutputRefused, OSError):
         return False
     return True

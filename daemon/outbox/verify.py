@@ -7,6 +7,15 @@ it looks at are parsed incrementally with expat, never read whole; a small packa
 to 1 MiB, as most are) is read once into memory and its members unpacked straight from
 those bytes, each once (``_unpacked``). DTDs are refused, as the Open Packaging
 Conventions forbid them, which also shuts out entity-expansion bombs.
+
+A hostile (or broken) hub may send a small package that unpacks to gigabytes, or XML
+nested millions deep. Before anything is inflated, the central directory's declared
+sizes are held to limits (zipfile never inflates a member past its declared size):
+``MAX_UNPACKED`` bytes in all, ``MAX_MEMBERS`` members, a compression ratio of
+``MAX_RATIO`` per member larger than ``RATIO_FLOOR``; the XML parts are read up to
+``MAX_XML_BYTES`` each and parsed to a depth of ``MAX_DEPTH``, where parsing stops. A
+package over a limit raises ``OutputRefused``: the same output would break it again,
+so the job fails at once rather than downloading it ``max_attempts`` times.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ from typing import IO
 from urllib.parse import unquote
 from xml.parsers import expat
 
-from daemon.errors import OoxmlProblem
+from daemon.errors import OoxmlProblem, OutputRefused
 
 _CT_OFFICE = "application/vnd.openxmlformats-officedocument."
 
@@ -70,6 +79,13 @@ _SMALL_UNPACKED = 16 * 1024 * 1024  # members of a small package unpacked in mem
 _LOCAL_HEADER = struct.Struct("<4s2xH18xHH")  # signature, flags, name and extra lengths
 _UNSUPPORTED_FLAGS = 0x1 | 0x20 | 0x40  # encrypted, patched data, strong encryption
 _PLAIN = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # the methods unpacked in memory
+MiB = 1024 * 1024
+MAX_UNPACKED = 512 * MiB  # declared uncompressed bytes of all members together
+MAX_MEMBERS = 10_000
+MAX_RATIO = 200  # uncompressed : compressed, per member larger than RATIO_FLOOR
+RATIO_FLOOR = 1 * MiB  # a small member may compress better (an empty table, a blank image)
+MAX_XML_BYTES = 256 * MiB  # bytes of one XML part fed to the parser
+MAX_DEPTH = 256  # element nesting of an XML part (Office itself nests a few dozen deep)
 
 
 # --- streaming XML ------------------------------------------------------------------------
@@ -100,25 +116,79 @@ def _parse_part(package: _Package, name: str, on_start: StartHandler) -> None:
     """Stream part ``name`` through expat, calling ``on_start(tag, attributes)`` per element.
 
     Tags are "namespace-uri local-name" (or the bare local name outside any namespace).
+    Parsing stops with ``OutputRefused`` past ``MAX_DEPTH`` or ``MAX_XML_BYTES``.
     """
     parser = expat.ParserCreate(namespace_separator=" ")
     parser.StartDoctypeDeclHandler = _refuse_dtd
     parser.EntityDeclHandler = _refuse_dtd
-    parser.StartElementHandler = on_start
+    depth = _Depth(name, on_start)
+    parser.StartElementHandler = depth.start
+    parser.EndElementHandler = depth.end
     try:
         with package.open(name) as stream:
-            _feed(parser, stream)
+            _feed(parser, stream, name)
     except OoxmlProblem as problem:
         raise OoxmlProblem(f"part {name} {problem}") from None
     except expat.ExpatError as error:
         raise OoxmlProblem(f"part {name} is not well-formed XML: {error}") from None
 
 
-def _feed(parser: expat.XMLParserType, stream: IO[bytes]) -> None:
-    """Feed ``stream`` to ``parser`` in chunks, then close the document."""
+@dataclass
+class _Depth:
+    """Expat handlers that count element nesting and stop the parser past ``MAX_DEPTH``."""
+
+    part: str
+    on_start: StartHandler
+    level: int = 0
+
+    def start(self, tag: str, attributes: dict[str, str]) -> None:
+        self.level += 1
+        if self.level > MAX_DEPTH:  # raising in a handler stops expat at once
+            raise OutputRefused(
+                f"the hub's output nests XML elements more than {MAX_DEPTH} deep in part "
+                f"{self.part} (an XML bomb); it was removed"
+            )
+        self.on_start(tag, attributes)
+
+    def end(self, _tag: str) -> None:
+        self.level -= 1
+
+
+def _feed(parser: expat.XMLParserType, stream: IO[bytes], name: str) -> None:
+    """Feed ``stream`` to ``parser`` in chunks (at most ``MAX_XML_BYTES``), then close
+    the document."""
+    fed = 0
     while chunk := stream.read(_CHUNK):
+        fed += len(chunk)
+        if fed > MAX_XML_BYTES:
+            raise OutputRefused(
+                f"the hub's output has an XML part {name} larger than "
+                f"{MAX_XML_BYTES // MiB} MiB; it was removed"
+            )
         parser.Parse(chunk, False)
     parser.Parse(b"", True)
+
+
+def check_limits(infos: list[zipfile.ZipInfo]) -> None:
+    """Raise ``OutputRefused`` when the declared members break a limit (pure: nothing
+    is inflated): too many, too large together, or one compressed suspiciously well."""
+    if len(infos) > MAX_MEMBERS:
+        raise OutputRefused(
+            f"the hub's output holds {len(infos)} files, more than {MAX_MEMBERS}; it was removed"
+        )
+    total = sum(info.file_size for info in infos)
+    if total > MAX_UNPACKED:
+        raise OutputRefused(
+            f"the hub's output unpacks to {total / MiB:.0f} MiB, more than "
+            f"{MAX_UNPACKED // MiB} MiB (a ZIP bomb?); it was removed"
+        )
+    for info in infos:
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_FLOOR and ratio > MAX_RATIO:
+            raise OutputRefused(
+                f"the hub's output has a member {info.filename} compressed {ratio:.0f}:1, "
+                f"more than {MAX_RATIO}:1 (a ZIP bomb?); it was removed"
+            )
 
 
 # --- the package's parts ------------------------------------------------------------------
@@ -357,10 +427,12 @@ def _verify_archive(package: _Package, expected: str) -> None:
 
 
 def verify_package(path: pathlib.Path, expected_format: str) -> None:
-    """Raise OoxmlProblem unless path is a readable OOXML package of expected_format."""
+    """Raise OoxmlProblem unless path is a readable OOXML package of expected_format;
+    OutputRefused when it breaks a limit (a bomb)."""
     if expected_format not in MAIN_CONTENT_TYPES:
         raise ValueError(f"unknown format {expected_format!r}; expected docx, xlsx or pptx")
     with _readable(path) as source, _open_archive(source) as archive:
+        check_limits(archive.infolist())
         # _readable hands a small package over in memory: unpack it from there
         in_memory = source.getvalue() if isinstance(source, io.BytesIO) else None
         package = _Package(archive, None if in_memory is None else _unpacked(archive, in_memory))

@@ -45,6 +45,7 @@ from daemon.errors import (
     JobFailed,
     NotYet,
     OoxmlProblem,
+    OutputRefused,
     RemoteNotFound,
     Requeue,
     RetryLater,
@@ -535,6 +536,9 @@ class Steps:
     def _verify(self, path: Path, job: Job) -> None:
         try:
             verify_package(path, job.output_format)
+        except OutputRefused:  # a bomb: the same output would break the limit again
+            outbox.discard(path)
+            raise
         except OoxmlProblem as exc:
             outbox.discard(path)
             raise RetryLater(

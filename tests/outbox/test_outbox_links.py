@@ -8,6 +8,7 @@ import pytest
 
 from daemon.emulator.server import EmulatorServer
 from daemon.errors import JobFailed, RetryLater, UnsafeOutputPath
+from daemon.inbox.inputs import signature_of
 from daemon.outbox import publish as outbox
 from daemon.outbox.duplicates import copy_output
 from daemon.outbox.permissions import OutputPermissions, check_dirs, make_dirs, open_output
@@ -118,8 +119,9 @@ def test_archive_refuses_a_linked_folder(tmp_path: Path, outside: Path) -> None:
     (inbox / "a" / "scan.png").write_bytes(b"scan")
     archive.mkdir()
     (archive / "a").symlink_to(outside)
+    converted = signature_of((inbox / "a" / "scan.png").stat())
     with pytest.raises(RetryLater) as caught:
-        outbox.archive_input(inbox, archive, "a/scan.png")
+        outbox.archive_input(inbox, archive, "a/scan.png", converted)
     assert caught.value.code == "unsafe_output_path"
     assert (inbox / "a" / "scan.png").exists()
     assert list(outside.iterdir()) == []

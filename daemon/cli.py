@@ -244,6 +244,8 @@ def cmd_usage(args: argparse.Namespace) -> int:
     else:
         print(usage.render(report))
     return EXIT_OK
+
+
 def _still_current(views: Views, inbox: Path, job: Job) -> bool:
     """Whether a failure still stands: its input is in the inbox and no later job of the
     same path (a corrected file) replaced it."""

@@ -44,6 +44,7 @@ from daemon.hub.budget import RequestBudget
 from daemon.hub.client import HubClient, Limits
 from daemon.hub.gate import Closure, Gate, Hold
 from daemon.hub.polls import Durations, Poller
+from daemon.inbox.enqueue import Enqueuer
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.intake import Intake, IntakeSettings
 from daemon.inbox.mounts import stale_size_warnings_for
@@ -281,9 +282,15 @@ class Service:
         budget = self.client.budget
         if budget is not None:
             self.worker.brakes.budget_share = lambda: budget.share
-        self.intake = Intake(
-            _intake_settings(settings, impatient=once), self.writer, self.worker.wake
+        intake = _intake_settings(settings, impatient=once)
+        enqueuer = Enqueuer(
+            self.writer,
+            intake.outbox,
+            intake.router,
+            intake.perms,
+            archive_dir=intake.archive_dir,
         )
+        self.intake = Intake(intake, self.writer, enqueuer, self.worker.wake)
         self.worker.on_input_changed = self.intake.forget
         self.disk = DiskMonitor(
             [settings.outbox.absolute(), settings.state_dir.absolute()],

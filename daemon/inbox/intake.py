@@ -27,22 +27,20 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
-from itertools import islice
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from daemon import fs
-from daemon.advice import os_error_text
 from daemon.errors import (
     InputGone,
     InputUnreadable,
-    OoxmlProblem,
-    OutputRefused,
     StateUnavailable,
-    UnsafeOutputPath,
 )
 from daemon.fs import fs_path, stored_path
+from daemon.inbox.enqueue import (
+    Enqueuer,
+    Record,
+)
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.inputs import (
     Inspection,
@@ -67,15 +65,11 @@ from daemon.inbox.stability import (
     with_problem,
 )
 from daemon.inbox.stalls import Stalls
-from daemon.jobs.model import Entry, Job, NameClaims, NewJob, Stage
-from daemon.jobs.store import Store
+from daemon.jobs.model import Stage
 from daemon.jobs.views import Views
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
-from daemon.outbox import publish as outbox
-from daemon.outbox.layout import error_file_for, output_candidates
-from daemon.outbox.permissions import OutputPermissions, unsafe_component, unsafe_folder_message
-from daemon.outbox.verify import verify_package
+from daemon.outbox.permissions import OutputPermissions
 
 log = get_logger(component="intake")
 Ready = tuple[str, Sighting, bool]  # (path, sighting, giving up)
@@ -83,17 +77,9 @@ ADOPTED = (
     "output already in the outbox adopted: the state database had no record of this input "
     "(a new or lost database) and its output is newer than it; not converted again"
 )
-ADOPTED_NOTE = (
-    "its output was already in the outbox when the state database had no record of it "
-    "(a new or lost database); recorded as converted, not paid for again"
-)
 SUPERSEDED = "a newer version replaced the earlier version's job, for which nothing was paid"
-Refusal = tuple[str, str] | None  # (code, message) of an input failed before it is sent
-Record = tuple[str, Inspection, Refusal]  # (path, inspection, refusal)
 TICK_SECONDS = 0.25
 QUIET_MARGIN = 0.002  # look just after a quiet period ends, never just before
-CLAIM_CANDIDATES = 50
-FIRST_CANDIDATES = 2
 TAKE_BATCH = 200  # candidates inspected and inserted per call of the single writer
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
 # The hub takes at most "200 MB" in one POST /files (ldxhub-api.md): a larger file is
@@ -102,42 +88,6 @@ ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
 MAX_UPLOAD_BYTES = 200 * 10**6
 STATE_RETRY_SECONDS = 5.0  # intake waits this long when the state database fails
 BEHIND_CHECK_SECONDS = 1.0  # how often a version held behind an earlier job looks again
-
-
-@dataclass(frozen=True)
-class Stored:
-    """What intake's writer call did with one new version of an input."""
-
-    job: Job | None = None  # its new row (None: this version is in the table already)
-    behind: int | None = None  # it waits until this unfinished job of its path ends
-    superseded: int | None = None  # the unpaid job of an earlier version it replaced
-
-
-def _stored(job: Job | None, held: Stored | None) -> Stored:
-    if held is None:
-        return Stored(job)
-    return Stored(job, held.behind, held.superseded)
-
-
-def _supersede(store: Store, earlier: Job | None, now: float) -> Stored | None:
-    """One job per path (in the single writer): the job of an earlier version that
-    nothing was paid for, and nobody holds, is withdrawn; any other makes the new
-    version wait until it ends. None when the path has no unfinished job."""
-    if earlier is None:
-        return None
-    if store.withdraw_unpaid(earlier.id, now):
-        return Stored(superseded=earlier.id)
-    return Stored(behind=earlier.id)
-
-
-def _mark_adopted(store: Store, added: dict[str, Job], adopt: dict[str, str], now: float) -> None:
-    """Record as converted the new jobs whose output was already in the outbox."""
-    for path, output in adopt.items():
-        job = added.get(path)
-        if job is not None and job.output == output:
-            added[path] = store.advance(
-                job.id, Stage.DONE, now, error_code="adopted", error_message=ADOPTED_NOTE
-            )
 
 
 def walk_inbox(
@@ -238,33 +188,22 @@ def too_large_message(size: int) -> str:
     )
 
 
-def output_folder(rel: str) -> PurePosixPath:
-    """The folder below the outbox that gets the output (and error file) of ``rel``."""
-    return PurePosixPath(rel).parent
+def waiting_unreadable(rel: str, sighting: Sighting, found: InputUnreadable) -> Sighting:
+    """A file the daemon may not read waits as an incomplete one does: it shows as
+    stalled and fails only after ``incomplete_timeout``, time for a person to fix it."""
+    message = unreadable_message(found.message)
+    if sighting.problem is None or sighting.problem_code != InputUnreadable.code:
+        log.warning("an input cannot be read by the daemon", path=rel, reason=message)
+    return with_problem(sighting, message, InputUnreadable.code)
 
 
-def _folder_problem(root: Path, folder: PurePosixPath) -> str | None:
-    """Why nothing may be written into ``root/folder`` (a link or a file on the way, or
-    a folder the daemon cannot look into), or None."""
-    try:
-        culprit = unsafe_component(root, root / folder)
-    except OSError as exc:
-        return f"its output folder {root / folder} cannot be looked at: {exc.strerror}"
-    return None if culprit is None else unsafe_folder_message(culprit, root)
-
-
-def path_too_long(root: Path, rel: str, output_format: str) -> str | None:
-    """Why the output (or error file) of ``rel`` below ``root`` could not be created (a
-    path or name over the system's limits), or None (pure)."""
-    names = [*islice(output_candidates(rel, output_format), FIRST_CANDIDATES), error_file_for(rel)]
-    for name in names:
-        why = fs.too_long(root / name)
-        if why is not None:
-            return (
-                f"the path it would get below {root} is too long for the system: {why}; "
-                "move it to a folder nearer the top of the inbox or give it a shorter name"
-            )
-    return None
+def unreadable_among(sightings: list[tuple[str, Sighting]]) -> list[str]:
+    """The candidates that wait because the daemon could not read them."""
+    return [
+        rel
+        for rel, sighting in sightings
+        if sighting.problem is not None and sighting.problem_code == InputUnreadable.code
+    ]
 
 
 @dataclass(frozen=True)
@@ -289,15 +228,15 @@ class Intake:
         self,
         settings: IntakeSettings,
         db: Writer,
+        enqueuer: Enqueuer,
         on_enqueued: Callable[[], None],
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        """``enqueuer`` turns what intake takes into job rows (output names, refusals)."""
         self.settings = settings
         self.inbox = settings.inbox
-        self.outbox = settings.outbox
         self.router = settings.router
-        self.perms = settings.perms
         self.filter = settings.name_filter
         self.patience = settings.patience
         self.db = db
@@ -305,10 +244,10 @@ class Intake:
         self.sightings: dict[str, Sighting] = {}  # stored path -> what we saw
         self.known: dict[str, Signature] = {}  # stored path -> version already taken
         self.present: set[str] = set()
+        self.enqueuer = enqueuer
         self.stalls = Stalls(db)  # the inputs noted in the table's ``waiting`` list
         self.parked = Parking()  # quiet candidates that wait: nothing per tick
         self.behind: dict[str, tuple[int, Sighting]] = {}  # path -> (earlier job, sighting)
-        self.adoptable: set[str] = set()  # start-up files when the table was empty
         self._empty_table = False
         self._next_behind_check = 0.0
         self.waited_since: dict[str, float] = {}  # waited on by the last run, since when
@@ -348,7 +287,7 @@ class Intake:
         if not sub:
             seen = {stored_path(fs_rel) for fs_rel, _ in entries}
             if self._empty_table:  # the start-up scan of an empty table
-                self.adoptable, self._empty_table = set(seen), False
+                self.enqueuer.adoptable, self._empty_table = set(seen), False
             del entries  # a large inbox: free the stat results before pruning
             await self._prune(seen)
             await self._recheck_unreadable()
@@ -528,7 +467,7 @@ class Intake:
                 if final:
                     records.append(_unreadable_record(rel, sighting, found))
                 else:
-                    self._wait_unreadable(rel, sighting, found)
+                    self.sightings[rel] = waiting_unreadable(rel, sighting, found)
                 continue
             if isinstance(found, InputGone):
                 log.info("candidate vanished", path=rel, reason=found.message)
@@ -545,33 +484,14 @@ class Intake:
                 log.info("waiting for the rest of the file", path=rel, reason=found.problem)
             self.sightings[rel] = with_problem(sighting, found.problem)
         if records:
-            await self._record(await self._check_output_folders(records))
-
-    def _wait_unreadable(self, rel: str, sighting: Sighting, found: InputUnreadable) -> None:
-        """Keep a file the daemon may not read as an incomplete one is kept: it shows as
-        stalled and fails only after ``incomplete_timeout``, time for a person to fix it."""
-        message = unreadable_message(found.message)
-        if sighting.problem is None or sighting.problem_code != InputUnreadable.code:
-            log.warning("an input cannot be read by the daemon", path=rel, reason=message)
-        self.sightings[rel] = with_problem(sighting, message, InputUnreadable.code)
+            await self._record(records)
 
     async def _recheck_unreadable(self) -> None:
-        """At a full rescan, open again the candidates the daemon could not read.
-
-        Fixing a permission changes no signature (chmod touches the ctime only, and
-        attribute events are not watched), so nothing else would look at such a file
-        before ``incomplete_timeout``. Once per rescan costs one open per such file and is
-        soon enough; a file that opens now loses its problem and the next tick takes it
-        like any quiet file.
-        """
-        rels = [
-            rel
-            for rel, sighting in [*self.sightings.items(), *self.parked.items()]
-            if sighting.problem is not None and sighting.problem_code == InputUnreadable.code
-        ]
-        if not rels:
-            return
-        looks = await asyncio.to_thread(self._inspect_all, rels)
+        """At a full rescan, open again the candidates the daemon could not read (fixing
+        a permission changes no signature, so nothing else would look at them); one
+        that opens now loses its problem and the next tick takes it like any other."""
+        rels = unreadable_among([*self.sightings.items(), *self.parked.items()])
+        looks = await asyncio.to_thread(self._inspect_all, rels) if rels else []
         for rel, found in zip(rels, looks, strict=True):
             sighting = self.sightings.get(rel) or self.parked.get(rel)
             if sighting is None or isinstance(found, InputUnreadable):
@@ -580,41 +500,6 @@ class Intake:
             self.parked.unpark(rel)
             self.sightings[rel] = with_problem(sighting, None)
             self.stalls.forget(rel)
-
-    async def _check_output_folders(self, records: list[Record]) -> list[Record]:
-        """Refuse the inputs whose output folder below the outbox (or, for inputs to be
-        archived, whose archive folder) is a link or not a folder, now: the worker would
-        find out only after the hub was paid."""
-        wanted = [rel for rel, _, refused in records if refused is None]
-        unsafe = await asyncio.to_thread(self._unsafe_folders, wanted)
-        checked: list[Record] = []
-        for rel, found, refused in records:
-            why = unsafe.get(rel) if refused is None else None
-            checked.append((rel, found, refused if why is None else why))
-        return checked
-
-    def _unsafe_folders(self, rels: list[str]) -> dict[str, tuple[str, str]]:
-        """The inputs whose output or archive path cannot be made (too long for the
-        system), or whose folder cannot be written into safely, each with (code,
-        reason); each folder is looked at once."""
-        archive = self.settings.archive_dir
-        seen: dict[tuple[Path, PurePosixPath], str | None] = {}
-        unsafe = {}
-        for rel in rels:
-            folder, roots = output_folder(rel), [self.outbox]
-            if archive is not None and self.router.route(rel)[0].on_success == "archive":
-                roots.append(archive.absolute())  # the archive mirrors the inbox too
-            for root in roots:
-                too_long = path_too_long(root, rel, self.router.defaults["output_format"])
-                if too_long is not None:
-                    unsafe[rel] = ("path_too_long", too_long)
-                    break
-                if (root, folder) not in seen:
-                    seen[root, folder] = _folder_problem(root, folder)
-                if why := seen[root, folder]:
-                    unsafe[rel] = (UnsafeOutputPath.code, why)
-                    break
-        return unsafe
 
     def _inspect_all(self, rels: list[str]) -> list[Inspection | InputGone | OSError]:
         looks: list[Inspection | InputGone | OSError] = []
@@ -627,17 +512,10 @@ class Intake:
         return looks
 
     async def _record(self, records: list[Record]) -> None:
-        """Insert the rows of a batch in one call of the single writer."""
-        news = []
-        for index, (rel, found, refused) in enumerate(records):
-            new, route_problem = self._new_job(rel, found)
-            if refused is None and route_problem is not None:
-                records[index] = (rel, found, ("bad_folder_settings", route_problem))
-            news.append((new, records[index][2]))
-        adopt = await asyncio.to_thread(self._outputs_to_adopt, news) if self.adoptable else {}
-        stored = await self.db.call(self._store_jobs, news, self.clock(), adopt)
+        """Queue (or refuse) a batch: rows inserted in one call of the single writer."""
+        stored = await self.enqueuer.enqueue(records)
         queued = False
-        for (rel, found, refused), outcome in zip(records, stored, strict=True):
+        for (rel, found, _), outcome in zip(records, stored, strict=True):
             self.sightings.pop(rel, None)
             self.stalls.forget(rel)
             if outcome.behind is not None:
@@ -652,12 +530,13 @@ class Intake:
                 continue
             if outcome.superseded is not None:
                 log.info(SUPERSEDED, path=rel, job_id=job.id, earlier_job_id=outcome.superseded)
-            if refused is None:
+            if outcome.refused is None:
                 log.info("queued", path=rel, job_id=job.id)
                 queued = True
                 continue
-            log.warning("refused", path=rel, job_id=job.id, code=refused[0], reason=refused[1])
-            await self._write_error_file(job, *refused)
+            code, reason = outcome.refused
+            log.warning("refused", path=rel, job_id=job.id, code=code, reason=reason)
+            await self.enqueuer.write_error_file(job, code, reason)
         if queued:
             self._on_enqueued()
 
@@ -671,134 +550,6 @@ class Intake:
             path=rel,
             earlier_job_id=job_id,
         )
-
-    def _outputs_to_adopt(self, news: list[tuple[NewJob, Refusal]]) -> dict[str, str]:
-        """The start-up inputs of an empty table whose first output name holds, in the
-        outbox, a valid output newer than the input: path -> that output name."""
-        found = {}
-        for new, refused in news:
-            if new.path not in self.adoptable:
-                continue
-            self.adoptable.discard(new.path)
-            name = next(output_candidates(new.path, new.output_format))
-            if refused is None and self._holds_output(new, name):
-                found[new.path] = name
-        return found
-
-    def _holds_output(self, new: NewJob, name: str) -> bool:
-        """Whether the outbox has at ``name`` a valid output written after ``new``'s version."""
-        try:
-            if _folder_problem(self.outbox, output_folder(name)) is not None:
-                return False
-            st = fs.lstat_below(self.outbox, name)
-            if not stat.S_ISREG(st.st_mode) or st.st_mtime_ns < new.mtime_ns:
-                return False
-            verify_package(self.outbox / name, new.output_format)
-        except (OSError, OoxmlProblem, OutputRefused):
-            return False
-        return True
-
-    def _new_job(self, rel: str, found: Inspection) -> tuple[NewJob, str | None]:
-        chosen, problem = self.router.route(rel)
-        new = NewJob(
-            path=rel,
-            size=found.signature.size,
-            mtime_ns=found.signature.mtime_ns,
-            inode=found.signature.inode,
-            input_format=found.input_format.value if found.input_format else None,
-            engine=chosen.engine,
-            language=chosen.language,
-            output_format=chosen.output_format,
-            on_success=chosen.on_success,
-            rule=chosen.source,
-            pages=found.pages,
-        )
-        return new, problem
-
-    def _store_jobs(
-        self,
-        news: list[tuple[NewJob, tuple[str, str] | None]],
-        now: float,
-        adopt: dict[str, str],
-    ) -> list[Stored]:
-        """Claim output names and insert rows (runs in the single writer).
-
-        Intake's lock row is held until the batch commits, so several instances seeing
-        the same files claim output names one after the other; the unique version key
-        inserts each version once whatever happens. A batch costs three statements (the
-        claims, the unfinished jobs of its paths, the inserts) and a rare fourth for an
-        input whose first names are taken. A path keeps one job at a time: a new version
-        replaces an earlier one's job nothing was paid for, else waits until it ends.
-        """
-        store: Store = self.db.store
-        store.lock_intake()
-        # The first candidates nearly always do: make (and look up) the long list only
-        # when they are taken, since every candidate costs a path join and a parameter.
-        firsts = [
-            list(islice(output_candidates(new.path, new.output_format), FIRST_CANDIDATES))
-            for new, _ in news
-        ]
-        claims = store.name_claims(
-            [(new.path, first) for (new, _), first in zip(news, firsts, strict=True)]
-        )
-        running = store.unfinished_of([new.path for new, _ in news])
-        entries: list[Entry] = []
-        given: set[str] = set()  # names this batch's earlier inputs took
-        held: dict[str, Stored] = {}
-        for (new, refused), first, claim in zip(news, firsts, claims, strict=True):
-            if claim.latest == (new.size, new.mtime_ns, new.inode):
-                continue  # never queue a known version twice
-            replaced = _supersede(store, running.get(new.path), now)
-            if replaced is not None:
-                held[new.path] = replaced
-                if replaced.behind is not None:
-                    continue
-            output = adopt.get(new.path)
-            if output is None or output in claim.taken | given:
-                output = self._output_for(new, first, claim, given)
-            given.add(output)
-            entries.append((new, output, refused))
-        added = store.add_jobs(entries, now)
-        _mark_adopted(store, added, adopt, now)
-        return [_stored(added.get(new.path), held.get(new.path)) for new, _ in news]
-
-    def _output_for(self, new: NewJob, first: list[str], claim: NameClaims, given: set[str]) -> str:
-        """The output name of a new input: the first free candidate."""
-        output = self._free_output(first, claim.taken | given, claim.mine)
-        if output is not None:
-            return output
-        more = list(islice(output_candidates(new.path, new.output_format), CLAIM_CANDIDATES))
-        taken = self.db.store.outputs_taken(more, except_path=new.path) | given
-        return self._free_output(more, taken, claim.mine) or more[-1]
-
-    def _free_output(
-        self, candidates: list[str], taken: AbstractSet[str], mine: AbstractSet[str]
-    ) -> str | None:
-        """The first candidate no other input's job claims, and that is this input's own
-        or free in the outbox; None when there is none."""
-        for candidate in candidates:
-            if candidate in taken:
-                continue
-            if candidate in mine or not self._in_outbox(candidate):
-                return candidate
-        return None
-
-    def _in_outbox(self, name: str) -> bool:
-        """Whether the outbox has anything at ``name`` (a name it cannot even look up,
-        too long for the system, counts as free: intake refuses those inputs anyway)."""
-        try:
-            return os.path.lexists(self.outbox / name)
-        except (OSError, ValueError):
-            return False
-
-    async def _write_error_file(self, job: Job, code: str, message: str) -> None:
-        text = outbox.error_text(job.path, code, message, self.clock(), job.id)
-        try:
-            await asyncio.to_thread(
-                outbox.write_error_file, self.outbox, job.path, text, self.perms
-            )
-        except OSError as exc:
-            log.error("cannot write the error file", job_id=job.id, error=os_error_text(exc))
 
     async def _drop(self, rel: str) -> None:
         self.sightings.pop(rel, None)

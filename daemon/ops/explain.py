@@ -22,9 +22,9 @@ from daemon.advice import advice_for
 from daemon.config import Settings
 from daemon.errors import BudgetReached, JobFailed
 from daemon.fs import fs_path, is_escaped, stored_path
+from daemon.inbox.enqueue import path_too_long
 from daemon.inbox.filters import DEFAULT_IGNORE, NameFilter
 from daemon.inbox.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
-from daemon.inbox.intake import path_too_long
 from daemon.inbox.stability import Signature
 from daemon.jobs.model import Job, Status, Waiting
 from daemon.jobs.store import Store

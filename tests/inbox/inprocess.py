@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.inbox.enqueue import Enqueuer
 from daemon.inbox.filters import NameFilter
 from daemon.inbox.intake import Intake, IntakeSettings
 from daemon.inbox.routing import Router
@@ -54,7 +55,8 @@ async def intake_of(
         name_filter=NameFilter(),
         patience=patience,
     )
-    intake = Intake(settings, writer, lambda: None, clock=clock)
+    enqueuer = Enqueuer(writer, settings.outbox, settings.router, settings.perms, clock=clock)
+    intake = Intake(settings, writer, enqueuer, lambda: None, clock=clock)
     try:
         await intake.load_known()
         yield intake

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from daemon import fs
-from daemon.inbox.intake import path_too_long
+from daemon.inbox.enqueue import path_too_long
 from daemon.inbox.stability import Patience
 from tests.inbox.inprocess import Clock, intake_of, table
 from tests.scans import make_scan

@@ -22,7 +22,7 @@ import pytest
 
 from daemon.emulator.hub import paid_conversions
 from daemon.emulator.server import EmulatorServer
-from daemon.inbox.intake import ADOPTED_NOTE
+from daemon.inbox.enqueue import ADOPTED_NOTE
 from tests.conftest import IN_CI, daemon_config
 from tests.helpers import Daemon, cli, wait_for
 from tests.intake_support import done, outputs, running

@@ -46,7 +46,7 @@ from daemon.ops.report import (
     render_status,
 )
 from daemon.pipeline.budget import PageLimits, Used, decide, reached
-from daemon.pipeline.steps import held_path
+from daemon.pipeline.delivery import held_path
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 EXIT_BROKEN_PIPE = 141  # as a shell reports a command ended by SIGPIPE (``jobs | head``)

@@ -69,8 +69,12 @@ from daemon.outbox.permissions import OutputPermissions, tighten_umask
 from daemon.outbox.permissions import check as check_permissions
 from daemon.pipeline.budget import PageBudget, PageLimits
 from daemon.pipeline.commit import Commit
+from daemon.pipeline.delivery import Delivery
 from daemon.pipeline.hooks import Hooks
-from daemon.pipeline.steps import Steps, StepSettings
+from daemon.pipeline.ledger import HubLedger
+from daemon.pipeline.outcomes import Outcomes, OutcomeSettings
+from daemon.pipeline.settings import StepSettings
+from daemon.pipeline.steps import Steps
 from daemon.pipeline.worker import Worker, WorkerSettings
 
 log = get_logger(component="service")
@@ -209,10 +213,7 @@ def _step_settings(settings: Settings) -> StepSettings:
 
 def _worker_settings(settings: Settings, shared: bool) -> WorkerSettings:
     return WorkerSettings(
-        inbox=settings.inbox.absolute(),
-        outbox=settings.outbox.absolute(),
         instance=settings.instance_id,
-        perms=OutputPermissions.of(settings.output_mode, settings.output_group),
         lease=settings.lease_seconds,
         max_in_flight=settings.max_in_flight,
         max_attempts=settings.max_attempts,
@@ -220,6 +221,41 @@ def _worker_settings(settings: Settings, shared: bool) -> WorkerSettings:
         auto_retry_limit=settings.auto_retry_limit,
         shared=shared,
     )
+
+
+def _outcome_settings(settings: Settings) -> OutcomeSettings:
+    return OutcomeSettings(
+        inbox=settings.inbox.absolute(),
+        outbox=settings.outbox.absolute(),
+        instance=settings.instance_id,
+        perms=OutputPermissions.of(settings.output_mode, settings.output_group),
+        on_success=settings.on_success,
+        auto_retry_after=settings.auto_retry_after,
+        auto_retry_limit=settings.auto_retry_limit,
+    )
+
+
+def _pipeline(
+    settings: Settings,
+    writer: Writer,
+    client: HubClient,
+    poller: Poller,
+    *,
+    pages: PageBudget,
+    hooks: Hooks,
+) -> tuple[Steps, Outcomes, Worker]:
+    """The steps, the outcomes and the worker, sharing one way to commit."""
+    commit = Commit(writer, instance=settings.instance_id, lease=settings.lease_seconds)
+    steps = _step_settings(settings)
+    ledger = HubLedger(writer, pages=pages)
+    delivery = Delivery(steps, client, commit, ledger)
+    step = Steps(steps, writer, client, poller, commit, delivery=delivery, ledger=ledger)
+    outcomes = Outcomes(
+        _outcome_settings(settings), writer, commit, hooks=hooks, forget=step.forget
+    )
+    shared = writer.store.dialect != "sqlite"
+    worker = Worker(_worker_settings(settings, shared), writer, step, commit, outcomes)
+    return step, outcomes, worker
 
 
 class Service:
@@ -255,25 +291,11 @@ class Service:
             {engine: per_page for engine, (per_page, _, _) in self.store.durations().items()}
         )
         self.poller = Poller(self.client, max_wait=settings.hub.poll_wait, durations=durations)
-        self.commit = Commit(
-            self.writer, instance=settings.instance_id, lease=settings.lease_seconds
-        )
         pages = PageLimits(settings.budget.pages_per_day, settings.budget.pages_per_month)
         self.pages = PageBudget(pages, self._used)
-        self.steps = Steps(
-            _step_settings(settings),
-            self.writer,
-            self.client,
-            self.poller,
-            self.commit,
-            pages=self.pages,
-        )
-        self.worker = Worker(
-            _worker_settings(settings, shared=self.store.dialect != "sqlite"),
-            self.writer,
-            self.steps,
-            self.commit,
-            hooks=Hooks(settings.hooks, self._hook_failed),
+        hooks = Hooks(settings.hooks, self._hook_failed)
+        self.steps, self.outcomes, self.worker = _pipeline(
+            settings, self.writer, self.client, self.poller, pages=self.pages, hooks=hooks
         )
         self.worker.brakes.reasons = self._held_by
         self.worker.brakes.new_work = self.pages.holding
@@ -291,13 +313,13 @@ class Service:
             archive_dir=intake.archive_dir,
         )
         self.intake = Intake(intake, self.writer, enqueuer, self.worker.wake)
-        self.worker.on_input_changed = self.intake.forget
+        self.outcomes.on_input_changed = self.intake.forget
         self.disk = DiskMonitor(
             [settings.outbox.absolute(), settings.state_dir.absolute()],
             settings.min_free_space_mb,
             self._disk_changed,
         )
-        self.worker.on_disk_full = self.disk.check_now
+        self.outcomes.on_disk_full = self.disk.check_now
         self.watcher: Watcher | None = None
         self.supervisor = None if once else self._supervisor()
         self.fatal: ConfigError | None = None  # why the daemon stopped itself, if it did
@@ -493,8 +515,8 @@ class Service:
         if self.supervisor is not None:
             self.supervisor.stopping()
         await self.worker.shutdown(STOP_GRACE_SECONDS)
-        if self.worker.hooks is not None:
-            await self.worker.hooks.drain(STOP_GRACE_SECONDS)
+        if self.outcomes.hooks is not None:
+            await self.outcomes.hooks.drain(STOP_GRACE_SECONDS)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -28,24 +28,16 @@ new conversion.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import BinaryIO, cast
 
 from daemon import formats
 from daemon.errors import (
     InputChanged,
     InputGone,
     JobFailed,
-    NotYet,
-    OoxmlProblem,
-    OutputRefused,
     RemoteNotFound,
     Requeue,
     RetryLater,
@@ -54,7 +46,6 @@ from daemon.hub.client import HubClient
 from daemon.hub.models import JobState, RemoteJob, epoch
 from daemon.hub.polls import Poller
 from daemon.inbox.inputs import HashingReader, check_unchanged, open_input, sha256_of
-from daemon.inbox.stability import Signature
 from daemon.jobs.model import RUNNING_REMOTE, Job, RemoteRecord, Stage
 from daemon.jobs.writer import Writer
 from daemon.logs import get_logger
@@ -63,57 +54,12 @@ from daemon.ops.health import age_text
 from daemon.outbox import duplicates
 from daemon.outbox import publish as outbox
 from daemon.outbox.layout import upload_name
-from daemon.outbox.permissions import OutputPermissions, make_dirs, open_output
-from daemon.outbox.verify import verify_package
-from daemon.pipeline.budget import PageBudget, PageLimits
+from daemon.pipeline.delivery import Delivery, signature
 from daemon.pipeline.faults import TRANSIENT_REMOTE_CODES
+from daemon.pipeline.ledger import HubLedger
+from daemon.pipeline.settings import StepSettings
 
 log = get_logger(component="steps")
-
-MB = 1_000_000
-LOST_OUTPUT_SECONDS = 600.0  # a 404 output with no expiry known is "not yet" this long
-_PUBLISH_DENIED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """The values the steps need (from the configuration, read once)."""
-
-    inbox: Path
-    outbox: Path
-    held: Path  # where outputs that cannot be published yet are kept
-    instance: str
-    perms: OutputPermissions
-    allow_hardlinks: bool = False
-    on_duplicate: str = "reuse"
-    on_success: str = "keep"
-    archive_dir: Path | None = None
-    max_conversions: int = 2
-    resubmit_delay: float = 20.0
-    job_deadline: float = 6 * 3600.0  # seconds the hub may keep one job running
-    max_output_mb: float = 2000.0  # no output may be larger, whatever the input
-
-
-def held_path(held: Path, job: Job) -> Path:
-    """Where a job's output is kept while its folder refuses it (pure)."""
-    return held / f"job-{job.id}.{job.output_format}"
-
-
-def output_cap(size: int, ceiling_mb: float) -> int:
-    """The most bytes an output of an input of ``size`` bytes may have (pure): ten times
-    the input plus 50 MB, never more than the ceiling."""
-    return int(min(ceiling_mb * MB, 10 * size + 50 * MB))
-
-
-def signature(job: Job) -> Signature:
-    """The input version a job describes."""
-    return Signature(job.size, job.mtime_ns, job.inode)
-
-
-def folder_of(path: str) -> str:
-    """The first folder below the inbox of an input path ("" at the top)."""
-    head, sep, _ = path.partition("/")
-    return head if sep else ""
 
 
 Advance = Callable[..., Awaitable[Job]]
@@ -130,29 +76,42 @@ class Steps:
         poller: Poller,
         advance: Advance,
         *,
+        delivery: Delivery,
+        ledger: HubLedger,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
-        pages: PageBudget | None = None,
     ) -> None:
+        """``delivery`` fetches and places outputs; ``ledger`` records what the hub holds
+        and billed (with the page budget it keeps in step)."""
         self.settings = settings
         self.writer = writer
         self.client = client
         self.poller = poller
         self.advance = advance
+        self.delivery = delivery
+        self.ledger = ledger
+        self.pages = ledger.pages
         self.clock = clock
         self.rng = rng or random.Random()
-        self.pages = pages or PageBudget(PageLimits())  # the page budget; none by default
         # Jobs whose last creation request certainly made nothing at the hub (a refusal,
         # no connection): their next attempt need not look for a job to adopt.
         self.nothing_created: set[int] = set()
         self.nothing_uploaded: set[int] = set()  # likewise for an upload: no listing
-        self.taken_over: dict[int, str] = {}  # job id -> the instance whose lease expired
 
     def forget(self, job_id: int) -> None:
         """Drop what is remembered of a job that is final (or gone)."""
         self.nothing_created.discard(job_id)
         self.nothing_uploaded.discard(job_id)
-        self.taken_over.pop(job_id, None)
+        self.delivery.taken_over.pop(job_id, None)
+
+    @property
+    def taken_over(self) -> dict[int, str]:
+        """Jobs taken over from an instance whose lease expired: job id -> that instance."""
+        return self.delivery.taken_over
+
+    def output_kept(self, job: Job) -> bool:
+        """Whether the daemon keeps a downloaded output of ``job`` (publish, not fetch)."""
+        return self.delivery.output_kept(job)
 
     def for_stage(self, stage: Stage) -> Callable[[Job], Awaitable[Job]]:
         """The step that moves a job on from ``stage``."""
@@ -162,9 +121,9 @@ class Steps:
             Stage.UPLOADED: self.submit,
             Stage.SUBMITTING: self.submit,
             Stage.SUBMITTED: self.await_remote,
-            Stage.DOWNLOADING: self.download,
-            Stage.DOWNLOADED: self.publish_kept,
-            Stage.PUBLISHED: self.finish_input,
+            Stage.DOWNLOADING: self.delivery.download,
+            Stage.DOWNLOADED: self.delivery.publish_kept,
+            Stage.PUBLISHED: self.delivery.finish_input,
         }
         return steps[stage]
 
@@ -397,7 +356,7 @@ class Steps:
                 )
         except RemoteNotFound:
             # The hub forgot the job (expired, or lost): convert again from what it holds.
-            await self._record(job, job.remote_job_id, status="lost")
+            await self.ledger.record(job, job.remote_job_id, status="lost")
             return await self.advance(job, Stage.UPLOADED, remote_job_id=None)
         except TimeoutError:
             raise JobFailed(
@@ -413,7 +372,7 @@ class Steps:
         usage = remote.usage.input_pages if remote.usage else None
         expires = epoch(remote.expires_at)
         status = remote.state.value
-        await self._record(
+        await self.ledger.record(
             job,
             remote.job_id,
             status=status,
@@ -438,224 +397,3 @@ class Steps:
             delay = min(6 * base, base * 2 ** max(job.submits - 1, 0)) * self.rng.uniform(1, 1.25)
             raise Requeue(Stage.UPLOADED, delay, code, message)
         raise JobFailed(f"the hub could not convert it: {message}", code=code)
-
-    async def _record(
-        self,
-        job: Job,
-        remote_job_id: str,
-        *,
-        status: str,
-        output: str | None = None,
-        expires: float | None = None,
-        pages: int | None = None,
-        error: str | None = None,
-    ) -> None:
-        """Update what the hub holds for ``remote_job_id`` (and note what it billed)."""
-        record = RemoteRecord(
-            job.id,
-            remote_job_id,
-            job.remote_file_id or "",
-            None,
-            status,
-            output,
-            expires,
-            pages,
-            error,
-        )
-        store, now = self.writer.store, self.clock()
-
-        def save() -> bool:
-            known = {r.remote_job_id: r for r in store.remote_records(job.id)}
-            earlier = known.get(remote_job_id)
-            created = earlier.created_at if earlier is not None else None
-            kept = RemoteRecord(**{**record.__dict__, "created_at": created})
-            store.record_remote(kept, now)
-            return store.record_usage(job, kept, folder_of(job.path), now)
-
-        billed = await self.writer.call(save)
-        # At once after the commit: the budget's sums stay in step with the database.
-        self.pages.settle(job.id, pages if billed else None)
-        if billed and pages is not None:
-            metrics.record_pages(folder_of(job.path), pages)
-
-    # -- download and publish ----------------------------------------------------------
-
-    async def download(self, job: Job) -> Job:
-        """Fetch the output, check it, publish it (or keep it when its folder refuses)."""
-        if job.output_file_id is None or job.output is None:  # only a hand-edited row
-            return await self.advance(job, Stage.PENDING)
-        final = self.settings.outbox / job.output
-        tmp, kept = await asyncio.to_thread(self._download_target, job, final)
-        try:
-            with open_output(tmp) as sink:
-                cap = output_cap(job.size, self.settings.max_output_mb)
-                written = await self.client.download(job.output_file_id, sink, cap)
-        except RemoteNotFound:
-            outbox.discard(tmp)
-            return await self._output_missing(job)
-        except BaseException:
-            outbox.discard(tmp)
-            raise
-        failpoints.hit("mid-download")
-        metrics.record_downloaded(written)
-        await asyncio.to_thread(self._verify, tmp, job)
-        if kept:
-            job = await self.advance(job, Stage.DOWNLOADED)
-            raise _publish_denied(final, None)
-        return await self._publish(job, tmp, final)
-
-    def _download_target(self, job: Job, final: Path) -> tuple[Path, bool]:
-        """Where to download: beside the output (True: in the held folder instead,
-        because the output's folder cannot be written)."""
-        previous = self.taken_over.get(job.id)
-        if previous is not None:  # the partial download of the instance that died
-            outbox.discard(outbox.temp_path_for(final, job.id, previous))
-        try:
-            make_dirs(self.settings.outbox, final.parent, self.settings.perms)
-            tmp = outbox.temp_path_for(final, job.id, self.settings.instance)
-            with open_output(tmp):
-                pass
-        except OSError as exc:
-            if exc.errno not in _PUBLISH_DENIED:
-                raise
-            return self._held_path(job), True
-        return tmp, False
-
-    def held_path(self, job: Job) -> Path:
-        """Where the daemon keeps ``job``'s output while its folder refuses it."""
-        return held_path(self.settings.held, job)
-
-    def output_kept(self, job: Job) -> bool:
-        """Whether the daemon keeps a downloaded output of ``job`` (publish, not fetch)."""
-        return self.held_path(job).exists()
-
-    def _held_path(self, job: Job) -> Path:
-        self.settings.held.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return self.held_path(job)
-
-    def _verify(self, path: Path, job: Job) -> None:
-        try:
-            verify_package(path, job.output_format)
-        except OutputRefused:  # a bomb: the same output would break the limit again
-            outbox.discard(path)
-            raise
-        except OoxmlProblem as exc:
-            outbox.discard(path)
-            raise RetryLater(
-                f"the downloaded output is not a valid {job.output_format}: {exc}",
-                code="bad_output",
-            ) from exc
-
-    async def _publish(self, job: Job, tmp: Path, final: Path) -> Job:
-        try:
-            await asyncio.to_thread(self._place, tmp, final, job)
-        except OSError as exc:
-            if exc.errno not in _PUBLISH_DENIED:
-                outbox.discard(tmp)
-                raise
-            await asyncio.to_thread(_move, tmp, self._held_path(job))
-            job = await self.advance(job, Stage.DOWNLOADED)
-            raise _publish_denied(final, exc) from None
-        failpoints.hit("after-publish")
-        return await self.published(job)
-
-    def _place(self, tmp: Path, final: Path, job: Job) -> None:
-        """Publish the checked output and drop a stale error file (one thread hop)."""
-        outbox.publish(tmp, final, self.settings.perms)
-        outbox.remove_error_file(self.settings.outbox, job.path)
-
-    async def publish_kept(self, job: Job) -> Job:
-        """Publish an output the daemon kept because its folder refused it before."""
-        held = self.held_path(job)
-        if not held.exists():  # lost (the state folder was cleaned): fetch it again
-            return await self.advance(job, Stage.DOWNLOADING)
-        assert job.output is not None
-        final = self.settings.outbox / job.output
-
-        def copy() -> Path:
-            make_dirs(self.settings.outbox, final.parent, self.settings.perms)
-            tmp = outbox.temp_path_for(final, job.id, self.settings.instance)
-            _copy(held, tmp)
-            return tmp
-
-        try:
-            tmp = await asyncio.to_thread(copy)
-        except OSError as exc:
-            if exc.errno not in _PUBLISH_DENIED:
-                raise
-            raise _publish_denied(final, exc) from None
-        job = await self._publish(job, tmp, final)
-        await asyncio.to_thread(outbox.discard, held)
-        return job
-
-    async def _output_missing(self, job: Job) -> Job:
-        """The output answers 404: not yet (before its expiry), else convert again."""
-        now = self.clock()
-        expires = job.output_expires_at
-        limit = expires if expires is not None else job.updated_at + LOST_OUTPUT_SECONDS
-        if now < limit:
-            raise NotYet(
-                "the hub reports the job completed but its output is not there yet; "
-                "fetching it again shortly (no new conversion)",
-            )
-        await self._record(job, job.remote_job_id or "", status="lost")
-        return await self.advance(
-            job, Stage.UPLOADED, remote_job_id=None, output_file_id=None, output_expires_at=None
-        )
-
-    async def published(self, job: Job, **changes: Any) -> Job:
-        """The output is in place: done, or published with the input still to handle."""
-        stage = Stage.PUBLISHED if self.handles_input(job) else Stage.DONE
-        return await self.advance(
-            job, stage, attempts=0, error_code=None, error_message=None, **changes
-        )
-
-    def handles_input(self, job: Job) -> bool:
-        """Whether the input is deleted or archived once its output is published."""
-        policy = job.on_success or self.settings.on_success
-        return policy == "delete" or (policy == "archive" and self.settings.archive_dir is not None)
-
-    # -- finish ------------------------------------------------------------------------
-
-    async def finish_input(self, job: Job) -> Job:
-        """Delete or archive the input, only the very version that was converted."""
-        failpoints.hit("after-commit")
-        policy = job.on_success or self.settings.on_success
-        inbox = self.settings.inbox
-        if policy == "delete":
-            await asyncio.to_thread(outbox.delete_input, inbox, job.path, signature(job))
-        elif policy == "archive" and self.settings.archive_dir is not None:
-            archive = self.settings.archive_dir
-            await asyncio.to_thread(outbox.archive_input, inbox, archive, job.path, signature(job))
-        failpoints.hit("before-done")
-        return await self.advance(job, Stage.DONE)
-
-
-def _publish_denied(final: Path, exc: OSError | None) -> RetryLater:
-    why = f" ({exc.strerror})" if exc is not None and exc.strerror else ""
-    return RetryLater(
-        f"the output folder {final.parent} cannot be written{why}; the downloaded output "
-        "is kept by the daemon and published as soon as the folder can be written "
-        "(no new conversion)",
-        code="publish_failed",
-    )
-
-
-def _copy(source: Path, target: Path) -> None:
-    with source.open("rb") as src, open_output(target) as dst:
-        while chunk := src.read(1024 * 1024):
-            dst.write(chunk)
-        dst.flush()
-        os.fsync(dst.fileno())
-
-
-def _move(source: Path, target: Path) -> None:
-    """Move a file, across filesystems if it must (copy, flush, remove)."""
-    try:
-        os.replace(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy(source, target)
-        with contextlib.suppress(FileNotFoundError):
-            source.unlink()

@@ -31,7 +31,11 @@ from daemon.jobs.views import Views
 from daemon.jobs.writer import Writer
 from daemon.outbox.permissions import OutputPermissions
 from daemon.pipeline.commit import Commit
-from daemon.pipeline.steps import Steps, StepSettings
+from daemon.pipeline.delivery import Delivery
+from daemon.pipeline.ledger import HubLedger
+from daemon.pipeline.outcomes import Outcomes, OutcomeSettings
+from daemon.pipeline.settings import StepSettings
+from daemon.pipeline.steps import Steps
 from daemon.pipeline.worker import Worker, WorkerSettings
 from tests.scans import make_scan
 
@@ -114,14 +118,17 @@ async def rig(
         max_conversions=max_conversions,
         resubmit_delay=0.01,
     )
-    steps = Steps(settings, writer, client, poller, commit)
-    worker = Worker(
-        WorkerSettings(
-            inbox=inbox, outbox=outbox, instance="rig", perms=perms, max_attempts=max_attempts
-        ),
+    ledger = HubLedger(writer)
+    delivery = Delivery(settings, client, commit, ledger)
+    steps = Steps(settings, writer, client, poller, commit, delivery=delivery, ledger=ledger)
+    outcomes = Outcomes(
+        OutcomeSettings(inbox=inbox, outbox=outbox, instance="rig", perms=perms),
         writer,
-        steps,
         commit,
+        forget=steps.forget,
+    )
+    worker = Worker(
+        WorkerSettings(instance="rig", max_attempts=max_attempts), writer, steps, commit, outcomes
     )
     try:
         yield Rig(hub, store, writer, client, gate, poller, steps, worker, inbox, outbox)

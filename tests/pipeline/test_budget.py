@@ -415,7 +415,7 @@ async def daemon_on(settings: Settings, clock: Callable[[], float]) -> AsyncIter
     """``run`` in this loop with the budget and the billing on ``clock`` (the emulator's)."""
     service = Service(settings, prepare(settings), once=False)
     service.pages.clock = clock
-    service.steps.clock = clock
+    service.steps.clock = service.steps.ledger.clock = clock
     runner = asyncio.create_task(service.run())
     try:
         await asyncio.wait_for(service.ready.wait(), 30)

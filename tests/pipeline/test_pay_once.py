@@ -29,7 +29,10 @@ async def when(
 
 def hub_clock_for(r: Rig) -> None:
     """The steps read the hub's clock: a test that moves it moves the daemon's view too."""
-    r.steps.clock = lambda: r.hub.clock.now().timestamp()
+    hub_clock = r.hub.clock
+    r.steps.clock = r.steps.delivery.clock = r.steps.ledger.clock = lambda: (
+        hub_clock.now().timestamp()
+    )
 
 
 def downloads_refused(r: Rig) -> int:

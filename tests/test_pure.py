@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from daemon.formats import InputFormat, describe, sniff
 from daemon.inbox.filters import NameFilter
-from daemon.inbox.stability import Signature, is_stable, observe
+from daemon.inbox.stability import Patience, Signature, Verdict, observe, verdict
 from daemon.outbox.layout import error_file_for, fit_name, output_candidates, temp_name, upload_name
 from daemon.pipeline.faults import retry_delay
 from tests.helpers import input_name
@@ -132,13 +132,16 @@ def test_backoff_is_jittered() -> None:
     assert len(delays) > 40
 
 
+QUIET = Patience(quiet_period=2.0, stalled_after=1e12, incomplete_timeout=1e12)
+
+
 def test_stability_needs_quiet_period() -> None:
     """A file is stable only after its signature stays the same for the quiet period."""
     sig = Signature(size=10, mtime_ns=1, inode=5)
     seen = observe(None, sig, now=100.0)
-    assert not is_stable(seen, 101.0, quiet_period=2.0)
+    assert verdict(seen, 101.0, QUIET) is Verdict.WAIT
     seen = observe(seen, sig, now=102.5)
-    assert is_stable(seen, 102.5, quiet_period=2.0)
+    assert verdict(seen, 102.5, QUIET) is Verdict.CHECK
 
 
 def test_stability_restarts_on_change() -> None:
@@ -147,13 +150,13 @@ def test_stability_restarts_on_change() -> None:
     for changed in (Signature(11, 1, 5), Signature(10, 2, 5), Signature(10, 1, 6)):
         later = observe(seen, changed, now=105.0)
         assert later.since == 105.0
-        assert not is_stable(later, 106.0, quiet_period=2.0)
+        assert verdict(later, 106.0, QUIET) is Verdict.WAIT
 
 
 def test_empty_file_never_stable() -> None:
     """A zero-byte placeholder is waited for, not taken."""
     seen = observe(None, Signature(0, 1, 5), now=0.0)
-    assert not is_stable(seen, 1e9, quiet_period=2.0)
+    assert verdict(seen, 1e9, QUIET) is Verdict.WAIT
 
 
 def test_sniff_recognises_every_format() -> None:

@@ -102,11 +102,6 @@ def verdict(sighting: Sighting, now: float, patience: Patience) -> Verdict:
     return Verdict.WAIT
 
 
-def is_stable(sighting: Sighting, now: float, quiet_period: float) -> bool:
-    """Whether the file is unchanged for the quiet period and not an empty placeholder."""
-    return sighting.signature.size > 0 and quiet_for(sighting, now) >= quiet_period
-
-
 def stall(sighting: Sighting, now: float, patience: Patience) -> tuple[str, str] | None:
     """(code, reason) when the file has waited too long to show as normal, else None."""
     if now - sighting.waiting_since < patience.stalled_after:

@@ -52,6 +52,7 @@ from daemon.hub.models import (
     read_engines,
     read_list,
 )
+from daemon.logs import register_secret
 
 USER_AGENT = "ldx-hotfolder"
 CHUNK = 256 * 1024
@@ -140,6 +141,7 @@ class HubClient:
         """``key_source`` reads the key anew (a fixed key file takes effect while paused)."""
         self._http = http
         self._api_key = api_key
+        register_secret(api_key)  # a hub that echoes it back must never get it shown
         self.limits = limits or Limits()
         self.budget = budget
         self.gate = gate
@@ -173,6 +175,7 @@ class HubClient:
 
     def set_api_key(self, api_key: str) -> None:
         """Use another key from now on (after the operator fixed it)."""
+        register_secret(api_key)
         self._api_key = api_key
 
     async def aclose(self) -> None:
@@ -324,7 +327,7 @@ class HubClient:
         the key read anew (a person may have fixed the key file meanwhile)."""
         if self._key_source is not None:
             try:
-                self._api_key = self._key_source()
+                self.set_api_key(self._key_source())
             except ConfigError as exc:
                 if self.gate is not None:
                     self.gate.key_rejected(exc.message)  # the file is the problem now

@@ -27,9 +27,10 @@ from daemon.jobs.model import Job, Status
 from daemon.jobs.store import Store
 from daemon.jobs.tables import make_engine
 from daemon.jobs.views import Views
-from daemon.logs import configure, scrub
+from daemon.logs import configure, printable, redact_url, scrub
 from daemon.ops import explain
-from daemon.ops.health import EXIT_UNHEALTHY, read_heartbeat, verdict
+from daemon.ops.health import EXIT_UNHEALTHY, verdict
+from daemon.ops.healthsock import ask
 from daemon.ops.report import (
     HubCheck,
     StatusReport,
@@ -94,12 +95,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(config_path(args.config))
 
 
-def _store(settings: Settings) -> Store:
-    return Store(settings.database_url)
+def _store(settings: Settings, *, read_only: bool = False) -> Store:
+    return Store(settings.database_url, read_only=read_only)
 
 
 def _views(settings: Settings) -> Views:
-    return Views(Database(settings.database_url))
+    # Only looks: never creates a database (a mistyped state_db says so instead).
+    return Views(Database(settings.database_url, read_only=True))
+
+
+def _missing_database(settings: Settings) -> str | None:
+    """Why there is no SQLite state database to read yet, or None when there is one."""
+    url = settings.database_url
+    path = url.removeprefix("sqlite:///")
+    if not url.startswith("sqlite:///") or os.path.lexists(path):
+        return None
+    return f"no state database at {path} yet: no daemon has run with this configuration"
+
+
+def _shown(text: str) -> str:
+    """Text for a terminal, line by line: no escapes or control characters in any line
+    (a job's reason came from the hub)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 # -- subcommands ---------------------------------------------------------------------
@@ -142,7 +159,9 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status, the oldest waiting job, recent failures, daemon and hub health."""
     settings = _settings(args)
-    views = _views(settings)
+    missing = _missing_database(settings)
+    # Before the first run status still shows the daemon and the hub; nothing is created.
+    views = Views(Database("sqlite://")) if missing else _views(settings)
     try:
         counts = views.counts()
         oldest = views.oldest_unfinished()
@@ -159,9 +178,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts=counts,
         oldest_waiting_at=oldest,
         failures=failures,
-        heartbeat=read_heartbeat(settings.heartbeat_path),
+        heartbeat=ask(settings.health_socket_path),
         stall_timeout=settings.stall_timeout,
-        hub_url=settings.hub.base_url,
+        hub_url=redact_url(settings.hub.base_url),
         hub=hub,
         hook_failures=hook_failures,
     )
@@ -170,11 +189,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         payload["stalled"] = [explain.waiting_json(item) for item in stalled]
         lease = settings.lease_seconds
         payload["instances"] = instances_json(instances, held, report.now, lease)
+        payload["state_db_missing"] = missing
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
-        print(render_status(report))
+        print(_shown(render_status(report)))
+        if missing:
+            print(f"state    {missing}")
         for line in explain.stalled_lines(stalled, report.now):
-            print(line)
+            print(_shown(line))
         for line in instance_lines(instances, held, report.now, settings.lease_seconds):
             print(line)
     return EXIT_OK
@@ -183,7 +205,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Why a file is or is not being processed."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _store(settings, read_only=True)
     try:
         found = [
             explain.explain_path(settings, store, path, Path.cwd(), _now()) for path in args.paths
@@ -194,9 +216,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps([e.to_json() for e in found], indent=2, ensure_ascii=False))
         return EXIT_OK
     for item in found:
-        print(f"{item.path} [{item.state}]")
+        print(_shown(f"{item.path} [{item.state}]"))
         for line in item.lines:
-            print(f"  {line}")
+            print(f"  {_shown(line)}")
     return EXIT_OK
 
 
@@ -246,7 +268,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         detail = job.output if job.status is Status.COMPLETED else (job.error_message or "")
         held_by = holder(job, now)
         where = f"  [held by {held_by}]" if held_by is not None else ""
-        print(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}")
+        print(_shown(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}"))
     return EXIT_OK
 
 
@@ -257,7 +279,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.action == "version":
-        store = _store(settings)
+        store = _store(settings, read_only=True)
         try:
             print(
                 f"schema version {schema.current(store.engine)} (this ldx-hotfolder: {schema.HEAD})"
@@ -367,16 +389,23 @@ def _delete_in_batches(store: Store, ids: list[int]) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the daemon is alive and watching, 1 otherwise, saying why."""
+    """Exit 0 when the daemon is alive, watching and able to work (a hub outage counts
+    as able: it passes by itself), 1 otherwise, saying why (``ops.health.verdict``)."""
     settings = _settings(args)
-    beat = read_heartbeat(settings.heartbeat_path)
+    path = settings.health_socket_path
+    beat = ask(path)
     ok, notes = verdict(beat, _now(), settings.stall_timeout)
     if args.json:
-        payload = {"healthy": ok, "notes": notes, "heartbeat": str(settings.heartbeat_path)}
+        payload = {
+            "healthy": ok,
+            "notes": notes,
+            "socket": str(path),
+            "held": (beat.paused or beat.outage) if beat else None,
+        }
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         for note in notes:
-            print(note if ok else f"unhealthy: {note}")
+            print(_shown(note if ok else f"unhealthy: {note}"))
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -427,12 +456,12 @@ async def _check_key(settings: Settings) -> bool:
         try:
             await client.list_files()
         except AuthRejected as exc:
-            print(f"api key: rejected by {settings.hub.base_url} ({exc.message})")
+            print(f"api key: rejected by {redact_url(settings.hub.base_url)} ({exc.message})")
             return False
         except LdxError as exc:
             print(f"api key: cannot check, the hub is unreachable: {exc.message}")
             return False
-    print(f"api key: accepted by {settings.hub.base_url}")
+    print(f"api key: accepted by {redact_url(settings.hub.base_url)}")
     return True
 
 

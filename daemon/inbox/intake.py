@@ -283,8 +283,9 @@ class Intake:
             self._consider(fs_path(path), st, self.clock())
 
     def request_rescan(self) -> None:
-        """Rescan the whole inbox at the next tick (events were lost)."""
+        """Rescan the whole inbox at once (events were lost)."""
         self._rescan_soon = True
+        self._look_soon.set()  # an idle intake sleeps until the rescan timer
 
     def _consider(self, fs_rel: str, st: os.stat_result, now: float) -> None:
         rel = stored_path(fs_rel)
@@ -596,13 +597,14 @@ class Intake:
                     for listener in self.after_rescan:
                         await listener()
                     next_rescan = self.clock() + self.settings.rescan_interval
-                await self._doze(stop)
+                await self._doze(stop, next_rescan)
         finally:
             stopping.cancel()
 
-    async def _doze(self, stop: asyncio.Event) -> None:
+    async def _doze(self, stop: asyncio.Event, next_rescan: float) -> None:
         """Sleep until the next tick, or until the first candidate's quiet period ends, so a
-        stable file is taken at once rather than up to a tick later."""
+        stable file is taken at once rather than up to a tick later. With no candidate
+        there is nothing to tick for: sleep until the rescan, or until a file turns up."""
         while not stop.is_set():
             self._look_soon.clear()
             now = self.clock()
@@ -611,7 +613,8 @@ class Intake:
                 # and returning at once again would spin the loop.
                 self._quiet_end = math.inf
                 return
-            self._next_look = min(now + TICK_SECONDS, self._quiet_end + QUIET_MARGIN)
+            tick = TICK_SECONDS if self.sightings else max(0.0, next_rescan - now)
+            self._next_look = min(now + tick, self._quiet_end + QUIET_MARGIN)
             try:
                 async with asyncio.timeout(self._next_look - now):
                     await self._look_soon.wait()  # a new candidate may turn quiet sooner

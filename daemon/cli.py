@@ -18,7 +18,7 @@ from typing import Any
 
 from daemon import __version__
 from daemon.config import Settings, check_folders, config_path, load_settings, resolve_api_key
-from daemon.errors import AuthRejected, ConfigError, LdxError
+from daemon.errors import AuthRejected, ConfigError, LdxError, StateMissing
 from daemon.fs import stored_path
 from daemon.hub.client import HubClient, Limits
 from daemon.inbox.mounts import stale_size_warnings_for
@@ -99,18 +99,15 @@ def _store(settings: Settings, *, read_only: bool = False) -> Store:
     return Store(settings.database_url, read_only=read_only)
 
 
-def _views(settings: Settings) -> Views:
-    # Only looks: never creates a database (a mistyped state_db says so instead).
-    return Views(Database(settings.database_url, read_only=True))
+def _views(settings: Settings) -> tuple[Views, str | None]:
+    """The operator's reads, and why there is no database to read yet (None: there is).
 
-
-def _missing_database(settings: Settings) -> str | None:
-    """Why there is no SQLite state database to read yet, or None when there is one."""
-    url = settings.database_url
-    path = url.removeprefix("sqlite:///")
-    if not url.startswith("sqlite:///") or os.path.lexists(path):
-        return None
-    return f"no state database at {path} yet: no daemon has run with this configuration"
+    They never create one: with none yet they read an empty one in memory, and the
+    command says so (a mistyped state_db no longer shows as an empty queue)."""
+    try:
+        return Views(Database(settings.database_url, read_only=True)), None
+    except StateMissing as exc:
+        return Views(Database("sqlite://")), exc.message
 
 
 def _shown(text: str) -> str:
@@ -159,9 +156,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status, the oldest waiting job, recent failures, daemon and hub health."""
     settings = _settings(args)
-    missing = _missing_database(settings)
-    # Before the first run status still shows the daemon and the hub; nothing is created.
-    views = Views(Database("sqlite://")) if missing else _views(settings)
+    views, missing = _views(settings)  # before the first run: the daemon and the hub
     try:
         counts = views.counts()
         oldest = views.oldest_unfinished()
@@ -251,7 +246,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """One line per job, filtered by status, path and age."""
     status = Status(args.status) if args.status else None
     now = _now()
-    views = _views(_settings(args))
+    views, missing = _views(_settings(args))
+    if missing is not None:
+        print(f"note: {missing} (check state_db; nothing was created)", file=sys.stderr)
     try:
         found = views.find(
             status,

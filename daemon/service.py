@@ -319,14 +319,14 @@ class Service:
             task = self.tasks.get(name)
             return task is not None and not task.done()
 
-        closure = self.gate.closure
+        closure, person = self.gate.closure, self.gate.held_for_person()
         down = closure if closure is not None and closure.hold is Hold.DOWN else None
         return Liveness(
             watcher=self.watcher is not None and self.watcher.healthy(),
             intake=running("intake"),
             pipeline=running("pipeline"),
             # A person must act on a rejected key or a refused plan; an outage passes.
-            paused=None if closure is None or down else closure.sentence(self.gate.waiting),
+            paused=None if person is None else person.sentence(self.gate.waiting),
             holding_back=self.worker.holding_back(),
             in_flight=len(self.worker.active),
             outage_since=down.since if down else None,

@@ -316,7 +316,7 @@ class HubClient:
                     if not response.is_success:
                         body = await _read_capped(response, 64 * 1024, route, strict=False)
                         raise await self._refusal(response, body, route)
-                    self._answered(route)
+                    self._answered(route, proven=auth)
                     yield response, deadline
             except (HubUnavailable, HubBusy) as exc:
                 self._failed(route, exc)
@@ -335,11 +335,11 @@ class HubClient:
         async with self._request("GET", "/files", FILES, stream=True, admit=False):
             pass
 
-    def _answered(self, route: str) -> None:
+    def _answered(self, route: str, *, proven: bool) -> None:
         if self.budget is not None:
             self.budget.answered()
         if self.gate is not None:
-            self.gate.answered(route)
+            self.gate.answered(route, proven=proven)  # a public route proves no key
 
     def _failed(self, route: str, exc: LdxError) -> None:
         if isinstance(exc, HubBusy):
@@ -361,7 +361,8 @@ class HubClient:
             elif isinstance(error, HubRefused):
                 self.gate.refused(route, error.message)
             elif not isinstance(error, HubUnavailable | HubBusy):
-                self.gate.answered(route)  # a 4xx of the request's own: the hub works
+                # A 4xx of the request's own: the hub works, but it proves no key.
+                self.gate.answered(route, proven=False)
         return error
 
     async def _key_or_plan(self, error: AuthRejected, route: str) -> LdxError:

@@ -20,7 +20,9 @@ probe that proves nothing (a 404 or a redirect where the file list should be) op
 gate, and the work tells: when it meets the same refusal within ``probe_max`` seconds,
 the gate closes as it was (same ``since``) and goes on probing at the interval it had
 reached, so a hub that answers the probe but refuses the work costs one probe and one
-try per interval, never a loop.
+try per interval, never a loop. Until a request carrying the key is answered 2xx, such
+an opening is ``unproven``: ``held_for_person`` still names the rejected key, so
+``health`` does not turn green on an answer that proved nothing.
 """
 
 from __future__ import annotations
@@ -117,10 +119,20 @@ class Gate:
         self._changed = asyncio.Event()
         self._prober: asyncio.Task[None] | None = None
         self._opened: _Opened | None = None
+        # A rejected key the gate opened from on an answer that did not prove it works.
+        self.unproven: Closure | None = None
 
     def describe(self) -> str | None:
         """The closure in words, or None when the gate is open."""
         return None if self.closure is None else self.closure.sentence(self.waiting)
+
+    def held_for_person(self) -> Closure | None:
+        """What holds work until a person acts: a rejected key or a refused route, also
+        while the gate is open on an answer that did not prove the key works again."""
+        closure = self.closure
+        if closure is not None:
+            return None if closure.hold is Hold.DOWN else closure
+        return self.unproven
 
     @contextlib.asynccontextmanager
     async def admission(self, route: str) -> AsyncIterator[bool]:
@@ -179,14 +191,19 @@ class Gate:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def answered(self, route: str) -> None:
-        """The hub answered ``route`` (anything but a refusal of the kind that closed it)."""
+    def answered(self, route: str, *, proven: bool = True) -> None:
+        """The hub answered ``route`` (anything but a refusal of the kind that closed it);
+        ``proven``: a 2xx to a request carrying the key (else: a 404, a redirect...)."""
         self._failures = 0
+        if proven:
+            self.unproven = None
         closure = self.closure
         if closure is None:
             return
         if closure.hold is Hold.REFUSED and not closure.covers(route):
             return  # another route working says nothing about the refused one
+        if closure.hold is Hold.KEY and not proven:
+            self.unproven = closure
         self._open()
 
     def unreachable(self, route: str, reason: str) -> None:

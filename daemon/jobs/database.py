@@ -19,7 +19,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DatabaseError, OperationalError
 
-from daemon.errors import ConfigError, StateDamaged
+from daemon.errors import ConfigError, StateDamaged, StateMissing
 from daemon.jobs import schema
 from daemon.jobs.tables import make_engine
 
@@ -53,6 +53,10 @@ def _check_readable(engine: Engine, url: str) -> None:
         raise ConfigError(f"cannot read the state database {where}: {exc.orig}") from None
     if found == 0:
         where = url.removeprefix("sqlite:///")
+        with engine.connect() as conn:
+            tables = conn.execute(text("SELECT count(*) FROM sqlite_master")).scalar()
+        if url.startswith("sqlite") and not tables:  # being made by a starting daemon
+            raise StateMissing(f"the state database {where} is empty (no daemon has run yet)")
         raise ConfigError(
             f"{where} is not a state database of ldx-hotfolder (no jobs table); check state_db"
         )

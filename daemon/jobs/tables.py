@@ -31,7 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.elements import ColumnElement
 
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, StateMissing
 from daemon.jobs.model import UNFINISHED_STAGES
 
 metadata = MetaData()
@@ -206,7 +206,7 @@ def make_engine(url: str, *, read_only: bool = False) -> Engine:
 
 def _check_exists(path: str) -> None:
     if not os.path.lexists(path):
-        raise ConfigError(
+        raise StateMissing(
             f"the state database {path} does not exist: check state_db (no daemon has run "
             "with this configuration yet, or it points elsewhere)"
         )

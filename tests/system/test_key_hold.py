@@ -1,0 +1,196 @@
+"""Work held for a rejected key never stays held for ever, and ``health`` tells the truth.
+
+The real daemon runs against the emulator behind a hostile front: a reverse proxy on
+loopback that passes every request on but can answer the key recheck (``GET /files``)
+with a 404 or a redirect, as a misconfigured gateway or a man in the middle would.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import pytest
+
+from daemon.emulator.hub import DEFAULT_API_KEY
+from daemon.emulator.server import EmulatorServer
+from tests.conftest import daemon_config
+from tests.helpers import Daemon, cli, jobs_json, wait_for
+from tests.scans import make_scan
+from tests.tooling import free_port
+
+_HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host"}
+
+
+class Front:
+    """A reverse proxy in front of ``upstream``; ``recheck`` (a status) answers GET /files."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = httpx.Client(base_url=upstream, timeout=60)
+        self.recheck: int | None = None
+        self.rechecks = 0
+        front = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:
+                front.relay(self)
+
+            def do_POST(self) -> None:
+                front.relay(self)
+
+            def log_message(self, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def relay(self, request: BaseHTTPRequestHandler) -> None:
+        body = _body(request)
+        if request.command == "GET" and request.path == "/files" and self.recheck is not None:
+            self.rechecks += 1
+            self.answer(request, self.recheck, {"Location": "/login"}, b"<html>moved</html>")
+            return
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_HEADERS}
+        reply = self.upstream.request(request.command, request.path, headers=headers, content=body)
+        kept = {k: v for k, v in reply.headers.items() if k.lower() not in _HOP_HEADERS}
+        kept.pop("content-encoding", None)  # httpx decoded the body already
+        self.answer(request, reply.status_code, kept, reply.content)
+
+    @staticmethod
+    def answer(
+        request: BaseHTTPRequestHandler, status: int, headers: dict[str, str], body: bytes
+    ) -> None:
+        request.send_response(status)
+        for name, value in headers.items():
+            request.send_header(name, value)
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    def __enter__(self) -> Front:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.upstream.close()
+
+
+def _body(request: BaseHTTPRequestHandler) -> bytes:
+    if request.headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while size := int(request.rfile.readline().split(b";")[0], 16):
+            parts.append(request.rfile.read(size))
+            request.rfile.readline()
+        request.rfile.readline()
+        return b"".join(parts)
+    return request.rfile.read(int(request.headers.get("content-length") or 0))
+
+
+@pytest.fixture
+def front(emulator: EmulatorServer) -> Iterator[Front]:
+    """The hostile front before the test's emulator."""
+    with Front(emulator.url) as proxy:
+        yield proxy
+
+
+def health(config: Path) -> tuple[int, dict[str, object]]:
+    result = cli(config, "health", "--json")
+    return result.returncode, json.loads(result.stdout)
+
+
+def healthz(port: int) -> tuple[int, dict[str, object]]:
+    answer = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    return answer.status_code, answer.json()
+
+
+def completed(config: Path) -> set[str]:
+    return {job["path"] for job in jobs_json(config) if job["status"] == "completed"}
+
+
+@pytest.mark.parametrize("recheck", [404, 302])
+def test_a_rejected_key_with_a_hostile_recheck_is_held_truthfully_and_resumes(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    emulator: EmulatorServer,
+    front: Front,
+    recheck: int,
+) -> None:
+    """Key rejected and the recheck answered 404/302: health fails with the reason (and
+    /healthz 503) while work is held; with the key accepted again the work converts,
+    although the recheck still answers nonsense."""
+    port = free_port()
+    config = daemon_config(
+        tmp_path, folders, front.url, auth_recheck_interval=0.5, metrics_port=port
+    )
+    inbox = folders["inbox"]
+    (inbox / "first.png").write_bytes(make_scan("png", seed=1))
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: completed(config) == {"first.png"}, 60, "the first scan")
+        assert health(config)[0] == 0
+        emulator.hub.set_keys(api_keys=["someone-else"])
+        front.recheck = recheck
+        (inbox / "second.png").write_bytes(make_scan("png", seed=2))
+        wait_for(lambda: health(config)[0] == 1, 60, "health to report the held work")
+        _, said = health(config)
+        assert "held until a person acts" in str(said["notes"])
+        assert "rejected the API key" in str(said["held"])
+        status, body = healthz(port)
+        assert status == 503
+        assert "held until a person acts" in str(body["notes"])
+        wait_for(lambda: front.rechecks >= 2, 60, "the recheck to be asked on")
+        emulator.hub.set_keys(api_keys=[DEFAULT_API_KEY])
+        wait_for(lambda: "second.png" in completed(config), 60, "the held scan to convert")
+        wait_for(lambda: health(config)[0] == 0, 30, "health to be green again")
+    finally:
+        assert daemon.stop() == 0
+    assert front.recheck == recheck  # the recheck never answered properly
+
+
+def test_an_unreadable_key_file_holds_truthfully_and_a_bad_reload_is_survived(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """A UTF-16 key file: SIGHUP reports it and the reloader lives on; while the key is
+    held the probe names the file as the reason (health fails, never showing the key);
+    a fixed file and key resume the work, and a later SIGHUP reloads."""
+    canary = f"CANARY{uuid.uuid4().hex}"
+    config = daemon_config(tmp_path, folders, emulator.url, auth_recheck_interval=0.5)
+    key_file = tmp_path / "api-key"
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        wait_for(lambda: health(config)[0] == 0, 60, "the daemon to be up")
+        assert daemon.proc is not None
+        key_file.write_bytes((canary + "\r\n").encode("utf-16"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "configuration reload failed" in daemon.log(), 30, "the failed reload")
+        assert "UTF-16" in daemon.log()
+        emulator.hub.set_keys(api_keys=["someone-else"])  # the running key is refused
+        (folders["inbox"] / "held.png").write_bytes(make_scan("png", seed=3))
+        wait_for(lambda: "UTF-16" in str(health(config)[1]["notes"]), 60, "the file as reason")
+        assert health(config)[0] == 1
+        key_file.write_text(f"\ufeff{canary}\n", encoding="utf-8")  # fixed, with a BOM
+        emulator.hub.set_keys(api_keys=[canary])
+        wait_for(lambda: "held.png" in completed(config), 60, "the held scan to convert")
+        daemon.proc.send_signal(signal.SIGHUP)  # the reloader survived the bad one
+        wait_for(lambda: "the API key was read again" in daemon.log(), 30, "a good reload")
+        assert health(config)[0] == 0
+    finally:
+        assert daemon.stop() == 0
+    log = daemon.log()
+    assert canary not in log
+    assert canary.encode("utf-16-le").decode("latin-1") not in log

@@ -423,6 +423,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except PermissionError:
         raise ConfigError(f"configuration file {path} is not readable: permission denied") from None
+    except OSError as exc:  # a folder, an I/O error
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
 

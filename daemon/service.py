@@ -278,6 +278,11 @@ class Service:
 
     def _held_by(self) -> str | None:
         """Why no new job starts (the gate), or None."""
+        closure = self.gate.closure
+        if closure is not None and closure.hold is Hold.REFUSED:
+            # One route refused: jobs go on to it and wait at the gate, which lets one of
+            # them try now and then; holding them all back would leave none to try.
+            return None
         return self.gate.describe()
 
     def _disk_changed(self, low: bool) -> None:

@@ -478,3 +478,15 @@ def test_numbers_must_be_finite_and_intervals_sensible(
         load_settings(write_config(tmp_path / "a.toml", base(folders)))
     assert key.replace("__", ".") in caught.value.message
     assert words in caught.value.message
+
+
+def test_an_unreadable_configuration_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A configuration file that is a folder, or not UTF-8, is one message, no traceback."""
+    folder = tmp_path / "config.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="cannot be read: Is a directory"):
+        load_settings(folder)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'inbox = "/srv/b\xe9"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_settings(latin)

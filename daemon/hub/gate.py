@@ -230,9 +230,11 @@ class Gate:
 
     def _reclose(self, closure: Closure) -> None:
         if self.closure is not None:
-            self.closure = closure  # still closed, maybe for a new reason
+            was, self.closure = self.closure, closure  # still closed, maybe for a new reason
             self._end_turn()
             self._keep_probing()  # a refused plan that became a rejected key is probed too
+            if (was.hold, was.route) != (closure.hold, closure.route):
+                self._on_change(closure)  # say so: an outage became a rejected key...
             return
         self._close(closure)
 

@@ -194,3 +194,31 @@ def test_an_unreadable_key_file_holds_truthfully_and_a_bad_reload_is_survived(
     log = daemon.log()
     assert canary not in log
     assert canary.encode("utf-16-le").decode("latin-1") not in log
+
+
+@pytest.mark.parametrize("status", [402, 403])
+def test_a_refused_plan_or_credit_holds_truthfully_and_resumes(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer, status: int
+) -> None:
+    """Conversions refused (402 credit, 403 plan) while the key works: health fails with
+    the reason, nothing fails, and once the hub allows them again every held scan converts,
+    each paid once (before, held jobs were never tried again: held for ever)."""
+    config = daemon_config(tmp_path, folders, emulator.url, auth_recheck_interval=0.5)
+    emulator.hub.update_knobs({"refuse_route": "POST /renderocr/jobs", "refuse_status": status})
+    names = [f"held-{number}.png" for number in range(3)]
+    for number, name in enumerate(names):
+        (folders["inbox"] / name).write_bytes(make_scan("png", seed=10 + number))
+    daemon = Daemon(config, tmp_path / "daemon.log").start()
+    try:
+        refused = "refuses POST /renderocr/jobs"
+        wait_for(lambda: refused in str(health(config)[1]["held"]), 60, "the refusal")
+        code, said = health(config)
+        assert code == 1
+        assert "held until a person acts" in str(said["notes"])
+        emulator.hub.update_knobs({"refuse_route": ""})
+        wait_for(lambda: completed(config) == set(names), 60, "every held scan to convert")
+        wait_for(lambda: health(config)[0] == 0, 30, "health to be green again")
+    finally:
+        assert daemon.stop() == 0
+    assert [job["status"] for job in jobs_json(config)] == ["completed"] * 3
+    assert len(emulator.hub.ledger()["jobs"]) == 3

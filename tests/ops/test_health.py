@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from daemon.cli import main
+from daemon.config import load_settings
+from daemon.emulator.server import EmulatorServer
 from daemon.errors import ConfigError
 from daemon.ops.health import (
     Deadman,
@@ -23,7 +27,8 @@ from daemon.ops.health import (
     verdict,
 )
 from daemon.ops.healthsock import HealthSocket, ask
-from tests.conftest import write_config
+from tests.conftest import daemon_config, write_config
+from tests.helpers import cli, daemon_in_process, wait_async, wait_for
 
 NOW = 1_800_000_000.0
 ALIVE = Liveness(watcher=True, intake=True, pipeline=True)
@@ -246,3 +251,37 @@ def test_deadman_stays_quiet_while_beats_arrive() -> None:
     deadman.stop()
     deadman.join(10)
     assert not deadman.is_alive()
+
+
+def test_a_stuck_loop_still_answers_and_health_says_stuck(
+    tmp_path: Path, folders: dict[str, Path], emulator: EmulatorServer
+) -> None:
+    """The socket answers from its own thread: with the event loop stuck, ``health``
+    still gets an answer, and it says the daemon is stuck (exit 1)."""
+    config = daemon_config(
+        tmp_path, folders, emulator.url, heartbeat_interval=0.1, stall_timeout=1.0
+    )
+    settings = load_settings(config)
+    answers: list[subprocess.CompletedProcess[str]] = []
+
+    def health_while_stuck(done: threading.Event) -> None:
+        wait_for(lambda: cli(config, "health").returncode == 1, 30, "health to see it stuck")
+        answers.append(cli(config, "health"))
+        done.set()
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        async with daemon_in_process(settings) as service:
+            assert service.supervisor is not None
+            monitor = service.supervisor.monitor
+            await wait_async(lambda: monitor.latest is not None, 30, "the first beat")
+            healthy = await asyncio.to_thread(cli, config, "health")
+            done = threading.Event()
+            threading.Thread(target=health_while_stuck, args=(done,), daemon=True).start()
+            done.wait(60)  # blocks the event loop itself, as a stuck step would
+            return healthy
+
+    healthy = asyncio.run(scenario())
+    assert healthy.returncode == 0, healthy.stdout
+    assert answers, "health never saw the stuck loop"
+    assert answers[0].returncode == 1
+    assert "stuck" in answers[0].stdout

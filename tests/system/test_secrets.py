@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import httpx
+import pytest
 
 from daemon.config import load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
@@ -230,3 +231,33 @@ def hook_runs(tmp_path: Path) -> int:
     """How many times a command hook ran."""
     dump = tmp_path / "hook-env.jsonl"
     return len(dump.read_text(encoding="utf-8").splitlines()) if dump.exists() else 0
+
+
+@pytest.mark.parametrize("command", ["run", "once", "check"])
+def test_a_key_file_that_is_not_utf8_stops_each_command_unseen(
+    tmp_path: Path, folders: dict[str, Path], command: str
+) -> None:
+    """A UTF-16 key file (as Notepad saves "Unicode"): exit 2 naming the file and the fix,
+    no traceback, and the key in no form in the output."""
+    canary = f"CANARY{uuid.uuid4().hex}"
+    config = daemon_config(tmp_path, folders, "http://127.0.0.1:9")
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes((canary + "\r\n").encode("utf-16"))
+    result = cli(config, command, timeout=60)
+    said = result.stdout + result.stderr
+    assert result.returncode == 2, said
+    assert f"the API key file {key_file} is UTF-16 text" in said
+    assert "Traceback" not in said
+    for shape in (canary, canary.encode("utf-16-le").decode("latin-1"), canary[:12]):
+        assert shape not in said
+
+
+def test_a_missing_key_file_is_named(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A configured key file that is not there: the message names it, exit 2."""
+    config = daemon_config(tmp_path, folders, "http://127.0.0.1:9")
+    (tmp_path / "api-key").unlink()
+    result = cli(config, "once", timeout=60)
+    assert result.returncode == 2
+    assert f"the API key file {tmp_path / 'api-key'} (hub.api_key_file) does not exist" in (
+        result.stderr
+    )

@@ -537,8 +537,9 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
         (
             "health",
             cmd_health,
-            "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind "
-            "or not running (for scripts and Docker's HEALTHCHECK)",
+            "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind, "
+            "not running, or holds work until a person acts (for scripts and Docker's "
+            "HEALTHCHECK)",
             _json_flag,
         ),
         (

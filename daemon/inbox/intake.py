@@ -605,7 +605,7 @@ class Intake:
         """Sleep until the next tick, or until the first candidate's quiet period ends, so a
         stable file is taken at once rather than up to a tick later. With no candidate
         there is nothing to tick for: sleep until the rescan, or until a file turns up."""
-        while not stop.is_set():
+        while not stop.is_set() and not self._rescan_soon:
             self._look_soon.clear()
             now = self.clock()
             if self._quiet_end <= now:

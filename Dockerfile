@@ -46,9 +46,11 @@ WORKDIR /var/lib/ldx-hotfolder
 # SIGTERM lets uploads and downloads reach a safe point; give the container time to stop
 # (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
-# Fails when the daemon is stuck (no heartbeat for stall_timeout) or blind (watcher,
-# intake or pipeline dead). The daemon also exits by itself (status 70) when a part stays
-# dead, so a restart policy restarts it: Docker does not restart unhealthy containers.
+# Fails when the daemon is stuck (no heartbeat for stall_timeout), blind (watcher,
+# intake or pipeline dead), or holds work until a person acts (key rejected, plan or
+# credit refusing); asks the daemon over its socket, nothing is written while idle. The
+# daemon also exits by itself (status 70) when a part stays dead, so a restart policy
+# restarts it: Docker does not restart unhealthy containers.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
     CMD ["ldx-hotfolder", "health"]
 ENTRYPOINT ["ldx-hotfolder"]

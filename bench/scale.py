@@ -63,7 +63,7 @@ class Cluster:
             outbox=str(self.outbox),
             state_db=self.db_url,
             instance_id=name,
-            heartbeat_file=str(local.root / "heartbeat.json"),
+            health_socket=str(local.root / "health.sock"),
             quiet_period=0.2,
             **settings,
         )

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.config import Settings, check_folders, config_path, load_settings, resolve_api_key
-from daemon.errors import AlreadyRunning, AuthRejected, ConfigError, LdxError
+from daemon.errors import AlreadyRunning, AuthRejected, ConfigError, LdxError, StateMissing
 from daemon.fs import fs_path, stored_path
 from daemon.hub.client import HubClient, Limits
 from daemon.inbox.mounts import stale_size_warnings_for
@@ -28,9 +28,10 @@ from daemon.jobs.model import Instance, Job, Status
 from daemon.jobs.store import Store
 from daemon.jobs.tables import make_engine
 from daemon.jobs.views import Views
-from daemon.logs import configure, scrub
+from daemon.logs import configure, printable, redact_url, scrub
 from daemon.ops import explain, usage
-from daemon.ops.health import EXIT_UNHEALTHY, read_heartbeat, verdict
+from daemon.ops.health import EXIT_UNHEALTHY, verdict
+from daemon.ops.healthsock import ask
 from daemon.ops.report import (
     HubCheck,
     StatusReport,
@@ -101,12 +102,25 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(config_path(args.config))
 
 
-def _store(settings: Settings) -> Store:
-    return Store(settings.database_url)
+def _store(settings: Settings, *, read_only: bool = False) -> Store:
+    return Store(settings.database_url, read_only=read_only)
 
 
-def _views(settings: Settings) -> Views:
-    return Views(Database(settings.database_url))
+def _views(settings: Settings) -> tuple[Views, str | None]:
+    """The operator's reads, and why there is no database to read yet (None: there is).
+
+    They never create one: with none yet they read an empty one in memory, and the
+    command says so (a mistyped state_db no longer shows as an empty queue)."""
+    try:
+        return Views(Database(settings.database_url, read_only=True)), None
+    except StateMissing as exc:
+        return Views(Database("sqlite://")), exc.message
+
+
+def _shown(text: str) -> str:
+    """Text for a terminal, line by line: no escapes or control characters in any line
+    (a job's reason came from the hub)."""
+    return "\n".join(printable(line) for line in text.split("\n"))
 
 
 # -- subcommands ---------------------------------------------------------------------
@@ -157,7 +171,7 @@ def cmd_once(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Counts per status, the oldest waiting job, recent failures, daemon and hub health."""
     settings = _settings(args)
-    views = _views(settings)
+    views, missing = _views(settings)  # before the first run: the daemon and the hub
     inbox = settings.inbox.absolute()
     try:
         counts = views.counts()
@@ -180,9 +194,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         counts=counts,
         oldest_waiting_at=oldest,
         failures=failures,
-        heartbeat=read_heartbeat(settings.heartbeat_path),
+        heartbeat=ask(settings.health_socket_path),
         stall_timeout=settings.stall_timeout,
-        hub_url=settings.hub.base_url,
+        hub_url=redact_url(settings.hub.base_url),
         hub=hub,
         hook_failures=hook_failures,
         pages=pages,
@@ -196,11 +210,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         payload = report.to_json(job_json)
         payload["stalled"] = [explain.waiting_json(item) for item in stalled]
         payload["instances"] = instances_json(instances, held, report.now, alive)
+        payload["state_db_missing"] = missing
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
-        print(render_status(report))
+        print(_shown(render_status(report)))
+        if missing:
+            print(f"state    {missing}")
         for line in explain.stalled_lines(stalled, report.now):
-            print(line)
+            print(_shown(line))
         for line in instance_lines(instances, held, report.now, alive):
             print(line)
     return EXIT_OK
@@ -231,7 +248,9 @@ def cmd_usage(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    views = _views(settings)
+    views, missing = _views(settings)
+    if missing is not None:
+        print(f"note: {missing} (check state_db; nothing was created)", file=sys.stderr)
     try:
         billed = views.billed(period.start, period.end)
     finally:
@@ -258,7 +277,7 @@ def _still_current(views: Views, inbox: Path, job: Job) -> bool:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Why a file is or is not being processed."""
     settings = _settings(args)
-    store = _store(settings)
+    store = _store(settings, read_only=True)
     try:
         found = [
             explain.explain_path(settings, store, path, Path.cwd(), _now()) for path in args.paths
@@ -269,9 +288,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(json.dumps([e.to_json() for e in found], indent=2, ensure_ascii=False))
         return EXIT_OK
     for item in found:
-        print(f"{item.path} [{item.state}]")
+        print(_shown(f"{item.path} [{item.state}]"))
         for line in item.lines:
-            print(f"  {line}")
+            print(f"  {_shown(line)}")
     return EXIT_OK
 
 
@@ -304,7 +323,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     """One line per job, filtered by status, path and age."""
     status = Status(args.status) if args.status else None
     now = _now()
-    views = _views(_settings(args))
+    views, missing = _views(_settings(args))
+    if missing is not None:
+        print(f"note: {missing} (check state_db; nothing was created)", file=sys.stderr)
     try:
         found = views.find(
             status,
@@ -321,7 +342,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         detail = job.output if job.status is Status.COMPLETED else (job.error_message or "")
         held_by = holder(job, now)
         where = f"  [held by {held_by}]" if held_by is not None else ""
-        print(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}")
+        print(_shown(f"#{job.id:<6} {job.status.value:<10} {job.path}  {detail}{where}"))
     return EXIT_OK
 
 
@@ -332,7 +353,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     if args.action == "version":
-        store = _store(settings)
+        store = _store(settings, read_only=True)
         try:
             print(
                 f"schema version {schema.current(store.engine)} (this ldx-hotfolder: {schema.HEAD})"
@@ -469,16 +490,23 @@ def _delete_in_batches(store: Store, ids: list[int]) -> int:
 
 
 def cmd_health(args: argparse.Namespace) -> int:
-    """Exit 0 when the daemon is alive and watching, 1 otherwise, saying why."""
+    """Exit 0 when the daemon is alive, watching and able to work (a hub outage counts
+    as able: it passes by itself), 1 otherwise, saying why (``ops.health.verdict``)."""
     settings = _settings(args)
-    beat = read_heartbeat(settings.heartbeat_path)
+    path = settings.health_socket_path
+    beat = ask(path)
     ok, notes = verdict(beat, _now(), settings.stall_timeout)
     if args.json:
-        payload = {"healthy": ok, "notes": notes, "heartbeat": str(settings.heartbeat_path)}
+        payload = {
+            "healthy": ok,
+            "notes": notes,
+            "socket": str(path),
+            "held": (beat.paused or beat.outage) if beat else None,
+        }
         print(json.dumps(payload, indent=2, ensure_ascii=False))
     else:
         for note in notes:
-            print(note if ok else f"unhealthy: {note}")
+            print(_shown(note if ok else f"unhealthy: {note}"))
     return EXIT_OK if ok else EXIT_FAILED
 
 
@@ -565,12 +593,12 @@ async def _check_key(settings: Settings) -> bool:
         try:
             await client.list_files()
         except AuthRejected as exc:
-            print(f"api key: rejected by {settings.hub.base_url} ({exc.message})")
+            print(f"api key: rejected by {redact_url(settings.hub.base_url)} ({exc.message})")
             return False
         except LdxError as exc:
             print(f"api key: cannot check, the hub is unreachable: {exc.message}")
             return False
-    print(f"api key: accepted by {settings.hub.base_url}")
+    print(f"api key: accepted by {redact_url(settings.hub.base_url)}")
     return True
 
 
@@ -657,8 +685,9 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
         (
             "health",
             cmd_health,
-            "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind "
-            "or not running (for scripts and Docker's HEALTHCHECK)",
+            "exit 0 when the running daemon is alive and watching, 1 when it is stuck, blind, "
+            "not running, or holds work until a person acts (for scripts and Docker's "
+            "HEALTHCHECK)",
             _json_flag,
         ),
         (

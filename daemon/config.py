@@ -3,7 +3,10 @@
 This is the only module that reads the process environment. Every other module gets
 the typed ``Settings`` object (or a part of it) passed in. Unknown keys, in the file
 or in the environment, are errors that name the key: a misspelt option must never be
-silently ignored.
+silently ignored. Numbers must be finite, every interval has a floor (a tiny one would
+keep a core busy), and a value that would be a secret is never quoted in an error; the
+API key file is read as UTF-8 (a BOM and surrounding whitespace dropped), and a file
+that is not one clear error, never its content.
 """
 
 from __future__ import annotations
@@ -28,17 +31,29 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.fields import FieldInfo
 from pydantic_core import ErrorDetails
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from daemon.errors import ConfigError
-from daemon.logs import register_secret
+from daemon.logs import is_sensitive_key, register_secret
 
 ENV_PREFIX = "LDX_HOTFOLDER_"
 CONFIG_ENV = "LDX_HOTFOLDER_CONFIG"
 DEFAULT_CONFIG_PATH = Path("/etc/ldx-hotfolder/config.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/ldx-hotfolder")
 CREDENTIAL_NAME = "api-key"
+HEALTH_SOCKET_NAME = "health.sock"
+MAX_KEY_FILE_BYTES = 64 * 1024  # a key is a line; anything larger is not a key file
+# List settings that an environment variable may also give comma-separated (a command
+# hook's arguments may hold commas: those lists are JSON only).
+_COMMA_LISTS = frozenset({"ignore"})
 # Variables with our prefix that are not settings (so the unknown-key check skips them).
 _RESERVED_ENV = {CONFIG_ENV, "LDX_HOTFOLDER_FAILPOINT"}
 
@@ -51,6 +66,10 @@ _ARCHIVE_NEEDS_DIR = "on_success = 'archive' needs archive_dir to be set"
 # (an upgrade must not stop a daemon that still has one in its configuration).
 REMOVED = {
     "transfer_process": "the daemon is one process now; delete the line",
+    "heartbeat_file": (
+        "`health` asks the daemon over its socket now (health_socket), and nothing is "
+        "written while the daemon is idle; delete the line"
+    ),
 }
 _REMOVED_ENV = {ENV_PREFIX + key.upper() for key in REMOVED}
 
@@ -94,6 +113,11 @@ def parse_mode(value: object) -> int:
         raise ValueError(f"file mode {mode:#o} is out of range (0 to 0o777, no special bits)")
     if not mode & stat.S_IRUSR:
         raise ValueError(f"file mode {mode:#o} would hide outputs from the daemon itself")
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(
+            f"file mode {mode:#o} would let the group or others change outputs "
+            '(and swap what people open); use "0640" or "0644"'
+        )
     return mode
 
 
@@ -112,7 +136,7 @@ OnDuplicate = Literal["convert", "reuse", "skip"]
 class HubSettings(BaseModel):
     """Where the LDX hub is and how to convert with it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     base_url: str = "https://gw.ldxhub.io"
     api_key: SecretStr | None = None
@@ -131,6 +155,13 @@ class HubSettings(BaseModel):
         default=100.0, ge=0, description="hub requests a minute, all jobs together; 0: no limit"
     )
 
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty; set the key, or remove the setting to use api_key_file")
+        return value
+
     @model_validator(mode="after")
     def _strip_base_url(self) -> HubSettings:
         # The vendor's clients strip trailing slashes; a doubled slash would 404 at the gateway.
@@ -141,7 +172,7 @@ class HubSettings(BaseModel):
 class HookSettings(BaseModel):
     """Commands and a webhook told when a job completes or fails."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     on_completed: tuple[str, ...] = ()
     on_failed: tuple[str, ...] = ()
@@ -168,6 +199,7 @@ class Settings(BaseSettings):
         extra="forbid",
         frozen=True,
         case_sensitive=False,
+        allow_inf_nan=False,
     )
 
     inbox: Path
@@ -184,11 +216,13 @@ class Settings(BaseSettings):
     archive_dir: Path | None = None
     on_success: OnSuccess = "keep"
     quiet_period: float = Field(default=2.0, ge=0.0, description="seconds a file must not change")
-    rescan_interval: float = Field(default=300.0, gt=0, description="seconds between full rescans")
+    rescan_interval: float = Field(
+        default=300.0, ge=0.5, description="seconds between full rescans"
+    )
     stalled_after: float = Field(default=300.0, gt=0, description="waiting this long shows")
     incomplete_timeout: float = Field(default=3600.0, ge=0, description="then an incomplete fails")
     use_polling: Literal["auto"] | bool = "auto"
-    polling_interval: float = Field(default=2.0, gt=0, description="seconds between polls")
+    polling_interval: float = Field(default=2.0, ge=0.1, description="seconds between polls")
     allow_hardlinks: bool = False
     on_duplicate: OnDuplicate = "reuse"
     max_in_flight: int = Field(default=16, ge=1, le=1000)
@@ -210,7 +244,7 @@ class Settings(BaseSettings):
     resubmit_delay: float = Field(default=20.0, ge=0, description="first wait before resubmit")
     min_free_space_mb: float = Field(default=100.0, ge=0)
     auth_recheck_interval: float = Field(
-        default=30.0, gt=0, le=30.0, description="most seconds between probes of a held hub"
+        default=30.0, ge=0.1, le=30.0, description="most seconds between probes of a held hub"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
@@ -218,9 +252,11 @@ class Settings(BaseSettings):
     output_group: str | None = Field(default=None, description="group (name or gid) of outputs")
     metrics_port: int = Field(default=0, ge=0, le=65535, description="0 turns the endpoint off")
     metrics_host: str = "127.0.0.1"
-    heartbeat_file: Path | None = None
-    heartbeat_interval: float = Field(default=5.0, gt=0, description="seconds between checks")
-    stall_timeout: float = Field(default=60.0, gt=0, description="seconds unhealthy before exit")
+    health_socket: Path | None = Field(
+        default=None, description="where `health` asks the daemon; default beside the state"
+    )
+    heartbeat_interval: float = Field(default=5.0, ge=0.1, description="seconds between checks")
+    stall_timeout: float = Field(default=60.0, ge=1.0, description="seconds unhealthy before exit")
     hub: HubSettings = HubSettings()
     hooks: HookSettings = HookSettings()
     budget: BudgetSettings = BudgetSettings()
@@ -242,7 +278,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment variables override the file, which arrives as init arguments.
-        return (env_settings, init_settings)
+        return (_Environment(settings_cls), init_settings)
 
     @field_validator("use_polling", mode="before")
     @classmethod
@@ -303,14 +339,24 @@ class Settings(BaseSettings):
         return self.state_dir / "held"
 
     @property
-    def heartbeat_path(self) -> Path:
-        """The heartbeat file: as set, else beside the SQLite database, else in the state dir."""
-        if self.heartbeat_file is not None:
-            return self.heartbeat_file.absolute()
-        url = self.database_url
-        if url.startswith("sqlite:///"):
-            return Path(url.removeprefix("sqlite:///")).parent / "heartbeat.json"
-        return DEFAULT_STATE_DIR / "heartbeat.json"
+    def health_socket_path(self) -> Path:
+        """Where the running daemon answers ``health``: as set, else in the state folder
+        (beside the SQLite database)."""
+        if self.health_socket is not None:
+            return self.health_socket.absolute()
+        return self.state_dir.absolute() / HEALTH_SOCKET_NAME
+
+
+class _Environment(EnvSettingsSource):
+    """The ``LDX_HOTFOLDER_*`` variables; a list of words may also be comma-separated."""
+
+    def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
+        try:
+            return super().decode_complex_value(field_name, field, value)
+        except ValueError:
+            if field_name in _COMMA_LISTS and isinstance(value, str):
+                return [part.strip() for part in value.split(",") if part.strip()]
+            raise
 
 
 def database_url(state_db: str) -> str:
@@ -346,6 +392,8 @@ def load_settings(path: Path | None) -> Settings:
     except ValidationError as exc:
         errors = [*miscased.values(), *exc.errors()]
         raise ConfigError(_describe_validation(errors, path, os.environ)) from None
+    except SettingsError as exc:
+        raise ConfigError(_describe_env_error(str(exc))) from None
     if miscased:
         raise ConfigError(_describe_validation(list(miscased.values()), path, os.environ))
     settings._notes = tuple(notes)
@@ -385,6 +433,10 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} does not exist") from None
     except PermissionError:
         raise ConfigError(f"configuration file {path} is not readable: permission denied") from None
+    except OSError as exc:  # a folder, an I/O error
+        raise ConfigError(f"configuration file {path} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"configuration file {path} is not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
 
@@ -437,9 +489,23 @@ def _describe_validation(
         else:
             message = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) or repr(got) in message else f" (got {got!r})"
+            # A secret's value is never shown, however wrong it is.
+            hidden = isinstance(got, dict) or is_sensitive_key(key) or repr(got) in message
+            shown = "" if hidden else f" (got {got!r})"
             lines.append(f"  {key}: {message}{shown}{source}")
     return "\n".join(lines)
+
+
+def _describe_env_error(message: str) -> str:
+    """What pydantic-settings' refusal of an environment variable means (never its value)."""
+    found = re.search(r'field "([a-z_]+)"', message)
+    name = found.group(1) if found else "a list"
+    variable = ENV_PREFIX + name.upper()
+    return (
+        f"invalid configuration: {variable} (or a {variable}__* variable) is not valid JSON; "
+        'a list is written as JSON, e.g. ["*.bak", "*.tmp"] (ignore also takes *.bak,*.tmp), '
+        f"and a table as a JSON object"
+    )
 
 
 def _did_you_mean(loc: tuple[int | str, ...]) -> str:
@@ -515,26 +581,65 @@ def resolve_api_key(hub: HubSettings, environ: Mapping[str, str] | None = None) 
 
 def _find_api_key(hub: HubSettings, env: Mapping[str, str]) -> str:
     if hub.api_key is not None:
-        return hub.api_key.get_secret_value().strip()
-    candidates: list[Path] = []
+        given = hub.api_key.get_secret_value().strip()
+        if not given:
+            raise ConfigError("hub.api_key is empty; set the key, or remove the setting")
+        return given
+    candidates: list[tuple[str, Path]] = []
     if hub.api_key_file is not None:
-        candidates.append(hub.api_key_file)
+        candidates.append(("hub.api_key_file", hub.api_key_file))
     if env.get("CREDENTIALS_DIRECTORY"):
-        candidates.append(Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME)
-    for candidate in candidates:
-        try:
-            key = candidate.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            continue
-        except OSError as exc:
-            raise ConfigError(f"cannot read the API key file {candidate}: {exc.strerror}") from None
+        where = Path(env["CREDENTIALS_DIRECTORY"]) / CREDENTIAL_NAME
+        candidates.append((f"the systemd credential '{CREDENTIAL_NAME}'", where))
+    for _, candidate in candidates:
+        key = read_key_file(candidate)
         if key:
             return key
-        raise ConfigError(f"the API key file {candidate} is empty")
+        if key is not None:
+            raise ConfigError(f"the API key file {candidate} is empty")
+    if candidates:
+        missing = " and ".join(f"{path} ({what})" for what, path in candidates)
+        raise ConfigError(f"no API key: the API key file {missing} does not exist")
     raise ConfigError(
         "no API key: set hub.api_key_file (or hub.api_key, or the systemd credential "
         f"'{CREDENTIAL_NAME}')"
     )
+
+
+def read_key_file(path: Path) -> str | None:
+    """The key in ``path``, None when there is no such file; ``ConfigError`` (which never
+    quotes the content) when it is not a small UTF-8 text file."""
+    try:
+        # Non-blocking: a FIFO put there must not hang the daemon (it is refused below).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the API key file {path}: {exc.strerror}") from None
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ConfigError(f"the API key file {path} is not a regular file")
+        data = fh.read(MAX_KEY_FILE_BYTES + 1)
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise ConfigError(f"the API key file {path} is larger than 64 KiB: not a key file")
+    return decode_key(data, path)
+
+
+def decode_key(data: bytes, path: Path) -> str:
+    """A key file's bytes as the key: UTF-8, without a BOM or surrounding whitespace."""
+    # The content is never part of a message: a decoding error would quote it.
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in data:
+        raise ConfigError(
+            f"the API key file {path} is UTF-16 text (as some Windows editors save it); "
+            "save it as UTF-8 (the key is not shown)"
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"the API key file {path} is not UTF-8 text; save it as UTF-8 (the key is not shown)"
+        ) from None
+    return text.removeprefix("\ufeff").strip()
 
 
 def check_folders(settings: Settings) -> list[str]:
@@ -551,7 +656,9 @@ def check_folders(settings: Settings) -> list[str]:
         archive = settings.archive_dir.absolute()
         problems += _nesting_problems(inbox, "archive_dir", archive)
         problems += _archive_outbox_problems(outbox, archive)
-    problems += [_own_file_problem(inbox, name, path) for name, path in _own_files(settings)]
+    for name, path in _own_files(settings):
+        problems.append(_own_file_problem(inbox, name, path))
+        problems.append(_outside_outputs(settings, name, path))
     problems = [problem for problem in problems if problem]
     for name, folder in _writable_folders(settings):
         problem = _writable_problem(name, folder)
@@ -580,14 +687,29 @@ def _removes_inputs(settings: Settings) -> bool:
 
 
 def _own_files(settings: Settings) -> list[tuple[str, Path]]:
-    """The daemon's own state files: the SQLite database (with its -wal), the heartbeat."""
+    """The daemon's own state files: the SQLite database (with its -wal), the health
+    socket."""
     files: list[tuple[str, Path]] = []
     url = settings.database_url
     if url.startswith("sqlite:///"):
         files.append(("state_db", Path(url.removeprefix("sqlite:///"))))
-    if settings.heartbeat_file is not None:  # else it sits beside the database
-        files.append(("heartbeat_file", settings.heartbeat_file.absolute()))
+    if settings.health_socket is not None:  # else it sits beside the database
+        files.append(("health_socket", settings.health_socket.absolute()))
     return files
+
+
+def _outside_outputs(settings: Settings, name: str, path: Path) -> str:
+    # People read the outbox (and the archive): the state, its key-bearing errors and its
+    # socket are not theirs to see, and the start-up sweep would treat them as outputs.
+    folder_r = path.absolute().parent.resolve()
+    folders = [("the outbox", settings.outbox)]
+    if settings.archive_dir is not None:
+        folders.append(("archive_dir", settings.archive_dir))
+    for what, folder in folders:
+        folder_r2 = folder.absolute().resolve()
+        if folder_r == folder_r2 or folder_r2 in folder_r.parents:
+            return f"{name} {path} is inside {what} {folder}; keep the daemon's state apart"
+    return ""
 
 
 def _own_file_problem(inbox: Path, name: str, path: Path) -> str:

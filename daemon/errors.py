@@ -28,6 +28,7 @@ The tree::
         └── ConfigError           the configuration is invalid; exit 2 with the key and fix
             ├── SchemaMismatch    the state database's schema is not this program's
             ├── StateDamaged      the state database is damaged, vanished or replaced
+            ├── StateMissing      no state database yet (commands that only look)
             ├── FolderFileError   a folder's .ldx-hotfolder.toml is unreadable or invalid
             └── AlreadyRunning    this instance already runs (on this host: its pid)
 
@@ -190,6 +191,10 @@ class SchemaMismatch(ConfigError):
 
 class StateDamaged(ConfigError):
     """The SQLite state file is not a database, a damaged one, or vanished meanwhile."""
+
+
+class StateMissing(ConfigError):
+    """No state database to read: none made yet (or a mistyped path); never created."""
 
 
 class FolderFileError(ConfigError):

@@ -9,16 +9,23 @@ Secrets are kept out in layers: tracebacks never show local variables; values of
 that name a secret (``authorization``, ``api_key``, ``token``...) are masked; and every
 secret the process has read (``register_secret``) is replaced wherever it appears, in
 the event dict before rendering and in the rendered line itself.
+
+Texts from outside (the hub's messages, exception texts) are made safe once more before
+they are stored or shown anywhere (``plain``): secrets and any ``Bearer``/``Basic``
+credential masked, terminal escapes and control characters removed, one bounded line.
+URLs are shown without their credentials or query values (``redact_url``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 import threading
 from collections.abc import Iterable
 from typing import Any, TextIO
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from structlog.typing import EventDict, Processor, WrappedLogger
@@ -68,6 +75,49 @@ def scrub(text: str, secrets: Iterable[str] | None = None) -> str:
         if secret in text:
             text = text.replace(secret, REDACTED)
     return text
+
+
+# A Bearer value of any shape; a Basic one only when it looks like base64 ("basic plan").
+_CREDENTIAL = re.compile(r"(?i)\b(bearer)\s+[^\s\"',;}]+|\b(basic)\s+[A-Za-z0-9+/=]{8,}")
+_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
+# C0 and C1 controls, DEL, and the bidirectional overrides that reorder what a terminal shows.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def plain(text: str, limit: int | None = None) -> str:
+    """``text`` safe to store and show: no registered secret, no ``Bearer``/``Basic``
+    credential, no terminal escape or control character, one line, at most ``limit``
+    characters (None: any length)."""
+    text = " ".join(printable(text).split())
+    if limit is not None and len(text) > limit:
+        return text[: limit - 1] + "…"
+    return text
+
+
+def printable(text: str) -> str:
+    """``text`` as ``plain`` makes it, but keeping its spacing (one line of a table)."""
+    text = _CREDENTIAL.sub(lambda m: f"{m.group(1) or m.group(2)} {REDACTED}", scrub(text))
+    return _CONTROL.sub(" ", _ESCAPE_SEQUENCE.sub("", text))
+
+
+def redact_url(url: str) -> str:
+    """``url`` as it may be shown: user and password, query values and fragment masked."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port is not None else ""
+    except ValueError:
+        return REDACTED  # not even a URL: show nothing of it
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{REDACTED}@{host}{port}" if "@" in parts.netloc else parts.netloc
+    query = "&".join(
+        f"{item.split('=', 1)[0]}={REDACTED}" if "=" in item else REDACTED
+        for item in parts.query.split("&")
+        if item
+    )
+    fragment = REDACTED if parts.fragment else ""
+    return plain(urlunsplit((parts.scheme, netloc, parts.path, query, fragment)))
 
 
 def _scrub_value(value: Any) -> Any:

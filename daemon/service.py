@@ -56,10 +56,11 @@ from daemon.jobs.model import Instance, Status
 from daemon.jobs.store import Store
 from daemon.jobs.views import PagesUsed, Views
 from daemon.jobs.writer import Writer
-from daemon.logs import configure, get_logger
+from daemon.logs import configure, get_logger, redact_url
 from daemon.ops import failpoints, metrics
 from daemon.ops.diskspace import DiskMonitor
 from daemon.ops.health import Liveness, Monitor
+from daemon.ops.healthsock import HealthSocket
 from daemon.ops.notify import Notifier, watchdog_interval
 from daemon.ops.progress import ProgressBar, follow
 from daemon.ops.report import pid_runs
@@ -333,7 +334,6 @@ class Service:
             self.views,
             self.liveness,
             notifier,
-            heartbeat_file=s.heartbeat_path,
             interval=s.heartbeat_interval,
             stall_timeout=s.stall_timeout,
             watchdog_interval=watchdog_interval(
@@ -342,7 +342,8 @@ class Service:
         )
         address = (s.metrics_host, s.metrics_port) if s.metrics_port else None
         reload = self.reload if self.reload_settings is not None else None
-        return Supervisor(monitor, notifier, metrics_address=address, reload=reload)
+        answer = HealthSocket(s.health_socket_path, lambda: monitor.latest)
+        return Supervisor(monitor, notifier, metrics_address=address, reload=reload, answer=answer)
 
     # -- callbacks ---------------------------------------------------------------------
 
@@ -415,14 +416,18 @@ class Service:
             task = self.tasks.get(name)
             return task is not None and not task.done()
 
-        closure = self.gate.closure
+        closure, person = self.gate.closure, self.gate.held_for_person()
+        down = closure if closure is not None and closure.hold is Hold.DOWN else None
         return Liveness(
             watcher=self.watcher is not None and self.watcher.healthy(),
             intake=running("intake"),
             pipeline=running("pipeline"),
-            paused=None if closure is None or closure.hold is Hold.DOWN else closure.reason,
+            # A person must act on a rejected key or a refused plan; an outage passes.
+            paused=None if person is None else person.sentence(self.gate.waiting),
             holding_back=self.worker.holding_back() or self.gate.describe(),
             in_flight=len(self.worker.active),
+            outage_since=down.since if down else None,
+            outage_reason=down.reason if down else None,
         )
 
     # -- running -----------------------------------------------------------------------
@@ -437,7 +442,7 @@ class Service:
             mode="once" if self.once else "run",
             inbox=str(self.settings.inbox),
             outbox=str(self.settings.outbox),
-            hub=self.settings.hub.base_url,
+            hub=redact_url(self.settings.hub.base_url),
             sqlite=sqlite3.sqlite_version,
             instance=self.settings.instance_id,
         )

@@ -21,7 +21,8 @@ from daemon.cli import build_parser, main
 from daemon.emulator.server import EmulatorServer
 from daemon.jobs.model import NewJob, Stage
 from daemon.jobs.store import Store
-from daemon.ops.health import Heartbeat, write_heartbeat
+from daemon.ops.health import Heartbeat
+from daemon.ops.healthsock import HealthSocket
 from tests.conftest import daemon_config, write_config
 from tests.helpers import _env, enqueue
 from tests.tooling import REPO, free_port
@@ -324,10 +325,8 @@ def test_status_screen_at_a_glance(
     aged_store(folders, now).close()
     (folders["inbox"] / "letters").mkdir()
     (folders["inbox"] / "letters" / "c.pdf").write_bytes(b"%PDF-1.4\n")  # still failing
-    write_heartbeat(
-        folders["state"] / "heartbeat.json",
-        Heartbeat(time=now, pid=77, started_at=now - 60, healthy=True, in_flight=2),
-    )
+    daemon_beat = Heartbeat(time=now, pid=77, started_at=now - 60, healthy=True, in_flight=2)
+    answer = HealthSocket(folders["state"] / "health.sock", lambda: daemon_beat).start()
     config = str(write_config(tmp_path / "c.toml", base(folders)))
     code, out = run_main(["status", "-c", config], capsys)
     assert code == 0
@@ -344,7 +343,7 @@ def test_status_screen_at_a_glance(
     assert status["daemon"]["healthy"] is True
     assert status["daemon"]["pid"] == 77
     assert status["hub"]["reachable"] is None
-    (folders["state"] / "heartbeat.json").unlink()
+    answer.close()
     code, out = run_main(["status", "-c", config], capsys)
     assert "daemon   NOT OK: no heartbeat: the daemon is not running" in out
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import traceback
 from pathlib import Path
 
 import pytest
@@ -176,16 +178,44 @@ def test_folder_checks(tmp_path: Path, folders: dict[str, Path]) -> None:
 
 
 def test_state_files_inside_the_inbox_are_refused(tmp_path: Path, folders: dict[str, Path]) -> None:
-    """The database or heartbeat inside the inbox would be taken as inputs: refused."""
+    """The database or the health socket inside the inbox would be taken as inputs: refused."""
     in_inbox = {**base(folders), "state_db": str(folders["inbox"] / "db" / "state.db")}
     problems = check_folders(load_settings(write_config(tmp_path / "a.toml", in_inbox)))
     assert problems == [
         f"state_db {folders['inbox'] / 'db' / 'state.db'} is inside the inbox "
         f"{folders['inbox']}; it would be taken as an input"
     ]
-    beat = {**base(folders), "heartbeat_file": str(folders["inbox"] / "beat.json")}
+    beat = {**base(folders), "health_socket": str(folders["inbox"] / "health.sock")}
     problems = check_folders(load_settings(write_config(tmp_path / "b.toml", beat)))
-    assert [p.split(" ", 1)[0] for p in problems] == ["heartbeat_file"]
+    assert [p.split(" ", 1)[0] for p in problems] == ["health_socket"]
+
+
+def test_state_files_inside_the_outbox_are_refused(
+    tmp_path: Path, folders: dict[str, Path]
+) -> None:
+    """People read the outbox: the state database may not sit in it (nor in archive_dir)."""
+    in_outbox = {**base(folders), "state_db": str(folders["outbox"] / "state.db")}
+    problems = check_folders(load_settings(write_config(tmp_path / "a.toml", in_outbox)))
+    assert problems == [
+        f"state_db {folders['outbox'] / 'state.db'} is inside the outbox {folders['outbox']}; "
+        "keep the daemon's state apart"
+    ]
+    archive = tmp_path / "archive"
+    in_archive = {
+        **base(folders),
+        "archive_dir": str(archive),
+        "state_db": str(archive / "db" / "state.db"),
+    }
+    problems = check_folders(load_settings(write_config(tmp_path / "b.toml", in_archive)))
+    assert [p.split(" is inside ")[1].split(" ")[0] for p in problems] == ["archive_dir"]
+
+
+def test_heartbeat_file_is_a_removed_setting(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """The heartbeat file is gone: the setting is ignored with a note, never refused."""
+    config = {**base(folders), "heartbeat_file": str(folders["state"] / "beat.json")}
+    settings = load_settings(write_config(tmp_path / "a.toml", config))
+    assert any("heartbeat_file was removed" in note for note in settings.notes)
+    assert settings.health_socket_path == folders["state"] / "health.sock"
 
 
 def test_archive_requires_folder(tmp_path: Path, folders: dict[str, Path]) -> None:
@@ -303,3 +333,160 @@ def test_archive_and_outbox_must_not_be_nested(tmp_path: Path, folders: dict[str
         assert message in problems
     apart = {**base(folders), "archive_dir": str(tmp_path / "archive")}
     assert check_folders(load_settings(write_config(tmp_path / "b.toml", apart))) == []
+
+
+def key_settings(tmp_path: Path, folders: dict[str, Path], content: bytes) -> Path:
+    """A configuration whose key file holds ``content``; the key file's path."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(content)
+    write_config(tmp_path / "k.toml", base(folders), {"api_key_file": str(key_file)})
+    return key_file
+
+
+CANARY = "CANARY0123456789abcdef"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        CANARY.encode("utf-16"),  # with a BOM, as Notepad saves "Unicode"
+        CANARY.encode("utf-16-le"),  # without one
+        b"\xff" + CANARY.encode() + b"\xfe",
+        CANARY.encode("latin-1") + b"\xe9",
+    ],
+    ids=["utf-16", "utf-16-le", "binary", "latin-1"],
+)
+def test_a_key_file_that_is_not_utf8_is_a_clear_error(
+    tmp_path: Path, folders: dict[str, Path], content: bytes
+) -> None:
+    """A UTF-16 or otherwise undecodable key file: one message naming the file, never the key."""
+    key_file = key_settings(tmp_path, folders, content)
+    settings = load_settings(tmp_path / "k.toml")
+    with pytest.raises(ConfigError) as caught:
+        resolve_api_key(settings.hub)
+    message = caught.value.message
+    assert str(key_file) in message
+    assert "UTF-" in message
+    shown = "".join(traceback.format_exception(caught.value))  # what a log would render
+    for text in (shown, shown.replace("\\x00", "")):
+        assert "CANARY" not in text
+        assert "0123456789" not in text
+
+
+def test_a_key_file_is_read_as_utf8_without_bom_or_whitespace(
+    tmp_path: Path, folders: dict[str, Path]
+) -> None:
+    """A UTF-8 BOM, CRLF and blank lines around the key are not part of it."""
+    key_settings(tmp_path, folders, b"\xef\xbb\xbf  " + CANARY.encode() + b"\r\n\r\n")
+    assert resolve_api_key(load_settings(tmp_path / "k.toml").hub) == CANARY
+
+
+def test_a_key_file_that_is_no_file_is_refused(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A FIFO or a device as the key file is refused at once (never read, never waited on)."""
+    key_file = key_settings(tmp_path, folders, b"")
+    key_file.unlink()
+    os.mkfifo(key_file)
+    settings = load_settings(tmp_path / "k.toml")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        resolve_api_key(settings.hub)
+    key_file.unlink()
+    key_file.symlink_to("/dev/zero")
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        resolve_api_key(settings.hub)
+
+
+def test_a_missing_key_file_is_named(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """A configured key file that does not exist is named as such, not reported as unset."""
+    key_file = key_settings(tmp_path, folders, b"x")
+    key_file.unlink()
+    with pytest.raises(ConfigError) as caught:
+        resolve_api_key(load_settings(tmp_path / "k.toml").hub)
+    assert caught.value.message == (
+        f"no API key: the API key file {key_file} (hub.api_key_file) does not exist"
+    )
+
+
+def test_an_empty_key_from_the_environment_is_refused(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LDX_HOTFOLDER_HUB__API_KEY set but empty is an error naming the variable."""
+    monkeypatch.setenv("LDX_HOTFOLDER_HUB__API_KEY", "  ")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write_config(tmp_path / "a.toml", base(folders)))
+    assert "hub.api_key: is empty" in caught.value.message
+    assert "LDX_HOTFOLDER_HUB__API_KEY" in caught.value.message
+
+
+def test_a_wrong_key_value_is_never_quoted(tmp_path: Path, folders: dict[str, Path]) -> None:
+    """However the key setting is wrong, the error does not repeat its value."""
+    (tmp_path / "a.toml").write_text(
+        f'inbox = "{folders["inbox"]}"\noutbox = "{folders["outbox"]}"\n'
+        f'[hub]\napi_key = ["{CANARY}"]\n',
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(tmp_path / "a.toml")
+    assert "hub.api_key" in caught.value.message
+    assert CANARY not in caught.value.message
+
+
+def test_list_settings_from_the_environment(
+    tmp_path: Path, folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ignore takes JSON or a comma list; other lists not in JSON are one clear error."""
+    config = write_config(tmp_path / "a.toml", base(folders))
+    monkeypatch.setenv("LDX_HOTFOLDER_IGNORE", "*.bak, ~$*")
+    assert load_settings(config).ignore == ("*.bak", "~$*")
+    monkeypatch.setenv("LDX_HOTFOLDER_IGNORE", '["*.tmp"]')
+    assert load_settings(config).ignore == ("*.tmp",)
+    monkeypatch.setenv("LDX_HOTFOLDER_HOOKS__ON_FAILED", "/usr/local/bin/notify --to a,b")
+    with pytest.raises(ConfigError) as caught:
+        load_settings(config)
+    assert "LDX_HOTFOLDER_HOOKS" in caught.value.message
+    assert "not valid JSON" in caught.value.message
+    monkeypatch.setenv("LDX_HOTFOLDER_HOOKS__ON_FAILED", '["/usr/local/bin/notify", "a,b"]')
+    assert load_settings(config).hooks.on_failed == ("/usr/local/bin/notify", "a,b")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("stall_timeout", "inf", "finite"),
+        ("quiet_period", "nan", "finite"),
+        ("max_output_mb", "inf", "finite"),
+        ("heartbeat_interval", "1e-6", "greater than or equal to 0.1"),
+        ("rescan_interval", "0.001", "greater than or equal to 0.5"),
+        ("polling_interval", "1e-9", "greater than or equal to 0.1"),
+        ("auth_recheck_interval", "0.0001", "greater than or equal to 0.1"),
+        ("output_mode", "0777", "group or others"),
+        ("output_mode", "0660", "group or others"),
+        ("hub__deadline", "inf", "finite"),
+        ("hooks__timeout", "nan", "finite"),
+    ],
+)
+def test_numbers_must_be_finite_and_intervals_sensible(
+    tmp_path: Path,
+    folders: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    key: str,
+    value: str,
+    words: str,
+) -> None:
+    """inf, nan, a microsecond interval and group-writable outputs are refused, by name."""
+    monkeypatch.setenv(f"LDX_HOTFOLDER_{key.upper()}", value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(write_config(tmp_path / "a.toml", base(folders)))
+    assert key.replace("__", ".") in caught.value.message
+    assert words in caught.value.message
+
+
+def test_an_unreadable_configuration_file_is_a_clear_error(tmp_path: Path) -> None:
+    """A configuration file that is a folder, or not UTF-8, is one message, no traceback."""
+    folder = tmp_path / "config.toml"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="cannot be read: Is a directory"):
+        load_settings(folder)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes(b'inbox = "/srv/b\xe9"\n')
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_settings(latin)

@@ -52,6 +52,7 @@ from daemon.hub.models import (
     read_engines,
     read_list,
 )
+from daemon.logs import register_secret
 
 USER_AGENT = "ldx-hotfolder"
 CHUNK = 256 * 1024
@@ -140,6 +141,7 @@ class HubClient:
         """``key_source`` reads the key anew (a fixed key file takes effect while paused)."""
         self._http = http
         self._api_key = api_key
+        register_secret(api_key)  # a hub that echoes it back must never get it shown
         self.limits = limits or Limits()
         self.budget = budget
         self.gate = gate
@@ -173,6 +175,7 @@ class HubClient:
 
     def set_api_key(self, api_key: str) -> None:
         """Use another key from now on (after the operator fixed it)."""
+        register_secret(api_key)
         self._api_key = api_key
 
     async def aclose(self) -> None:
@@ -324,7 +327,7 @@ class HubClient:
                     if not response.is_success:
                         body = await _read_capped(response, 64 * 1024, route, strict=False)
                         raise await self._refusal(response, body, route, auth=auth)
-                    self._answered(route)
+                    self._answered(route, proven=auth)
                     yield response, deadline
             except (HubUnavailable, HubBusy) as exc:
                 self._failed(route, exc)
@@ -335,7 +338,7 @@ class HubClient:
         the key read anew (a person may have fixed the key file meanwhile)."""
         if self._key_source is not None:
             try:
-                self._api_key = self._key_source()
+                self.set_api_key(self._key_source())
             except ConfigError as exc:
                 if self.gate is not None:
                     self.gate.key_rejected(exc.message)  # the file is the problem now
@@ -343,11 +346,11 @@ class HubClient:
         async with self._request("GET", "/files", FILES, stream=True, admit=False):
             pass
 
-    def _answered(self, route: str) -> None:
+    def _answered(self, route: str, *, proven: bool) -> None:
         if self.budget is not None:
             self.budget.answered()
         if self.gate is not None:
-            self.gate.answered(route)
+            self.gate.answered(route, proven=proven)  # a public route proves no key
 
     def _failed(self, route: str, exc: LdxError) -> None:
         if isinstance(exc, HubBusy):
@@ -373,7 +376,8 @@ class HubClient:
             elif isinstance(error, HubRefused):
                 self.gate.refused(route, error.message)
             elif not isinstance(error, HubUnavailable | HubBusy):
-                self.gate.answered(route)  # a 4xx of the request's own: the hub works
+                # A 4xx of the request's own: the hub works, but it proves no key.
+                self.gate.answered(route, proven=False)
         return error
 
     async def _key_or_plan(self, error: AuthRejected, route: str) -> LdxError:

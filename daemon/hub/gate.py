@@ -13,12 +13,23 @@ and then at doubling intervals up to ``probe_max`` (at most 30 s); for a refused
 one waiting request of that route goes through at those intervals (only a real creation
 can tell whether the plan or the credit allows one now). Any answer but the same
 refusal opens the gate, and every waiting request goes on at once.
+
+Whatever the gate closes for next, while closed for a hub that is down or a rejected key
+it probes (a plan refusal that turns into a rejected key is probed too). An answer to the
+probe that proves nothing (a 404 or a redirect where the file list should be) opens the
+gate, and the work tells: when it meets the same refusal within ``probe_max`` seconds,
+the gate closes as it was (same ``since``) and goes on probing at the interval it had
+reached, so a hub that answers the probe but refuses the work costs one probe and one
+try per interval, never a loop. Until a request carrying the key is answered 2xx, such
+an opening is ``unproven``: ``held_for_person`` still names the rejected key, so
+``health`` does not turn green on an answer that proved nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -74,6 +85,15 @@ class Closure:
 Probe = Callable[[], Awaitable[object]]
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """The closure the gate opened from last, when, and the probe interval it had."""
+
+    closure: Closure
+    at: float
+    interval: float
+
+
 class Gate:
     """Holds requests while the hub cannot serve them; see the module docstring."""
 
@@ -98,10 +118,21 @@ class Gate:
         self._turn_taken = False
         self._changed = asyncio.Event()
         self._prober: asyncio.Task[None] | None = None
+        self._opened: _Opened | None = None
+        # A rejected key the gate opened from on an answer that did not prove it works.
+        self.unproven: Closure | None = None
 
     def describe(self) -> str | None:
         """The closure in words, or None when the gate is open."""
         return None if self.closure is None else self.closure.sentence(self.waiting)
+
+    def held_for_person(self) -> Closure | None:
+        """What holds work until a person acts: a rejected key or a refused route, also
+        while the gate is open on an answer that did not prove the key works again."""
+        closure = self.closure
+        if closure is not None:
+            return None if closure.hold is Hold.DOWN else closure
+        return self.unproven
 
     @contextlib.asynccontextmanager
     async def admission(self, route: str) -> AsyncIterator[bool]:
@@ -160,14 +191,19 @@ class Gate:
 
     # -- outcomes ----------------------------------------------------------------------
 
-    def answered(self, route: str) -> None:
-        """The hub answered ``route`` (anything but a refusal of the kind that closed it)."""
+    def answered(self, route: str, *, proven: bool = True) -> None:
+        """The hub answered ``route`` (anything but a refusal of the kind that closed it);
+        ``proven``: a 2xx to a request carrying the key (else: a 404, a redirect...)."""
         self._failures = 0
+        if proven:
+            self.unproven = None
         closure = self.closure
         if closure is None:
             return
         if closure.hold is Hold.REFUSED and not closure.covers(route):
             return  # another route working says nothing about the refused one
+        if closure.hold is Hold.KEY and not proven:
+            self.unproven = closure
         self._open()
 
     def unreachable(self, route: str, reason: str) -> None:
@@ -194,22 +230,49 @@ class Gate:
 
     def _reclose(self, closure: Closure) -> None:
         if self.closure is not None:
-            self.closure = closure  # still closed, maybe for a new reason
+            was, self.closure = self.closure, closure  # still closed, maybe for a new reason
             self._end_turn()
+            self._keep_probing()  # a refused plan that became a rejected key is probed too
+            if (was.hold, was.route) != (closure.hold, closure.route):
+                self._on_change(closure)  # say so: an outage became a rejected key...
             return
         self._close(closure)
 
     def _close(self, closure: Closure) -> None:
+        relapse = self._relapse(closure)
+        if relapse is not None:  # the last opening proved nothing: back off further
+            closure = dataclasses.replace(closure, since=relapse.closure.since)
+            self._interval = relapse.interval
+        else:
+            self._interval = min(FIRST_PROBE, self._probe_max)
         self.closure = closure
-        self._interval = min(FIRST_PROBE, self._probe_max)
         self._next_turn = self._clock() + self._step()
         self._on_change(closure)
-        if closure.hold is not Hold.REFUSED and self.probe is not None:
-            with contextlib.suppress(RuntimeError):  # no loop: nothing to probe from
-                self._prober = asyncio.get_running_loop().create_task(self._probing())
+        self._keep_probing()
+
+    def _relapse(self, closure: Closure) -> _Opened | None:
+        """The opening ``closure`` undoes: the same refusal again within ``probe_max``."""
+        opened = self._opened
+        if opened is None or opened.closure.hold is not closure.hold:
+            return None
+        if opened.closure.route != closure.route:
+            return None
+        return opened if self._clock() - opened.at < self._probe_max else None
+
+    def _keep_probing(self) -> None:
+        """Start the prober unless one runs or the closure is a refused route's."""
+        closure = self.closure
+        if closure is None or closure.hold is Hold.REFUSED or self.probe is None:
+            return
+        if self._prober is not None and not self._prober.done():
+            return
+        with contextlib.suppress(RuntimeError):  # no loop: nothing to probe from
+            self._prober = asyncio.get_running_loop().create_task(self._probing())
 
     def _open(self) -> None:
         was = self.closure
+        if was is not None:
+            self._opened = _Opened(was, self._clock(), self._interval)
         self.closure = None
         self._turn_taken = False
         self._interval = min(FIRST_PROBE, self._probe_max)
@@ -223,9 +286,11 @@ class Gate:
     async def _probing(self) -> None:
         """While closed for a hub that is down or a rejected key: one cheap request at
         growing intervals; its answer (through the client) opens or keeps the gate."""
+        me = asyncio.current_task()
+        # Ends when the gate opens, or another prober took over (it opened and closed).
         while self.closure is not None and self.closure.hold is not Hold.REFUSED:
             await asyncio.sleep(self._step())
-            if self.probe is None or self.closure is None:
+            if self.probe is None or self.closure is None or self._prober is not me:
                 return
             with contextlib.suppress(Exception):  # its outcome reached the gate already
                 await self.probe()

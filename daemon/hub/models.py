@@ -14,30 +14,34 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from daemon.errors import HubUnavailable
-from daemon.logs import REDACTED, scrub
+from daemon.logs import plain
 
 _M = TypeVar("_M", bound=BaseModel)
 MAX_TEXT = 500  # characters of a hub message kept: enough to act on, never a flood
-_BEARER = re.compile(r"(?i)\bbearer\s+[^\s\"',;}]+")
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _CODED = re.compile(r"([a-z][a-z0-9_.-]{1,63}):\s+(\S.*)", re.DOTALL)
-_ESCAPE_SEQUENCE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?")
+# An id is sent back in request paths and stored: printable, one line, of a sane length
+# (the hub's are 32 characters); any other is an unreadable answer, never stored.
+HubId = Annotated[
+    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")
+]
 
 
 def hub_text(raw: object, limit: int = MAX_TEXT) -> str:
     """A text from the hub made safe to store and show: no key, no ``Bearer`` value, no
     terminal escapes or control characters, one line, at most ``limit`` characters."""
-    text = scrub(str(raw))
-    text = _BEARER.sub(f"Bearer {REDACTED}", text)
-    text = _ESCAPE_SEQUENCE.sub("", text)
-    text = _CONTROL.sub(" ", text.replace("\r", " ").replace("\n", " ").replace("\t", " "))
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return plain(str(raw), limit)
 
 
 def epoch(stamp: object) -> float | None:
@@ -75,7 +79,7 @@ class _Model(BaseModel):
 class FileInfo(_Model):
     """A file in the hub's store (an upload or a conversion output)."""
 
-    file_id: str
+    file_id: HubId
     filename: str | None = None
     size: int | None = None
     created_at: str | None = None
@@ -104,12 +108,12 @@ class Usage(_Model):
 class RemoteJob(_Model):
     """A RenderOCR job as the hub reports it."""
 
-    job_id: str
-    file_id: str | None = None
+    job_id: HubId
+    file_id: HubId | None = None
     engine: str | None = None
     status: str
     progress: float | None = None
-    output_file_id: str | None = None
+    output_file_id: HubId | None = None
     error: JobError | None = None
     created_at: str | None = None
     updated_at: str | None = None
@@ -148,11 +152,21 @@ class RemoteJob(_Model):
             return JobState.UNKNOWN
 
 
+def _shown(value: object) -> object:
+    """A hub text that ``engines`` prints, cleaned (None and non-text left to the model)."""
+    return hub_text(value, 200) if isinstance(value, str) else value
+
+
 class Language(_Model):
     """A language an engine offers."""
 
     code: str
     display_name: str | None = None
+
+    @field_validator("display_name", mode="before")
+    @classmethod
+    def _clean(cls, value: object) -> object:
+        return _shown(value)
 
 
 class Conversion(_Model):
@@ -172,6 +186,11 @@ class Engine(_Model):
     description: str | None = None
     supported_conversions: list[Conversion] | None = None
     supported_languages: list[Language] | None = None
+
+    @field_validator("display_name", "description", mode="before")
+    @classmethod
+    def _clean(cls, value: object) -> object:
+        return _shown(value)
 
 
 def read(model: type[_M], body: Any, what: str) -> _M:

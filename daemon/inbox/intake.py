@@ -356,8 +356,9 @@ class Intake:
         return bool(self.sightings or self.behind)
 
     def request_rescan(self) -> None:
-        """Rescan the whole inbox at the next tick (events were lost)."""
+        """Rescan the whole inbox at once (events were lost)."""
         self._rescan_soon = True
+        self._look_soon.set()  # an idle intake sleeps until the rescan timer
 
     def _consider(self, fs_rel: str, signature: Signature, now: float) -> None:
         rel = stored_path(fs_rel)
@@ -578,7 +579,7 @@ class Intake:
                 if self.holding is not None:
                     log.info("the state database works again; intake resumes")
                     self.holding = None
-                await self._doze(stop)
+                await self._doze(stop, next_rescan)
         finally:
             stopping.cancel()
 
@@ -595,10 +596,11 @@ class Intake:
             await listener()
         return self.clock() + self.settings.rescan_interval
 
-    async def _doze(self, stop: asyncio.Event) -> None:
+    async def _doze(self, stop: asyncio.Event, next_rescan: float) -> None:
         """Sleep until the next tick, or until the first candidate's quiet period ends, so a
-        stable file is taken at once rather than up to a tick later."""
-        while not stop.is_set():
+        stable file is taken at once rather than up to a tick later. With no candidate
+        there is nothing to tick for: sleep until the rescan, or until a file turns up."""
+        while not stop.is_set() and not self._rescan_soon:
             self._look_soon.clear()
             now = self.clock()
             if self._quiet_end <= now:
@@ -606,7 +608,8 @@ class Intake:
                 # and returning at once again would spin the loop.
                 self._quiet_end = math.inf
                 return
-            self._next_look = min(now + TICK_SECONDS, self._quiet_end + QUIET_MARGIN)
+            tick = TICK_SECONDS if self.pending() else max(0.0, next_rescan - now)
+            self._next_look = min(now + tick, self._quiet_end + QUIET_MARGIN)
             try:
                 async with asyncio.timeout(self._next_look - now):
                     await self._look_soon.wait()  # a new candidate may turn quiet sooner

@@ -15,11 +15,11 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy.exc import DatabaseError, OperationalError
 
-from daemon.errors import StateDamaged
+from daemon.errors import ConfigError, StateDamaged, StateMissing
 from daemon.jobs import schema
 from daemon.jobs.tables import make_engine
 
@@ -54,17 +54,41 @@ def _is_damage(exc: DatabaseError) -> bool:
     )
 
 
+def _check_readable(engine: Engine, url: str) -> None:
+    """Raise ConfigError unless ``engine`` holds a state database of this version."""
+    try:
+        found = schema.current(engine)
+    except OperationalError as exc:
+        where = url.removeprefix("sqlite:///")
+        raise ConfigError(f"cannot read the state database {where}: {exc.orig}") from None
+    if found == 0:
+        where = url.removeprefix("sqlite:///")
+        with engine.connect() as conn:
+            tables = conn.execute(text("SELECT count(*) FROM sqlite_master")).scalar()
+        if url.startswith("sqlite") and not tables:  # being made by a starting daemon
+            raise StateMissing(f"the state database {where} is empty (no daemon has run yet)")
+        raise ConfigError(
+            f"{where} is not a state database of ldx-hotfolder (no jobs table); check state_db"
+        )
+    schema.ensure(engine, upgrade_older=False)  # an older or newer one: SchemaMismatch
+
+
 class Database:
     """One state database: engine, schema, transactions."""
 
-    def __init__(self, url: str, *, upgrade: bool = False) -> None:
+    def __init__(self, url: str, *, upgrade: bool = False, read_only: bool = False) -> None:
         """Open the database at ``url``; an empty one gets the schema, an older one is
-        upgraded when ``upgrade`` (else SchemaMismatch, as for a newer one)."""
+        upgraded when ``upgrade`` (else SchemaMismatch, as for a newer one). ``read_only``
+        (commands that only look): nothing is created or changed, and a missing,
+        unreadable or foreign database is a ConfigError that says so."""
         self.url = url
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, read_only=read_only)
         self._local = threading.local()  # the open batch of the thread committing it, if any
         try:
-            schema.ensure(self.engine, upgrade_older=upgrade)
+            if read_only:
+                _check_readable(self.engine, url)
+            else:
+                schema.ensure(self.engine, upgrade_older=upgrade)
         except DatabaseError as exc:
             self.engine.dispose()
             if not _is_damage(exc):

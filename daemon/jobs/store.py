@@ -256,8 +256,8 @@ def _gone(job_id: int, guarded: bool) -> Exception:
 class Store(HubRecords):
     """The queue's statements over one state database."""
 
-    def __init__(self, url: str, *, upgrade: bool = False) -> None:
-        super().__init__(url, upgrade=upgrade)
+    def __init__(self, url: str, *, upgrade: bool = False, read_only: bool = False) -> None:
+        super().__init__(url, upgrade=upgrade, read_only=read_only)
         self._insert_job = _insert_once(self.dialect)
 
     # -- intake --------------------------------------------------------------------

@@ -8,6 +8,9 @@ statements run on both. ``daemon.jobs.schema`` brings an older database to this 
 
 from __future__ import annotations
 
+import os
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -28,6 +31,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.elements import ColumnElement
 
+from daemon.errors import ConfigError, StateMissing
 from daemon.jobs.model import UNFINISHED_STAGES
 
 metadata = MetaData()
@@ -180,27 +184,62 @@ def _sqlite_begin(conn: Connection) -> None:
 def make_engine(url: str, *, read_only: bool = False) -> Engine:
     """The SQLAlchemy engine, with SQLite's durability settings when it is SQLite.
 
-    ``read_only`` opens an existing SQLite file only (never creates one), for commands
-    that only look (``status``, ``jobs``): a mistyped path must not make an empty database.
+    ``read_only`` is for commands that only look (``status``, ``jobs``, ``explain``, ``db
+    version``): an SQLite file is opened as it is, never created (a mistyped path is a
+    ConfigError naming it, not a new empty database), and a PostgreSQL session refuses
+    writes.
     """
     if not url.startswith("sqlite"):
+        if read_only:
+            options = {"options": "-c default_transaction_read_only=on"}
+            return create_engine(url, pool_pre_ping=True, connect_args=options)
         return create_engine(url, pool_pre_ping=True)
     if read_only:
         path = url.removeprefix("sqlite:///")
-        engine = create_engine(
-            "sqlite://",
-            creator=lambda: _connect_existing(path),
-        )
-    else:
-        engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
-        event.listen(engine, "connect", _sqlite_pragmas)
-        event.listen(engine, "begin", _sqlite_begin)
+        _check_exists(path)
+        return create_engine("sqlite://", creator=lambda: connect_read_only(path))
+    engine = create_engine(url, connect_args={"timeout": 10, "check_same_thread": False})
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
     return engine
 
 
-def _connect_existing(path: str) -> Any:
-    import sqlite3  # noqa: PLC0415 - only read-only commands on SQLite need the driver here
+def _check_exists(path: str) -> None:
+    if not os.path.lexists(path):
+        raise StateMissing(
+            f"the state database {path} does not exist: check state_db (no daemon has run "
+            "with this configuration yet, or it points elsewhere)"
+        )
+    if not os.path.isfile(path):
+        raise ConfigError(f"the state database {path} is not a file: check state_db")
+    if not os.access(path, os.R_OK):
+        raise ConfigError(
+            f"the state database {path} is not readable by this user: run the command as "
+            "the daemon's user (or as root)"
+        )
 
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=10000")
-    return conn
+
+def connect_read_only(path: str) -> sqlite3.Connection:
+    """A connection that can only read ``path``.
+
+    ``mode=ro`` sees what the running daemon committed, through its write-ahead log. In
+    a folder this user may not write, SQLite cannot make the log's index files; then,
+    when no log holds unmerged commits (the daemon stopped cleanly), the file alone is
+    the whole truth and is opened ``immutable``; else a ConfigError says what to do.
+    """
+    uri = Path(path).absolute().as_uri()  # percent-encoded: a "?" or "#" in a name is no option
+    conn = sqlite3.connect(f"{uri}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise ConfigError(
+            f"the state database {path} cannot be read here: the daemon's recent changes "
+            "are in its write-ahead log, which this user may not open in a folder it "
+            "cannot write; run the command as the daemon's user"
+        )
+    return sqlite3.connect(f"{uri}?mode=ro&immutable=1", uri=True, check_same_thread=False)

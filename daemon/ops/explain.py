@@ -29,7 +29,8 @@ from daemon.inbox.stability import Signature
 from daemon.jobs.model import Job, Status, Waiting
 from daemon.jobs.store import Store
 from daemon.jobs.views import Views
-from daemon.ops.health import age_text, read_heartbeat, verdict
+from daemon.ops.health import age_text, verdict
+from daemon.ops.healthsock import ask
 from daemon.outbox.layout import error_file_for
 
 _KINDS = (
@@ -513,7 +514,7 @@ def explain_path(
     """Gather and explain in one call (what the command line runs), with what the
     running daemon's heartbeat says holds new work back (the page budget, the hub)."""
     facts = gather(settings, store, given, cwd)
-    beat = read_heartbeat(settings.heartbeat_path)
+    beat = ask(settings.health_socket_path)
     if beat is not None and verdict(beat, now, settings.stall_timeout)[0]:
         facts = _replace(facts, held_back=beat.paused or beat.holding_back)
     return explain(facts, Rules.of(settings), now)

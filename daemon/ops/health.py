@@ -1,13 +1,16 @@
-"""Health: is the daemon alive and seeing the inbox? Heartbeat file, watchdog, self-exit.
+"""Health: is the daemon alive and seeing the inbox? Heartbeat, watchdog, self-exit.
 
 ``Monitor`` runs on the daemon's event loop every ``heartbeat_interval`` seconds. It asks
 the state table for the queue (through the single writer, so a stuck writer shows), asks
 the service whether the watcher, intake and pipeline are alive, and then: pings systemd's
-watchdog only when all is well, updates ``STATUS=`` and the metrics, and writes the
-heartbeat file that ``ldx-hotfolder health`` (and Docker's ``HEALTHCHECK``) read. A
+watchdog only when all is well, updates ``STATUS=`` and the metrics, and keeps the
+heartbeat in memory, where the health socket (``daemon.ops.healthsock``) answers
+``ldx-hotfolder health``, ``status`` and Docker's ``HEALTHCHECK`` from it and
+``/healthz`` reads it: nothing is written to disk, so an idle daemon writes nothing. A
 component that stays dead for ``stall_timeout`` makes the daemon exit non-zero, so that
 systemd or Docker restart it. ``Deadman`` is a thread that does the same when the event
-loop itself stops running (a stuck loop cannot judge itself).
+loop itself stops running (a stuck loop cannot judge itself; its heartbeat then grows
+old, and ``health`` says the daemon is stuck).
 
 The decisions (``assess``, ``verdict``, ``status_line``) are pure functions of their
 inputs, with the time passed in.
@@ -23,7 +26,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from daemon.installation import VERSION
@@ -45,9 +47,11 @@ class Liveness:
     watcher: bool
     intake: bool
     pipeline: bool
-    paused: str | None = None
+    paused: str | None = None  # work held until a person acts (key, plan, credit), in words
     holding_back: str | None = None
     in_flight: int = 0
+    outage_since: float | None = None  # the hub unreachable since then (epoch seconds)
+    outage_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ def take_snapshot(store: Views) -> Snapshot:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """What the daemon last said about itself; the content of the heartbeat file."""
+    """What the daemon last said about itself; what the health socket answers."""
 
     time: float
     pid: int
@@ -78,14 +82,15 @@ class Heartbeat:
     oldest_waiting_at: float | None = None
     in_flight: int = 0
     version: str = VERSION
+    outage: str | None = None  # "hub unreachable since T; N held": held, yet healthy
 
     def to_json(self) -> str:
-        """The file content."""
+        """The heartbeat as one JSON object."""
         return json.dumps(asdict(self), ensure_ascii=False, indent=1)
 
     @classmethod
     def from_json(cls, text: str) -> Heartbeat:
-        """Parse a file written by ``to_json``; ValueError when it is not one."""
+        """Parse what ``to_json`` made; ValueError when it is not one."""
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ValueError("not a heartbeat object")
@@ -128,6 +133,17 @@ def age_text(seconds: float) -> str:
     return f"{seconds / 86400:.1f} d"
 
 
+def outage_line(since: float, reason: str | None, counts: dict[str, int]) -> str:
+    """What ``health`` says while the hub is unreachable: held work, not a fault."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(since))
+    held = counts.get(Status.QUEUED.value, 0) + counts.get(Status.PROCESSING.value, 0)
+    why = f" ({reason})" if reason else ""
+    return (
+        f"hub unreachable since {stamp}; {held} held, nothing fails, and work resumes by "
+        f"itself when the hub answers{why}"
+    )
+
+
 def status_line(beat: Heartbeat, now: float) -> str:
     """The one line systemd shows as the service's status."""
     counts = ", ".join(f"{beat.counts.get(s.value, 0)} {s.value}" for s in Status)
@@ -136,6 +152,8 @@ def status_line(beat: Heartbeat, now: float) -> str:
         parts.append(f"oldest waiting {age_text(max(0.0, now - beat.oldest_waiting_at))}")
     if beat.paused:
         parts.append(f"PAUSED: {beat.paused}")
+    elif beat.outage:
+        parts.append(f"HELD: {beat.outage}")
     elif beat.holding_back:
         parts.append(f"holding back: {beat.holding_back}")
     parts += [f"UNHEALTHY: {problem}" for problem in beat.problems]
@@ -143,7 +161,16 @@ def status_line(beat: Heartbeat, now: float) -> str:
 
 
 def verdict(beat: Heartbeat | None, now: float, max_age: float) -> tuple[bool, list[str]]:
-    """Whether a heartbeat shows a live, seeing daemon, and the reasons in words."""
+    """Whether a heartbeat shows a daemon that works, and the reasons in words.
+
+    Not healthy: no answer (not running), a stale heartbeat (stuck), a dead part, and
+    work held for a cause a person must fix (the key rejected or its file unreadable, the
+    plan or the credit refusing conversions): nothing converts until someone acts, so a
+    check that stays green would hide it. Healthy: a hub outage with work held, because
+    the daemon is fine and resumes by itself ("hub unreachable since T; N held"); a
+    check that turned red for every network blip would be ignored. The daemon never
+    exits for held work (a restart fixes neither cause) and keeps the watchdog fed.
+    """
     if beat is None:
         return False, ["no heartbeat: the daemon is not running (or not started yet)"]
     age = now - beat.time
@@ -154,43 +181,21 @@ def verdict(beat: Heartbeat | None, now: float, max_age: float) -> tuple[bool, l
         ]
     if not beat.healthy:
         return False, list(beat.problems)
-    notes = [f"healthy (pid {beat.pid}, heartbeat {age_text(max(0.0, age))} ago)"]
     if beat.paused:
-        notes.append(f"work is paused: {beat.paused}")
+        return False, [f"work is held until a person acts: {beat.paused}"]
+    notes = [f"healthy (pid {beat.pid}, heartbeat {age_text(max(0.0, age))} ago)"]
+    if beat.outage:
+        notes.append(beat.outage)
     elif beat.holding_back:
         notes.append(f"new work is held back: {beat.holding_back}")
     return True, notes
-
-
-# -- the heartbeat file --------------------------------------------------------------------
-
-
-def write_heartbeat(path: Path, beat: Heartbeat) -> None:
-    """Replace the heartbeat file atomically (no fsync: it is rewritten every few seconds)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(beat.to_json(), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def read_heartbeat(path: Path) -> Heartbeat | None:
-    """The heartbeat in ``path``, or None when there is none (or it is unreadable)."""
-    try:
-        return Heartbeat.from_json(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def remove_heartbeat(path: Path) -> None:
-    """Remove the heartbeat file on a clean stop: ``health`` then says "not running"."""
-    with contextlib.suppress(OSError):  # gone already, or never writable
-        path.unlink()
 
 
 # -- the monitor on the event loop -----------------------------------------------------------
 
 
 class Monitor:
-    """Judges the daemon's health every few seconds and tells systemd, files and metrics."""
+    """Judges the daemon's health every few seconds and tells systemd and the metrics."""
 
     def __init__(
         self,
@@ -199,7 +204,6 @@ class Monitor:
         liveness: Callable[[], Liveness],
         notifier: Notifier,
         *,
-        heartbeat_file: Path,
         interval: float,
         stall_timeout: float,
         watchdog_interval: float | None = None,
@@ -210,7 +214,6 @@ class Monitor:
         self.views = views
         self.liveness = liveness
         self.notifier = notifier
-        self.heartbeat_file = heartbeat_file
         self.interval = min(interval, watchdog_interval or interval)
         self.stall_timeout = stall_timeout
         self.clock = clock
@@ -223,7 +226,6 @@ class Monitor:
         self._probe: asyncio.Future[Snapshot] | None = None
         self._probe_started = 0.0
         self._unhealthy_since: float | None = None
-        self._write_failing = False
 
     async def prime(self) -> None:
         """Read the queue once before the first beat (so READY=1 shows real counts)."""
@@ -246,6 +248,9 @@ class Monitor:
         waiting = self._collect_probe()
         live = self.liveness()
         problems = assess(live, waiting, self.stall_timeout)
+        outage = None
+        if live.outage_since is not None:
+            outage = outage_line(live.outage_since, live.outage_reason, self._snapshot.counts)
         beat = Heartbeat(
             time=now,
             pid=os.getpid(),
@@ -257,10 +262,10 @@ class Monitor:
             counts=dict(self._snapshot.counts),
             oldest_waiting_at=self._snapshot.oldest_waiting_at,
             in_flight=live.in_flight,
+            outage=outage,
         )
         self.latest = beat
         self._tell(beat, live)
-        await self._write(beat)
         self._judge(problems, now)
         return beat
 
@@ -292,19 +297,6 @@ class Monitor:
             metrics.UP.labels(component=component).set(1 if getattr(live, component) else 0)
         metrics.HEARTBEAT.set(beat.time)
 
-    async def _write(self, beat: Heartbeat) -> None:
-        try:
-            await asyncio.to_thread(write_heartbeat, self.heartbeat_file, beat)
-        except OSError:
-            if not self._write_failing:  # once, not on every beat
-                path = str(self.heartbeat_file)
-                log.warning("cannot write the heartbeat file", path=path, exc_info=True)
-            self._write_failing = True
-            return
-        if self._write_failing:
-            log.info("the heartbeat file is written again", path=str(self.heartbeat_file))
-        self._write_failing = False
-
     def _judge(self, problems: list[str], now: float) -> None:
         if not problems:
             if self._unhealthy_since is not None:
@@ -331,12 +323,11 @@ class Monitor:
         return ok, body
 
     async def close(self) -> None:
-        """Settle the probe and remove the heartbeat file (a clean stop)."""
+        """Settle the probe (a clean stop)."""
         if self._probe is not None:
             self._probe.cancel()
             with contextlib.suppress(BaseException):
                 await self._probe
-        remove_heartbeat(self.heartbeat_file)
 
 
 # -- the deadman thread -----------------------------------------------------------------------

@@ -13,6 +13,7 @@ instances sharing one database stay apart whatever the scrape configuration.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -167,9 +168,40 @@ def stage_summary() -> dict[str, float]:
     return timer.summary() if timer is not None else {}
 
 
+# Error codes a label may carry: the daemon's own and the hub's known ones. A hub may
+# send any code at all; each new label value is a new series kept for ever, so any
+# other code is counted as "other" (the job's row and the log keep the real one).
+KNOWN_CODES = frozenset(
+    {
+        # the daemon's
+        *("auth_rejected", "bad_output", "bad_response", "config_error", "credit_refused"),
+        *("deadline", "disk_full", "error", "failed", "hard_link", "hub_job_deadline"),
+        *("hub_refused", "hub_unavailable", "input_changed", "input_kept", "input_missing"),
+        *("internal", "local_io", "network", "not_found", "not_yet", "operator_action"),
+        *("output_refused", "output_too_large", "plan_refused", "publish_failed"),
+        *("rate_limited", "remote_failed", "short_download", "state_db", "timeout"),
+        *("too_many_conversions", "too_slow", "transient", "unreadable", "unsafe_output_path"),
+        *("incomplete", "unsupported_format", "empty_file", "too_large", "path_too_long"),
+        # the hub's (ldxhub-api.md and what its backend is seen to send)
+        *("upstream_service_error", "internal_error", "invalid_input", "file_too_large"),
+        *("invalid_engine", "invalid_language", "invalid_output_format", "invalid_file_id"),
+        *("invalid_request", "invalid_parameter", "job_not_found", "file_not_found"),
+        *("body_too_large", "precondition_failed", "unknown"),
+    }
+)
+_HTTP_CODE = re.compile(r"http_[1-5][0-9][0-9]")
+OTHER_CODE = "other"
+
+
+def code_label(code: str) -> str:
+    """``code`` as a metric label: itself when known (or ``http_NNN``), else ``other``."""
+    return code if code in KNOWN_CODES or _HTTP_CODE.fullmatch(code) else OTHER_CODE
+
+
 def record_error(code: str, action: str, stage: Stage | None = None) -> None:
-    """Count an error by code; ``action`` is retry, fail or pause."""
-    ERRORS.labels(code=code, action=action).inc()
+    """Count an error by code (unknown codes as ``other``); ``action`` is retry, fail or
+    pause."""
+    ERRORS.labels(code=code_label(code), action=action).inc()
     if action == "retry" and stage is not None:
         RETRIES.labels(stage=step_name(stage)).inc()
 

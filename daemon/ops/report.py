@@ -135,6 +135,7 @@ class StatusReport:
                 "notes": notes,
                 "pid": beat.pid if beat else None,
                 "paused": beat.paused if beat else None,
+                "outage": beat.outage if beat else None,
                 "in_flight": beat.in_flight if beat else None,
             },
             "hook_failures": [
@@ -158,6 +159,8 @@ def _daemon_view(report: StatusReport) -> str:
         return ""
     if beat.paused:
         return f"; the daemon reports: work paused, {beat.paused}"
+    if beat.outage:
+        return f"; the daemon reports: {beat.outage}"
     if beat.holding_back:
         return f"; the daemon reports: holding back, {beat.holding_back}"
     return "; the daemon reports no trouble with the hub"

@@ -2,10 +2,11 @@
 
 For ``run`` only (``once`` is watched by the person who started it). Once the start-up
 scan is done the service hands over here: ``READY=1`` goes to systemd, the health
-``Monitor`` starts beating (watchdog, ``STATUS=``, heartbeat, queue gauges), the
-metrics endpoint opens when configured, the ``Deadman`` thread watches the event loop,
-and SIGHUP asks the service to re-read its configuration. The SIGHUP handler only sets a
-flag; the reload runs on the loop.
+``Monitor`` starts beating (watchdog, ``STATUS=``, heartbeat, queue gauges), the health
+socket answers ``health`` and ``status``, the metrics endpoint opens when configured, the
+``Deadman`` thread watches the event loop, and SIGHUP asks the service to re-read its
+configuration. The SIGHUP handler only sets a flag; the reload runs on the loop, and a
+reload that fails in any way is logged and leaves the reloader waiting for the next one.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from daemon.errors import ConfigError
 from daemon.logs import get_logger
 from daemon.ops.health import Deadman, Monitor, status_line
+from daemon.ops.healthsock import HealthSocket
 from daemon.ops.metrics import MetricsServer
 from daemon.ops.notify import Notifier
 
@@ -36,13 +38,16 @@ class Supervisor:
         *,
         metrics_address: tuple[str, int] | None = None,
         reload: Callable[[], None] | None = None,
+        answer: HealthSocket | None = None,
     ) -> None:
         """``metrics_address``: (host, port) of ``/metrics``, None for no endpoint;
-        ``reload``: what SIGHUP does (None: it is ignored, with a line saying so)."""
+        ``reload``: what SIGHUP does (None: it is ignored, with a line saying so);
+        ``answer``: the health socket, started once the first beat is taken."""
         self.monitor = monitor
         self.notifier = notifier
         self.metrics_address = metrics_address
         self.reload = reload
+        self.answer = answer
         deadline = max(monitor.stall_timeout, DEADMAN_FLOOR)
         self.deadman = Deadman(lambda: self.monitor.last_beat, deadline)
         self.metrics: MetricsServer | None = None
@@ -58,6 +63,8 @@ class Supervisor:
         self._start_metrics()  # first: a port in use is a configuration error, not READY
         await self.monitor.prime()
         beat = await self.monitor.beat()
+        if self.answer is not None:
+            self.answer.start()  # a path taken by another daemon is a configuration error
         self.notifier.ready(status_line(beat, beat.time))
         self.deadman.start()
         loop = asyncio.get_running_loop()
@@ -90,10 +97,21 @@ class Supervisor:
             if self.reload is None:
                 log.warning("SIGHUP ignored: this daemon was not started from a configuration file")
             else:
-                self.reload()
+                self._reload_once(self.reload)
             beat = self.monitor.latest
             if beat is not None:
                 self.notifier.ready(status_line(beat, beat.time))
+
+    @staticmethod
+    def _reload_once(reload: Callable[[], None]) -> None:
+        # One failed reload must never end the reloader: later SIGHUPs would do nothing.
+        try:
+            reload()
+        except Exception as exc:
+            log.error(
+                "configuration reload failed; the running configuration stays",
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     def stopping(self) -> None:
         """Tell systemd the daemon is stopping; the loop stops beating, so the deadman too."""
@@ -101,9 +119,12 @@ class Supervisor:
         self.notifier.stopping()
 
     async def close(self) -> None:
-        """Stop watching: signal handler, metrics endpoint, deadman, health monitor."""
+        """Stop watching: signal handler, metrics endpoint, health socket, deadman,
+        health monitor."""
         asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         self.deadman.stop()
         if self.metrics is not None:
             self.metrics.stop()
+        if self.answer is not None:
+            self.answer.close()
         await self.monitor.close()

@@ -20,6 +20,7 @@ The delays follow capped exponential backoff with full jitter, with the server's
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import random
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from daemon.errors import (
     StateUnavailable,
 )
 from daemon.jobs.model import Job, Stage
+from daemon.logs import plain
 
 BASE_SECONDS = 1.0
 CAP_SECONDS = 300.0
@@ -200,3 +202,14 @@ def _retry(exc: RetryLater, job: Job, max_attempts: int, rng: random.Random | No
         return Fail(exc.code, f"{exc.message} (gave up after {job.attempts} retries)")
     delay = retry_delay(attempt, retry_after=exc.retry_after, rng=rng)
     return Retry(delay, exc.code, exc.message, counts=True)
+
+
+MAX_MESSAGE = 1000  # characters of a reason kept in the table, an error file or a hook
+
+
+def cleaned(decision: Decision) -> Decision:
+    """``decision`` with its reason made safe to store and show (``logs.plain``): every
+    reason, whatever raised it, reaches the table, error files, hooks and terminals."""
+    if isinstance(decision, LetGo):
+        return decision
+    return dataclasses.replace(decision, message=plain(decision.message, MAX_MESSAGE))

@@ -1,11 +1,15 @@
 """Completion hooks: tell other systems that a document is ready or a file failed.
 
 A hook is a command (an argument list, never a shell) run with the job's facts in its
-environment, and/or a webhook URL that receives a JSON POST. Hooks run in the background:
+environment, and/or a webhook URL that receives a JSON POST. A command gets a minimal
+environment: ``PATH``, ``HOME``, the locale and time zone, ``TMPDIR`` and the job's
+``LDX_*`` variables; nothing else of the daemon's (never the API key, the credentials
+directory or another ``LDX_HOTFOLDER_*`` setting). Hooks run in the background:
 they never block the pipeline, and a failing or hanging hook never loses, repeats or
 fails a conversion. A hung command is killed (with its process group) at its timeout; a
 webhook is retried with backoff on network errors and 5xx. Every failure is logged and
-reported to ``on_failure`` (which records it for ``status``).
+reported to ``on_failure`` (which records it for ``status``), with the webhook's URL
+shown without credentials or query values.
 """
 
 from __future__ import annotations
@@ -22,11 +26,22 @@ from typing import Any
 import httpx
 
 from daemon.config import HookSettings
-from daemon.logs import get_logger
+from daemon.logs import get_logger, plain, redact_url
 from daemon.pipeline.faults import retry_delay
 
 log = get_logger(component="hooks")
 MAX_PARALLEL = 4
+# What a command hook inherits from the daemon's environment; everything else stays out.
+INHERITED = frozenset({"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME"})
+
+
+def hook_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The part of the daemon's ``environ`` a command hook may see."""
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in INHERITED or (name.startswith("LC_") and name.isupper())
+    }
 
 
 @dataclass(frozen=True)
@@ -94,7 +109,7 @@ class Hooks:
     ) -> None:
         self.settings = settings
         self.on_failure = on_failure
-        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.base_env = hook_environment(os.environ if base_env is None else base_env)
         self._transport = transport
         self._slots = asyncio.Semaphore(MAX_PARALLEL)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -159,9 +174,11 @@ class Hooks:
                     break  # the receiver refuses this request; sending it again won't help
                 if attempt < attempts:
                     await asyncio.sleep(retry_delay(attempt, base=0.5, cap=60.0))
-        self._failed(event, f"webhook {url} failed after {attempt} attempt(s): {problem}")
+        shown = redact_url(url)
+        self._failed(event, f"webhook {shown} failed after {attempt} attempt(s): {problem}")
 
     def _failed(self, event: HookEvent, message: str) -> None:
+        message = plain(message, 1000)
         log.error("hook failed", job_id=event.job_id, path=event.input_rel, reason=message)
         self.on_failure(event.job_id, message)
 
@@ -170,7 +187,7 @@ async def _post_once(client: httpx.AsyncClient, url: str, body: dict[str, Any]) 
     try:
         response = await client.post(url, json=body)
     except httpx.HTTPError as exc:
-        return _plain(exc)
+        return _plain(exc)  # in words, never the URL (it may hold credentials)
     if response.is_success:
         return None
     return f"HTTP {response.status_code}"

@@ -191,7 +191,11 @@ class Steps:
         """An upload of this very content (its name carries the hash) that the hub keeps."""
         fmt = formats.InputFormat(job.input_format) if job.input_format else None
         name = upload_name(job.path, digest, fmt)
-        for info in await self.client.list_files():  # newest first
+        try:
+            listed = await self.client.list_files()  # newest first
+        except JobFailed:
+            return None  # a listing refused (404, a redirect): only a lookup, upload anew
+        for info in listed:
             if info.filename == name and info.size == job.size:
                 return info.file_id, epoch(info.expires_at)
         return None

@@ -283,6 +283,7 @@ class Worker:
             log.error("cannot record a job's step", job_id=job.id, error=exc.message)
             return  # the row keeps its stage; the job is redone once the database is back
         decision = faults.decide(exc, job, max_attempts=self.settings.max_attempts, rng=self.rng)
+        decision = faults.cleaned(decision)  # no secret or control character goes further
         if getattr(decision, "code", None) == "internal":
             log.error("unexpected error in a job step", job_id=job.id, exc_info=exc)
         try:

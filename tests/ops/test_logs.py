@@ -156,3 +156,39 @@ def test_short_values_are_not_treated_as_secrets() -> None:
     """A one-letter test key would mask ordinary words; it is not registered."""
     logs.register_secret("k")
     assert logs.scrub("key ok") == "key ok"
+
+
+def test_plain_removes_secrets_credentials_and_controls() -> None:
+    """A text from outside: registered key, Bearer/Basic values, escapes and controls go;
+    one line, bounded; ordinary words (a "basic plan") stay."""
+    secret = f"CANARY-{uuid.uuid4().hex}"
+    logs.register_secret(secret)
+    raw = (
+        f"denied for {secret}\r\nAuthorization: Bearer other.token-123;"
+        " basic plan, Basic dXNlcjpwYXNzd29yZA==\x1b[31m red\x1b[0m\x1b]0;title\x07"
+        "\x00\u202eevil\t end"
+    )
+    text = logs.plain(raw)
+    assert secret not in text
+    assert "other.token-123" not in text
+    assert "dXNlcjpwYXNzd29yZA" not in text
+    assert text == ("denied for *** Authorization: Bearer ***; basic plan, Basic *** red evil end")
+    assert logs.plain("x" * 50, 10) == "x" * 9 + "…"
+    assert logs.printable("#1    queued  a\x1b[2Jb") == "#1    queued  ab"
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "https://user:pw@hooks.example/x?token=abc&id=7",
+            "https://***@hooks.example/x?token=***&id=***",
+        ),
+        ("https://gw.ldxhub.io", "https://gw.ldxhub.io"),
+        ("http://[::1]:8080/a#secret", "http://[::1]:8080/a#***"),
+        ("http://h:99999999/", "***"),
+    ],
+)
+def test_urls_are_shown_without_credentials(url: str, shown: str) -> None:
+    """User, password, query values and fragment of a URL are masked wherever it is shown."""
+    assert logs.redact_url(url) == shown

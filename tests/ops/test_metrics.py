@@ -175,3 +175,18 @@ def test_healthz_is_503_with_the_reasons_when_unhealthy() -> None:
         assert httpx.get(f"http://{host}:{port}/other", timeout=5).status_code == 404
     finally:
         server.stop()
+
+
+def test_unknown_error_codes_share_one_label() -> None:
+    """Codes a hub invents count under ``other``: a hostile hub cannot grow the series."""
+    sample = "ldx_hotfolder_errors_total"
+    before = metrics.REGISTRY.get_sample_value(sample, {"code": "other", "action": "fail"}) or 0
+    for number in range(200):
+        metrics.record_error(f"hub_invented_{number}\x1b[31m", "fail")
+    metrics.record_error("http_503", "retry")
+    metrics.record_error("invalid_input", "fail")
+    page = samples(metrics.render().decode())
+    assert value(page, sample, code="other", action="fail") == before + 200
+    assert value(page, sample, code="http_503", action="retry") >= 1
+    assert value(page, sample, code="invalid_input", action="fail") >= 1
+    assert not [labels for _, labels in page if "hub_invented" in str(labels)]

@@ -25,6 +25,7 @@ from daemon.jobs.store import Store
 from daemon.jobs.tables import jobs_table
 from daemon.jobs.views import PagesUsed, Views
 from daemon.ops import metrics
+from daemon.ops.healthsock import ask
 from daemon.ops.usage import day_bounds
 from daemon.pipeline.budget import (
     RESERVATION_SECONDS,
@@ -484,8 +485,7 @@ def test_the_budget_holds_new_work_fails_nothing_and_resumes_when_the_day_turns(
             held = next(p for p in PDFS if _status(service, p) is not Status.COMPLETED)
             (inbox / "dept-a" / "c.png").write_bytes(make_scan("png", 3))
             await wait_async(lambda: job_of(service, "dept-a/c.png") is not None, what="c queued")
-            beat = settings.heartbeat_path
-            await wait_async(lambda: sentence in beat.read_text(encoding="utf-8"), what="beat")
+            await wait_async(lambda: _beat_says(settings, sentence), what="the heartbeat")
             await _check_held(service, held, capsys, config)
             hub_clock.advance(midnight + 1 - clock())
             await wait_async(
@@ -569,3 +569,8 @@ async def _check_held(
     )
     assert sentence in explained[0]["reasons"][0]
     assert explained[1]["reasons"][-1] == f"The daemon starts no new work now: {sentence}."
+
+
+def _beat_says(settings: Settings, sentence: str) -> bool:
+    beat = ask(settings.health_socket_path)
+    return beat is not None and sentence in (beat.holding_back or "")

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from daemon.config import HookSettings
 from daemon.pipeline.hooks import HookEvent, Hooks
 from tests.conftest import WebhookReceiver
@@ -137,3 +139,50 @@ def test_webhook_gives_up_and_reports(receiver: tuple[str, type[WebhookReceiver]
     assert len(handler.bodies) == 3
     assert "failed after 3 attempt(s): HTTP 503" in failures[0][1]
     assert handler.bodies[0]["error"] == {"code": "invalid_input", "message": "broken"}
+
+
+DUMP_ALL = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+
+
+def test_a_command_hook_gets_a_minimal_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key, the credentials folder and other daemon variables never reach a hook."""
+    monkeypatch.setenv("LDX_HOTFOLDER_HUB__API_KEY", "CANARY-key-in-the-environment")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", "/run/credentials/ldx-hotfolder.service")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "CANARY-cloud-secret")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    seen = tmp_path / "env.json"
+    settings = HookSettings(on_failed=(sys.executable, "-c", DUMP_ALL, str(seen)))
+    assert run_hooks(settings, event("failed")) == []
+    env = json.loads(seen.read_text())
+    assert "CANARY" not in json.dumps(env)
+    assert not {"LDX_HOTFOLDER_HUB__API_KEY", "CREDENTIALS_DIRECTORY"} & set(env)
+    assert (env["LC_ALL"], env["TZ"], env["LDX_ERROR_CODE"]) == (
+        "C.UTF-8",
+        "Asia/Tokyo",
+        "invalid_input",
+    )
+    allowed = {"PATH", "HOME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "USER", "LOGNAME"}
+    # the interpreter may add its own (LC_CTYPE coercion); nothing else of the daemon's
+    extra = {k for k in env if not k.startswith(("LDX_", "LC_")) and k not in allowed}
+    assert extra == set()
+
+
+def test_webhook_credentials_are_never_shown(
+    receiver: tuple[str, type[WebhookReceiver]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A webhook URL's user, password and query token stay out of hook_error and the log."""
+    url, handler = receiver
+    handler.answers[:] = [503]
+    secret_url = url.replace("http://", "http://hookuser:CANARY-pw@") + "?token=CANARY-token"
+    settings = HookSettings(webhook_url=secret_url, webhook_attempts=1)
+    failures = run_hooks(settings, event("failed"))
+    assert len(handler.bodies) == 1  # the credentials were used, only never shown
+    captured = capsys.readouterr()
+    message, logged = failures[0][1], captured.out + captured.err
+    assert "hook failed" in logged
+    assert "CANARY" not in message + logged
+    assert "http://***@127.0.0.1:" in message
+    assert "token=***" in message

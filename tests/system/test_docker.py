@@ -120,7 +120,7 @@ def test_volumes_and_configuration_match(
     assert str(settings.hub.api_key_file) == "/run/secrets/api-key"
     state = Path("/var/lib/ldx-hotfolder")
     assert settings.database_url == f"sqlite:///{state / 'state.db'}"
-    assert settings.heartbeat_path.parent == state
+    assert settings.health_socket_path.parent == state
 
 
 def test_build_context_is_only_what_the_image_needs() -> None:

@@ -53,6 +53,12 @@ ADVICE: dict[str, Advice] = {
         "Save or export it as one of those and drop it in the inbox again.",
         retry_helps=False,
     ),
+    "path_too_long": Advice(
+        "The path its output or error file would get is longer than the system allows "
+        f"(4095 bytes, or 255 for one name). {_INPUT}",
+        "Move the file to a folder nearer the top of the inbox, or give it a shorter name.",
+        retry_helps=False,
+    ),
     "hard_link": Advice(
         "The file has several hard links; such a file can show a file from outside the "
         "inbox, so it is not read.",
@@ -62,6 +68,11 @@ ADVICE: dict[str, Advice] = {
     "unreadable": Advice(
         "The daemon's user may not read the file.",
         "Give the daemon's user or group read permission on the file, then run retry.",
+    ),
+    "read_error": Advice(
+        "Reading the file failed in the system (a disk or network share error); the "
+        "message says why.",
+        "Check the disk or the share the inbox is on, then run retry.",
     ),
     "unsafe_output_path": Advice(
         "A folder on the way to the output (in the outbox or the archive) is a link or a "

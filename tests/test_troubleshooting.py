@@ -11,7 +11,8 @@ DOC = REPO / "docs" / "troubleshooting.md"
 # Where a code is given in daemon/: ``code="x"`` (and ``code = "x"`` on error classes),
 # ``error_code="x"``, a fault policy's ``Hold(..., "x", ...)``, a refused record
 # ``("x", problem)`` and ``else "x"`` defaults; in daemon/inbox also intake's refusals
-# ``return "x", message`` (elsewhere that shape is explain's one-word states).
+# ``return "x", message`` and refusal records ``("x", reason)`` (elsewhere those shapes
+# are explain's one-word states; a call ``f("x", ...)`` or ``in ("x", ...)`` is neither).
 CODE_PATTERNS = (
     re.compile(r"\b(?:error_)?code\s*=\s*f?\"([a-z][a-z0-9_{}]*)\""),
     re.compile(r"\bHold\(\w+, \"([a-z_]+)\""),
@@ -19,6 +20,7 @@ CODE_PATTERNS = (
     re.compile(r"\bcode = [^\n]* else \"([a-z_]+)\""),
 )
 REFUSALS = re.compile(r"^\s*return \"([a-z_]+)\", ", re.MULTILINE)
+RECORDS = re.compile(r"(?<![\w.])(?<!in )\(\"([a-z_]+)\", (?![a-z_]+=)")
 
 
 def documented() -> dict[str, tuple[str, str]]:
@@ -40,6 +42,7 @@ def raised_codes() -> set[str]:
             found.update(pattern.findall(text))
         if "inbox" in path.parts:
             found.update(REFUSALS.findall(text))
+            found.update(RECORDS.findall(text))
     return {HTTP_CODE if code.startswith("http_{") else code for code in found}
 
 
@@ -55,6 +58,7 @@ def test_every_code_raised_in_the_daemon_is_in_the_table() -> None:
     # The collector sees every kind of place a code is given (else it proves nothing).
     assert {"too_large", "disk_full", "bad_response", "remote_failed", "input_kept"} <= codes
     assert {"bad_folder_settings", "auth_rejected", HTTP_CODE, "already_running"} <= codes
+    assert {"path_too_long", "read_error"} <= codes
     missing = sorted(codes - set(documented()))
     assert missing == [], f"codes without a row in {DOC.name}: {missing}"
 

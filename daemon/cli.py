@@ -817,7 +817,7 @@ def _positive(text: str) -> int:
 
 
 def _retry_options(retry: argparse.ArgumentParser) -> None:
-    # Either named jobs or every failed one, as design.md writes it; never both at once.
+    # Either named jobs or every failed one, as the usage line says; never both at once.
     retry.usage = "%(prog)s [-h] [-c PATH] [--json] (JOB_OR_PATH ... | --failed)"
     which = retry.add_mutually_exclusive_group()
     which.add_argument(

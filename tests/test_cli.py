@@ -27,7 +27,7 @@ from tests.conftest import daemon_config, write_config
 from tests.helpers import _env, enqueue
 from tests.tooling import REPO, free_port
 
-SUBCOMMANDS = [  # the contract (design.md); the parser may not drop any of them
+SUBCOMMANDS = [  # the documented commands; the parser may not drop any of them
     "run",
     "once",
     "status",

@@ -1,6 +1,6 @@
 """The LDX hub emulator's HTTP face: a Starlette app over a ``Hub``.
 
-API routes (fact sheet §4-§7); all but the engine list need ``Authorization: Bearer <key>``:
+API routes (the hub's API reference); all but the engine list need ``Authorization: Bearer <key>``:
 
     GET  /files                    {"data": [FileInfo]}, newest first
     POST /files                    multipart/form-data, part "file" -> 201 FileInfo

@@ -19,8 +19,9 @@ It is thread-safe: the HTTP layer calls it from worker threads while tests read 
 ledger from theirs. The names other modules import from here (settings, records,
 refusals, ledger sums) are re-exported, so ``daemon.emulator.hub`` stays the one import.
 
-Facts come from the fact sheet ``shared/ldxhub-api.md``; where it is silent, comments say
-what a real gateway (Zuplo in front of a backend) most likely does.
+Facts come from the LDX hub's public API reference (docs/emulator.md describes what the
+emulator serves); where it is silent, comments say what a real gateway (Zuplo in front
+of a backend) most likely does.
 """
 
 from __future__ import annotations

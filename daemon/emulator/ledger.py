@@ -1,7 +1,7 @@
 """The ledger: what the hub received, and what it would bill, for tests to read.
 
 Every job created is one paid conversion of ``input_pages`` pages, whatever its outcome
-("every conversion is a bill", fact sheet §14); refused requests (429) are told apart
+("every conversion is a bill", as the hub bills); refused requests (429) are told apart
 from answered ones. ``paid_conversions``, ``pages_billed`` and ``refused_share`` add a
 ledger up.
 """
@@ -35,7 +35,7 @@ class Ledger:
 
     Besides what came in, it keeps what the hub would bill: every job created is one paid
     conversion of ``input_pages`` pages, whatever its outcome ("every conversion is a
-    bill", fact sheet §14); and it tells refused requests (429) from answered ones.
+    bill", as the hub bills); and it tells refused requests (429) from answered ones.
     """
 
     def __init__(self) -> None:

@@ -123,7 +123,7 @@ class JobInfo:
         if self.error is not None:
             body["error"] = self.error.to_json()
         if self.usage is not None:
-            # Usage is documented with input_pages (fact sheet §7.3); billing per page makes
+            # Usage is documented with input_pages (the hub's API reference); billing per page makes
             # it likely on RenderOCR jobs, so completed jobs carry it unless told not to.
             body["usage"] = {"input_pages": self.usage}
         body["created_at"] = stamp(self.created_at)

@@ -1,6 +1,6 @@
 """The hub's answers as the daemon reads them: lenient wherever the meaning is clear.
 
-The public reference leaves much unsaid (ldxhub-api.md section 14), so every model
+The hub's public API reference leaves much unsaid, so every model
 accepts unknown fields and absent optional ones, and reads the variants a gateway may
 send: a status in any case, ``error`` as an object or a bare string, ``progress`` as a
 fraction or a percentage, timestamps with fractions or an offset, an engine list as

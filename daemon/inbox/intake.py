@@ -82,7 +82,7 @@ TICK_SECONDS = 0.25
 QUIET_MARGIN = 0.002  # look just after a quiet period ends, never just before
 TAKE_BATCH = 200  # candidates inspected and inserted per call of the single writer
 ACCEPTED = "accepted: PDF, TIFF, JPEG, PNG, BMP"
-# The hub takes at most "200 MB" in one POST /files (ldxhub-api.md): a larger file is
+# The hub takes at most "200 MB" in one POST /files (its API reference): a larger file is
 # refused before it is uploaded in full for nothing. A hub with a lower limit says so
 # with a 413, which fails the job with the hub's own reason.
 MAX_UPLOAD_BYTES = 200 * 10**6

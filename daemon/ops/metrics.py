@@ -182,7 +182,7 @@ KNOWN_CODES = frozenset(
         *("rate_limited", "remote_failed", "short_download", "state_db", "timeout"),
         *("too_many_conversions", "too_slow", "transient", "unreadable", "unsafe_output_path"),
         *("incomplete", "unsupported_format", "empty_file", "too_large", "path_too_long"),
-        # the hub's (ldxhub-api.md and what its backend is seen to send)
+        # the hub's (its public API reference and what its backend is seen to send)
         *("upstream_service_error", "internal_error", "invalid_input", "file_too_large"),
         *("invalid_engine", "invalid_language", "invalid_output_format", "invalid_file_id"),
         *("invalid_request", "invalid_parameter", "job_not_found", "file_not_found"),

@@ -1,4 +1,4 @@
-"""The daemon against every answer variant a real hub may give (ldxhub-api.md section 14).
+"""The daemon against every answer variant a real hub may give (docs/emulator.md, shapes).
 
 Each test runs ``once`` in-process against the emulator answering one variant: the daemon
 converts, or fails with the hub's own reason; it never pays twice for one input (the

@@ -1,4 +1,4 @@
-"""Random interleavings of inbox changes, hub faults and SIGKILLs keep the guarantees (T10).
+"""Random interleavings of inbox changes, hub faults and SIGKILLs keep the guarantees.
 
 Hypothesis drives a real inbox, the emulator on loopback and the daemon as a real
 subprocess: files are dropped, rewritten, renamed and deleted, the hub starts and stops

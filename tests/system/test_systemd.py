@@ -64,7 +64,7 @@ def test_unit_verifies(local_unit: Path) -> None:
 
 
 def test_unit_security_exposure_at_most_1_5(local_unit: Path) -> None:
-    """systemd-analyze security --offline rates the sandbox at most 1.5 (reliability.md §8)."""
+    """systemd-analyze security --offline rates the sandbox at most 1.5 (docs/operations.md)."""
     tool = require_tool("systemd-analyze")
     result = subprocess.run(
         [tool, "security", "--offline=true", "--threshold=15", str(local_unit)],

@@ -2,7 +2,7 @@
 
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # httpx imports its command-line client (click, rich, pygments) whenever they are
 # installed, as they are here; no process of this program runs it, and in the transfer

@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from daemon.advice import ADVICE, HTTP_CODE, HUB_CODE
 from daemon.jobs.model import Stage
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -168,20 +169,13 @@ def stage_summary() -> dict[str, float]:
     return timer.summary() if timer is not None else {}
 
 
-# Error codes a label may carry: the daemon's own and the hub's known ones. A hub may
-# send any code at all; each new label value is a new series kept for ever, so any
-# other code is counted as "other" (the job's row and the log keep the real one).
+# Error codes a label may carry: the daemon's own (every code the advice table explains,
+# so a new code cannot be missed) and the hub's known ones. A hub may send any code at
+# all; each new label value is a new series kept for ever, so any other code is counted
+# as "other" (the job's row and the log keep the real one).
 KNOWN_CODES = frozenset(
     {
-        # the daemon's
-        *("auth_rejected", "bad_output", "bad_response", "config_error", "credit_refused"),
-        *("deadline", "disk_full", "error", "failed", "hard_link", "hub_job_deadline"),
-        *("hub_refused", "hub_unavailable", "input_changed", "input_kept", "input_missing"),
-        *("internal", "local_io", "network", "not_found", "not_yet", "operator_action"),
-        *("output_refused", "output_too_large", "plan_refused", "publish_failed"),
-        *("rate_limited", "remote_failed", "short_download", "state_db", "timeout"),
-        *("too_many_conversions", "too_slow", "transient", "unreadable", "unsafe_output_path"),
-        *("incomplete", "unsupported_format", "empty_file", "too_large", "path_too_long"),
+        *(code for code in ADVICE if code not in (HUB_CODE, HTTP_CODE)),
         # the hub's (its public API reference and what its backend is seen to send)
         *("upstream_service_error", "internal_error", "invalid_input", "file_too_large"),
         *("invalid_engine", "invalid_language", "invalid_output_format", "invalid_file_id"),

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.advice import ADVICE, HTTP_CODE, HUB_CODE
 from daemon.emulator.server import EmulatorServer
 from daemon.jobs.model import Stage
 from daemon.ops import metrics
@@ -190,3 +191,10 @@ def test_unknown_error_codes_share_one_label() -> None:
     assert value(page, sample, code="http_503", action="retry") >= 1
     assert value(page, sample, code="invalid_input", action="fail") >= 1
     assert not [labels for _, labels in page if "hub_invented" in str(labels)]
+
+
+def test_every_code_the_daemon_explains_keeps_its_own_label() -> None:
+    """Each code of the troubleshooting table counts under its own name, never ``other``."""
+    own = [code for code in ADVICE if code not in (HUB_CODE, HTTP_CODE)]
+    assert [code for code in own if metrics.code_label(code) != code] == []
+    assert metrics.code_label("http_413") == "http_413"

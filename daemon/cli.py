@@ -28,7 +28,7 @@ from daemon.jobs.store import Store
 from daemon.jobs.tables import make_engine
 from daemon.jobs.views import Views
 from daemon.logs import configure, scrub
-from daemon.ops import explain
+from daemon.ops import explain, usage
 from daemon.ops.health import EXIT_UNHEALTHY, read_heartbeat, verdict
 from daemon.ops.report import (
     HubCheck,
@@ -41,6 +41,7 @@ from daemon.ops.report import (
     purge_plan,
     render_status,
 )
+from daemon.pipeline.budget import PageLimits, Used, decide, reached
 from daemon.pipeline.steps import held_path
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -159,6 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         stalled = views.waiting()
         instances = views.instances()
         held = views.held(_now())
+        pages = _page_use(settings, views, _now())
     finally:
         views.database.close()
     hub = HubCheck(None, None, "skipped (--no-hub)") if args.no_hub else _hub_check(settings)
@@ -172,6 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         hub_url=settings.hub.base_url,
         hub=hub,
         hook_failures=hook_failures,
+        pages=pages,
     )
     if args.json:
         payload = report.to_json(job_json)
@@ -185,6 +188,46 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(line)
         for line in instance_lines(instances, held, report.now, settings.lease_seconds):
             print(line)
+    return EXIT_OK
+
+
+def _page_use(settings: Settings, views: Views, now: float) -> usage.PageUse:
+    """Pages billed today and this month, and the budget's sentence when it holds."""
+    (day_start, _), (month_start, month_end) = usage.day_bounds(now), usage.month_bounds(now)
+    found = views.pages_used(day_start, month_start, month_end)
+    at_hub = sum(found.at_hub.values())
+    limits = PageLimits(settings.budget.pages_per_day, settings.budget.pages_per_month)
+    used = Used(found.today + at_hub, found.month + at_hub)
+    hold = decide(used, 1, limits, now) if reached(used, limits) else None
+    return usage.PageUse(
+        found.today,
+        found.month,
+        limits.per_day,
+        limits.per_month,
+        hold.sentence() if hold is not None else None,
+    )
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    """Files and pages the hub billed in a period, per folder, rule, day or month."""
+    settings = _settings(args)
+    try:
+        period = usage.parse_period(_now(), args.month, args.since, args.until)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    views = _views(settings)
+    try:
+        billed = views.billed(period.start, period.end)
+    finally:
+        views.database.close()
+    report = usage.summarize(billed, period, args.by, args.depth)
+    if args.json:
+        print(json.dumps(report.to_json(), indent=2, ensure_ascii=False))
+    elif args.csv:
+        sys.stdout.write(usage.to_csv(report))
+    else:
+        print(usage.render(report))
     return EXIT_OK
 
 
@@ -510,6 +553,13 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
         ),
         ("status", cmd_status, "counts per status and recent failures", _status_options),
         ("jobs", cmd_jobs, "one line per job, newest first", _jobs_options),
+        (
+            "usage",
+            cmd_usage,
+            "files and pages the hub billed, per folder, rule, day or month "
+            "(default: this month, by folder)",
+            _usage_options,
+        ),
         ("retry", cmd_retry, "put failed jobs back in the queue", _retry_options),
         (
             "purge",
@@ -616,6 +666,38 @@ def _jobs_options(jobs: argparse.ArgumentParser) -> None:
     )
     jobs.add_argument("--limit", type=int, default=None, help="at most this many jobs")
     _json_flag(jobs, "print a JSON array")
+
+
+def _usage_options(command: argparse.ArgumentParser) -> None:
+    when = command.add_mutually_exclusive_group()
+    when.add_argument("--month", metavar="YYYY-MM", help="this calendar month (UTC)")
+    when.add_argument("--since", metavar="DATE", help="from this date or time (UTC unless it says)")
+    command.add_argument(
+        "--until", metavar="DATE", help="up to this date (included) or time; default now"
+    )
+    command.add_argument(
+        "--by", choices=usage.GROUPINGS, default="folder", help="one row per ... (default folder)"
+    )
+    command.add_argument(
+        "--depth",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="folders N levels below the inbox (default 1)",
+    )
+    shape = command.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print one JSON object")
+    shape.add_argument("--csv", action="store_true", help="print CSV: key, files, pages")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number of 1 or more: {text!r}")
+    return value
 
 
 def _retry_options(retry: argparse.ArgumentParser) -> None:

@@ -150,6 +150,15 @@ class HookSettings(BaseModel):
     webhook_attempts: int = Field(default=5, ge=1)
 
 
+class BudgetSettings(BaseModel):
+    """Pages the hub may bill a day and a month (UTC); past them new conversions wait."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pages_per_day: int | None = Field(default=None, gt=0, description="None: no daily limit")
+    pages_per_month: int | None = Field(default=None, gt=0, description="None: no monthly limit")
+
+
 class Settings(BaseSettings):
     """Every setting of the daemon, typed and validated."""
 
@@ -214,6 +223,7 @@ class Settings(BaseSettings):
     stall_timeout: float = Field(default=60.0, gt=0, description="seconds unhealthy before exit")
     hub: HubSettings = HubSettings()
     hooks: HookSettings = HookSettings()
+    budget: BudgetSettings = BudgetSettings()
     rules: tuple[Rule, ...] = ()
     _notes: tuple[str, ...] = PrivateAttr(default=())
 
@@ -391,6 +401,7 @@ def _reject_unknown_env(env: Mapping[str, str]) -> None:
     tables = {
         "HUB": {name.upper() for name in HubSettings.model_fields},
         "HOOKS": {name.upper() for name in HookSettings.model_fields},
+        "BUDGET": {name.upper() for name in BudgetSettings.model_fields},
     }
     for name in env:
         upper = name.upper()
@@ -433,7 +444,12 @@ def _describe_validation(
 
 def _did_you_mean(loc: tuple[int | str, ...]) -> str:
     """'; did you mean X?' for an unknown key close to a setting of its table, else ''."""
-    tables: dict[str, type[BaseModel]] = {"hub": HubSettings, "hooks": HookSettings, "rules": Rule}
+    tables: dict[str, type[BaseModel]] = {
+        "hub": HubSettings,
+        "hooks": HookSettings,
+        "budget": BudgetSettings,
+        "rules": Rule,
+    }
     table = tables.get(str(loc[0])) if len(loc) > 1 else Settings
     if table is None or not loc:
         return ""

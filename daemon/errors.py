@@ -23,6 +23,8 @@ The tree::
     └── OperatorAction            nothing works until a person acts; pause or stop, say so
         ├── AuthRejected          the hub rejects the API key (401/403 everywhere)
         ├── HubRefused            the hub refuses one kind of request (402 credit, 403 plan)
+        ├── BudgetReached         the next conversion would pass the page budget: new
+        │                         conversions wait for the day or month to turn
         └── ConfigError           the configuration is invalid; exit 2 with the key and fix
             ├── SchemaMismatch    the state database's schema is not this program's
             ├── StateDamaged      the state database is damaged, vanished or replaced
@@ -167,6 +169,12 @@ class HubRefused(OperatorAction):
     def __init__(self, message: str, *, route: str, code: str | None = None) -> None:
         super().__init__(message, code=code)
         self.route = route
+
+
+class BudgetReached(OperatorAction):
+    """The next conversion would pass ``[budget]``: it waits, nothing fails."""
+
+    code = "budget_reached"
 
 
 class ConfigError(OperatorAction):

@@ -7,11 +7,16 @@ and the emulator (what the hub accepts). The name's extension is never trusted.
 its trailer or its header's sizes (PDF ``%%EOF`` near the end, the JPEG end-of-image
 marker, the PNG ``IEND`` chunk, a TIFF's page directories and strips, a BMP's declared
 sizes). It reads through a callable, so it stays pure and reads a few bytes only.
+
+``count_pages`` says how many pages the hub will bill for a file, read the same way and
+bounded: a PDF's page objects and page-tree counts in its first ``PDF_SCAN_BYTES`` (and
+its tail), a TIFF's page directories, one page for an image.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from collections.abc import Callable
 
@@ -254,3 +259,83 @@ _CHECKS: dict[InputFormat, Callable[[int, Reader], str | None]] = {
     InputFormat.PNG: _png,
     InputFormat.BMP: _bmp,
 }
+
+
+# -- page counts (what the hub bills) ---------------------------------------------------
+
+PDF_SCAN_BYTES = 64 * 1024 * 1024  # read no more of a PDF to count its pages
+_PDF_CHUNK = 1024 * 1024
+_PDF_WINDOW = 512  # where a page tree's /Count may lie around its /Type /Pages
+_PDF_LEAF = re.compile(rb"/Type\s*/Page\b")
+_PDF_TREE = re.compile(rb"/Type\s*/Pages\b")
+_PDF_COUNT = re.compile(rb"/Count\s+(\d{1,9})\b")
+
+
+def count_pages(
+    fmt: InputFormat, size: int, read: Reader, *, scan_bytes: int = PDF_SCAN_BYTES
+) -> int | None:
+    """Pages the hub will bill for a complete file of ``fmt`` (None: unknown)."""
+    if fmt is InputFormat.PDF:
+        return _pdf_pages(size, read, scan_bytes)
+    if fmt is InputFormat.TIFF:
+        return _tiff_pages(read)
+    return 1
+
+
+def _pdf_pages(size: int, read: Reader, scan_bytes: int) -> int | None:
+    """The larger of the page objects and the page tree's largest /Count, scanned in
+    chunks over the first ``scan_bytes`` and the last chunk (pages compressed into
+    object streams show neither: None)."""
+    leaves, tree, done, base, carry = 0, 0, 0, 0, b""
+    end = min(size, scan_bytes)
+    while True:
+        chunk = read(base + len(carry), min(_PDF_CHUNK, end - base - len(carry)))
+        buffer = carry + chunk
+        # Matches starting in the last bytes wait for the next chunk, which may extend them.
+        cutoff = base + len(buffer) - (2 * _PDF_WINDOW if chunk else 0)
+        leaves += sum(1 for m in _PDF_LEAF.finditer(buffer) if done <= base + m.start() < cutoff)
+        tree = max(tree, _pdf_tree_count(buffer, base, done, cutoff))
+        if not chunk:
+            break
+        done = max(done, cutoff)
+        keep = max(0, done - base - _PDF_WINDOW)
+        base, carry = base + keep, buffer[keep:]
+    if size > end:  # the root of the page tree is often written last
+        start = max(end, size - _PDF_CHUNK)
+        tree = max(tree, _pdf_tree_count(read(start, size - start), start, start, size))
+    return max(leaves, tree) or None
+
+
+def _pdf_tree_count(buffer: bytes, base: int, done: int, cutoff: int) -> int:
+    """The largest /Count beside a /Type /Pages that starts in [done, cutoff)."""
+    largest = 0
+    for match in _PDF_TREE.finditer(buffer):
+        if not done <= base + match.start() < cutoff:
+            continue
+        near = buffer[max(0, match.start() - _PDF_WINDOW) : match.end() + _PDF_WINDOW]
+        for count in _PDF_COUNT.finditer(near):
+            largest = max(largest, int(count.group(1)))
+    return largest
+
+
+def _tiff_pages(read: Reader) -> int | None:
+    """The number of page directories (None when one is unreadable or they loop)."""
+    header = read(0, 8)
+    if len(header) < 8:
+        return None
+    order = "<" if header[:2] == b"II" else ">"
+    (offset,) = struct.unpack(order + "I", header[4:8])
+    seen: set[int] = set()
+    while offset:
+        if offset < 8 or offset in seen or len(seen) >= _TIFF_MAX_PAGES:
+            return None
+        seen.add(offset)
+        count_bytes = read(offset, 2)
+        if len(count_bytes) < 2:
+            return None
+        (entries,) = struct.unpack(order + "H", count_bytes)
+        link = read(offset + 2 + 12 * entries, 4)
+        if len(link) < 4:
+            return None
+        (offset,) = struct.unpack(order + "I", link)
+    return len(seen) or None

@@ -45,7 +45,7 @@ from daemon.inbox.watcher import Watcher
 from daemon.jobs.database import damaged_message
 from daemon.jobs.model import Instance, Status
 from daemon.jobs.store import Store
-from daemon.jobs.views import Views
+from daemon.jobs.views import PagesUsed, Views
 from daemon.jobs.writer import Writer
 from daemon.logs import configure, get_logger
 from daemon.ops import failpoints, metrics
@@ -57,6 +57,7 @@ from daemon.ops.supervise import Supervisor
 from daemon.outbox import reconcile
 from daemon.outbox.permissions import OutputPermissions, tighten_umask
 from daemon.outbox.permissions import check as check_permissions
+from daemon.pipeline.budget import PageBudget, PageLimits
 from daemon.pipeline.commit import Commit
 from daemon.pipeline.hooks import Hooks
 from daemon.pipeline.steps import Steps, StepSettings
@@ -208,8 +209,15 @@ class Service:
         self.commit = Commit(
             self.writer, instance=settings.instance_id, lease=settings.lease_seconds
         )
+        pages = PageLimits(settings.budget.pages_per_day, settings.budget.pages_per_month)
+        self.pages = PageBudget(pages, self._used)
         self.steps = Steps(
-            _step_settings(settings), self.writer, self.client, self.poller, self.commit
+            _step_settings(settings),
+            self.writer,
+            self.client,
+            self.poller,
+            self.commit,
+            pages=self.pages,
         )
         self.worker = Worker(
             _worker_settings(settings, shared=self.store.dialect != "sqlite"),
@@ -219,6 +227,9 @@ class Service:
             hooks=Hooks(settings.hooks, self._hook_failed),
         )
         self.worker.brakes.reasons = self._held_by
+        self.worker.brakes.new_work = self.pages.holding
+        self.worker.brakes.lifts_in = self.pages.lifts_in
+        self.pages.on_change = self.worker.wake
         budget = self.client.budget
         if budget is not None:
             self.worker.brakes.budget_share = lambda: budget.share
@@ -274,6 +285,10 @@ class Service:
         else:
             log.info("the hub answers again; held work resumes")
         self.worker.wake()
+
+    async def _used(self, day_start: float, month_start: float, until: float) -> PagesUsed:
+        """The page budget's sums, read in the single writer (in step with its commits)."""
+        return await self.writer.call(self.views.pages_used, day_start, month_start, until)
 
     def _held_by(self) -> str | None:
         """Why no new job starts, or None: the gate, while it holds every route (a refused
@@ -411,6 +426,7 @@ class Service:
 
     async def _run(self) -> Outcome | None:
         await self._register()
+        await self.pages.refresh()
         await self._check_routes()
         outbox_root = self.settings.outbox.absolute()
         await asyncio.to_thread(

@@ -23,6 +23,7 @@ SUBCOMMANDS = [  # the contract (design.md); the parser may not drop any of them
     "once",
     "status",
     "jobs",
+    "usage",
     "retry",
     "purge",
     "health",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from daemon.config import HookSettings, HubSettings, Rule, Settings, load_settings
+from daemon.config import BudgetSettings, HookSettings, HubSettings, Rule, Settings, load_settings
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -27,9 +27,10 @@ def documented_keys() -> dict[str, set[str]]:
 def test_example_documents_every_setting() -> None:
     """Every setting appears in the example, commented out or not, in its table."""
     keys = documented_keys()
-    assert set(Settings.model_fields) - {"hub", "hooks", "rules"} <= keys[""]
+    assert set(Settings.model_fields) - {"hub", "hooks", "budget", "rules"} <= keys[""]
     assert set(HubSettings.model_fields) <= keys["hub"]
     assert set(HookSettings.model_fields) <= keys["hooks"]
+    assert set(BudgetSettings.model_fields) <= keys["budget"]
     assert {"match"} | {name for name in Rule.model_fields if name != "match"} <= keys["rules"]
 
 

@@ -25,8 +25,8 @@ from starlette.responses import (
 )
 
 from daemon.emulator import bombs
-from daemon.emulator.hub import FileInfo, JobInfo, Stamp, iso, new_id
 from daemon.emulator.knobs import Variants
+from daemon.emulator.models import FileInfo, JobInfo, Stamp, iso, new_id
 
 BUILD_ID = str(uuid.uuid4())  # Zuplo puts its deployment's build id in every problem trace
 PADDING_FIELD = "x_padding"

@@ -27,6 +27,7 @@ from daemon.formats import (
     SNIFF_BYTES,
     InputFormat,
     completeness,
+    count_pages,
     describe,
     looks_unwritten,
     sniff,
@@ -152,6 +153,7 @@ class Inspection:
     input_format: InputFormat | None = None
     described: str = ""
     problem: str | None = None  # why it does not look completely written yet
+    pages: int | None = None  # what the hub will bill (counted once complete; None: unknown)
 
 
 def inspect_open(fd: int, *, read_content: bool = True) -> Inspection:
@@ -166,7 +168,8 @@ def inspect_open(fd: int, *, read_content: bool = True) -> Inspection:
         problem = UNWRITTEN if looks_unwritten(head) else None
         return Inspection(signature, st.st_nlink, None, described, problem)
     problem = completeness(fmt, st.st_size, lambda offset, n: os.pread(fd, n, offset))
-    return Inspection(signature, st.st_nlink, fmt, described, problem)
+    pages = None if problem else count_pages(fmt, st.st_size, lambda at, n: os.pread(fd, n, at))
+    return Inspection(signature, st.st_nlink, fmt, described, problem, pages)
 
 
 def inspect_input(inbox: Path, rel_path: str, *, allow_hardlinks: bool) -> Inspection:

@@ -486,6 +486,7 @@ class Intake:
             output_format=chosen.output_format,
             on_success=chosen.on_success,
             rule=chosen.source,
+            pages=found.pages,
         )
         return new, problem
 

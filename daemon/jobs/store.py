@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy import (
     Select,
     Update,
+    and_,
     bindparam,
     case,
     delete,
@@ -35,7 +36,7 @@ from sqlalchemy.exc import NoResultFound
 from sqlalchemy.sql.dml import ReturningInsert
 from sqlalchemy.sql.elements import ColumnElement
 
-from daemon.errors import LeaseLost
+from daemon.errors import BudgetReached, LeaseLost
 from daemon.jobs.database import Database
 from daemon.jobs.model import (
     FINAL_STAGES,
@@ -140,6 +141,19 @@ _CLAIM = (
     .limit(bindparam("limit"))
     .with_for_update(skip_locked=True)  # SQLite: nothing; its write lock is held anyway
 )
+# Jobs whose next step pays for no new conversion: converting at the hub or past it, or
+# one whose creation may have been sent (adopted, not paid again) unless it already
+# waits for the page budget. What runs while the page budget holds new conversions.
+_NO_NEW_CONVERSION = or_(
+    jobs_table.c.stage.in_(
+        [s.value for s in (Stage.SUBMITTED, Stage.DOWNLOADING, Stage.DOWNLOADED, Stage.PUBLISHED)]
+    ),
+    and_(
+        jobs_table.c.stage == Stage.SUBMITTING.value,
+        or_(jobs_table.c.error_code.is_(None), jobs_table.c.error_code != BudgetReached.code),
+    ),
+)
+_CLAIM_PAID = _CLAIM.where(_NO_NEW_CONVERSION)
 _TAKE = (
     update(jobs_table)
     .where(jobs_table.c.id.in_(bindparam("ids", expanding=True)), _claimable())
@@ -156,6 +170,7 @@ _NEXT_DUE = select(
         )
     ),
 ).where(unfinished())
+_NEXT_DUE_PAID = _NEXT_DUE.where(_NO_NEW_CONVERSION)
 _LOCK_INTAKE = select(locks_table.c.name).where(locks_table.c.name == "intake").with_for_update()
 _NAME_CLAIMS = (
     select(
@@ -349,13 +364,22 @@ class Store(Database):
     # -- worker ----------------------------------------------------------------------
 
     def claim(
-        self, now: float, limit: int, exclude: Iterable[int], owner: str, lease: float
+        self,
+        now: float,
+        limit: int,
+        exclude: Iterable[int],
+        owner: str,
+        lease: float,
+        *,
+        new_work: bool = True,
     ) -> list[Claim]:
         """Claim up to ``limit`` due jobs for ``owner`` until ``now + lease``, oldest
-        first: those nobody holds, and those whose holder's lease expired."""
+        first: those nobody holds, and those whose holder's lease expired (without
+        ``new_work``, only those whose next step pays for no new conversion)."""
         params = {"now": now, "exclude": list(exclude), "limit": limit, "me": owner}
+        due = _CLAIM if new_work else _CLAIM_PAID
         with self.write() as conn:
-            before = {row.id: (row.owner, row.lease_until) for row in conn.execute(_CLAIM, params)}
+            before = {row.id: (row.owner, row.lease_until) for row in conn.execute(due, params)}
             if not before:
                 return []
             taken = conn.execute(_TAKE, {**params, "ids": list(before), "until": now + lease})
@@ -393,11 +417,12 @@ class Store(Database):
                 conn.execute(stopped.values(stopped_at=now))
         return released
 
-    def next_due(self, owner: str = "") -> float | None:
+    def next_due(self, owner: str = "", *, new_work: bool = True) -> float | None:
         """When a job may next become runnable for ``owner``: the earliest
-        ``next_attempt_at`` of a deferred job, or another instance's lease expiry."""
+        ``next_attempt_at`` of a deferred job, or another instance's lease expiry
+        (without ``new_work``, of the jobs ``claim`` would then take)."""
         with self.read() as conn:
-            row = conn.execute(_NEXT_DUE, {"me": owner}).one()
+            row = conn.execute(_NEXT_DUE if new_work else _NEXT_DUE_PAID, {"me": owner}).one()
         found = [float(value) for value in row if value is not None]
         return min(found) if found else None
 
@@ -489,10 +514,11 @@ class Store(Database):
             rows = [dict(row._mapping) for row in conn.execute(query)]
         return [RemoteRecord(**{k: v for k, v in row.items() if k in names}) for row in rows]
 
-    def record_usage(self, job: Job, record: RemoteRecord, folder: str, billed_at: float) -> None:
-        """Note what the hub billed for one remote job (once, whatever happens after)."""
+    def record_usage(self, job: Job, record: RemoteRecord, folder: str, billed_at: float) -> bool:
+        """Note what the hub billed for one remote job (once, whatever happens after);
+        True when it was noted now, False when there was nothing (new) to note."""
         if record.pages is None:
-            return
+            return False
         values = {
             "remote_job_id": record.remote_job_id,
             "job_id": job.id,
@@ -508,8 +534,10 @@ class Store(Database):
             known = select(table.c.remote_job_id).where(
                 table.c.remote_job_id == record.remote_job_id
             )
-            if conn.execute(known).first() is None:
-                conn.execute(insert(table).values(values))
+            if conn.execute(known).first() is not None:
+                return False
+            conn.execute(insert(table).values(values))
+        return True
 
     def durations(self) -> dict[str, tuple[float, float, int]]:
         """Learned durations per engine: (seconds per page, base seconds, samples)."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import case, func, or_, select
 
 from daemon.jobs.database import Database
-from daemon.jobs.model import Instance, Job, Status, Waiting
+from daemon.jobs.model import Instance, Job, Stage, Status, Waiting
 from daemon.jobs.store import job_from_row
 from daemon.jobs.tables import (
     instances_table,
@@ -34,6 +34,16 @@ class Billed:
     pages: int
     outcome: str
     billed_at: float
+
+
+@dataclass(frozen=True)
+class PagesUsed:
+    """Pages billed today and this month, and the pages of the conversions at the hub
+    that are not billed yet (job id -> pages counted at intake, 1 when unknown)."""
+
+    today: int
+    month: int
+    at_hub: dict[int, int]
 
 
 class Views:
@@ -180,3 +190,24 @@ class Views:
                 Billed(r.path, r.folder, r.rule, int(r.pages), r.outcome, float(r.billed_at))
                 for r in conn.execute(query)
             ]
+
+    def pages_used(self, day_start: float, month_start: float, until: float) -> PagesUsed:
+        """Pages billed since ``day_start`` and since ``month_start`` (before ``until``),
+        and the jobs converting at the hub whose remote job is not billed yet."""
+        table = usage_table
+        today = func.sum(case((table.c.billed_at >= day_start, table.c.pages), else_=0))
+        billed = select(today, func.sum(table.c.pages)).where(
+            table.c.billed_at >= month_start, table.c.billed_at < until
+        )
+        unbilled = (
+            ~select(table.c.remote_job_id)
+            .where(table.c.remote_job_id == jobs_table.c.remote_job_id)
+            .exists()
+        )
+        at_hub = select(jobs_table.c.id, jobs_table.c.pages).where(
+            jobs_table.c.stage == Stage.SUBMITTED.value, unbilled
+        )
+        with self.database.read() as conn:
+            day, month = conn.execute(billed).one()
+            jobs = {int(r.id): max(1, int(r.pages or 1)) for r in conn.execute(at_hub)}
+        return PagesUsed(int(day or 0), int(month or 0), jobs)

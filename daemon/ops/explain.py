@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from daemon.config import Settings
-from daemon.errors import JobFailed
+from daemon.errors import BudgetReached, JobFailed
 from daemon.fs import fs_path, is_escaped, stored_path
 from daemon.inbox.filters import DEFAULT_IGNORE, NameFilter
 from daemon.inbox.inputs import Inspection, inspect_input, open_input, sha256_of, signature_of
@@ -26,7 +26,7 @@ from daemon.inbox.stability import Signature
 from daemon.jobs.model import Job, Status, Waiting
 from daemon.jobs.store import Store
 from daemon.jobs.views import Views
-from daemon.ops.health import age_text
+from daemon.ops.health import age_text, read_heartbeat, verdict
 from daemon.outbox.layout import error_file_for
 
 _KINDS = (
@@ -58,6 +58,7 @@ class Facts:
     same_content: tuple[Job, bool] | None = None  # a completed job with the same bytes
     waiting: Waiting | None = None
     files_inside: int | None = None
+    held_back: str | None = None  # why the running daemon starts no new work now
 
 
 @dataclass(frozen=True)
@@ -405,13 +406,19 @@ def _job_lines(job: Job, rules: Rules, facts: Facts) -> tuple[str, list[str]]:
         line = f"Queued as job #{job.id} since {_stamp(job.created_at)}, waiting for a free slot"
         if job.error_message:
             line += f"; last problem: {job.error_message}"
-        return "queued", [line + "."]
+        return "queued", [line + ".", *_held_back(facts, job)]
     line = f"Processing as job #{job.id}: stage {job.stage.value}"
     if job.remote_job_id:
         line += f", hub job {job.remote_job_id}"
     if job.next_attempt_at and job.error_message:
         line += f"; retrying at {_stamp(job.next_attempt_at)} after: {job.error_message}"
-    return "processing", [line + "."]
+    return "processing", [line + ".", *_held_back(facts, job)]
+
+
+def _held_back(facts: Facts, job: Job) -> list[str]:
+    if not facts.held_back or job.error_code == BudgetReached.code:  # said above
+        return []
+    return [f"The daemon starts no new work now: {facts.held_back}."]
 
 
 def _completed(job: Job, rules: Rules, facts: Facts) -> list[str]:
@@ -458,8 +465,13 @@ def _stamp(ts: float) -> str:
 def explain_path(
     settings: Settings, store: Store, given: str, cwd: Path, now: float
 ) -> Explanation:
-    """Gather and explain in one call (what the command line runs)."""
-    return explain(gather(settings, store, given, cwd), Rules.of(settings), now)
+    """Gather and explain in one call (what the command line runs), with what the
+    running daemon's heartbeat says holds new work back (the page budget, the hub)."""
+    facts = gather(settings, store, given, cwd)
+    beat = read_heartbeat(settings.heartbeat_path)
+    if beat is not None and verdict(beat, now, settings.stall_timeout)[0]:
+        facts = _replace(facts, held_back=beat.paused or beat.holding_back)
+    return explain(facts, Rules.of(settings), now)
 
 
 # -- stalled inputs in ``status`` ---------------------------------------------------------

@@ -157,6 +157,8 @@ def verdict(beat: Heartbeat | None, now: float, max_age: float) -> tuple[bool, l
     notes = [f"healthy (pid {beat.pid}, heartbeat {age_text(max(0.0, age))} ago)"]
     if beat.paused:
         notes.append(f"work is paused: {beat.paused}")
+    elif beat.holding_back:
+        notes.append(f"new work is held back: {beat.holding_back}")
     return True, notes
 
 

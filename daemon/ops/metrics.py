@@ -67,6 +67,29 @@ UPLOADED_BYTES = Counter(f"{_NS}_uploaded_bytes", "Input bytes sent to the hub",
 DOWNLOADED_BYTES = Counter(
     f"{_NS}_downloaded_bytes", "Output bytes fetched from the hub", registry=REGISTRY
 )
+PAGES_BILLED = Counter(
+    f"{_NS}_pages_billed",
+    "Pages the hub billed, per first folder below the inbox ((inbox): files right in it)",
+    ["folder"],
+    registry=REGISTRY,
+)
+BUDGET_PAGES = Gauge(
+    f"{_NS}_budget_pages_used",
+    "Pages billed (and at the hub) in the current UTC day or month",
+    ["period"],
+    registry=REGISTRY,
+)
+BUDGET_LIMIT = Gauge(
+    f"{_NS}_budget_pages_limit",
+    "The page budget of a UTC day or month ([budget]; 0: no limit)",
+    ["period"],
+    registry=REGISTRY,
+)
+BUDGET_HELD = Gauge(
+    f"{_NS}_budget_held", "1 while the page budget holds new conversions", registry=REGISTRY
+)
+MAX_FOLDER_LABELS = 200  # folders beyond these many share the label "(other)"
+_folder_labels: set[str] = set()
 
 # What each stage's step does, as the name shown in metrics and job summaries.
 STEP_NAMES = {
@@ -164,6 +187,30 @@ def record_uploaded(size: int) -> None:
 def record_downloaded(size: int) -> None:
     """Count bytes fetched from the hub."""
     DOWNLOADED_BYTES.inc(max(0, size))
+
+
+def record_pages(folder: str, pages: int) -> None:
+    """Count pages the hub billed for an input of ``folder`` (the first below the inbox)."""
+    label = folder or "(inbox)"
+    if label not in _folder_labels:
+        if len(_folder_labels) >= MAX_FOLDER_LABELS:
+            label = "(other)"
+        else:
+            _folder_labels.add(label)
+    PAGES_BILLED.labels(folder=label).inc(max(0, pages))
+
+
+def set_budget_limits(per_day: int | None, per_month: int | None) -> None:
+    """Show the configured page budget (0: no limit)."""
+    BUDGET_LIMIT.labels(period="day").set(per_day or 0)
+    BUDGET_LIMIT.labels(period="month").set(per_month or 0)
+
+
+def show_budget(today: int, month: int, held: bool) -> None:
+    """Show the pages used today and this month, and whether the budget holds work."""
+    BUDGET_PAGES.labels(period="day").set(today)
+    BUDGET_PAGES.labels(period="month").set(month)
+    BUDGET_HELD.set(1 if held else 0)
 
 
 INSTANCE_LABEL = "instance_id"

@@ -16,6 +16,7 @@ from typing import Any
 
 from daemon.jobs.model import Instance, Job
 from daemon.ops.health import Heartbeat, age_text, verdict
+from daemon.ops.usage import PageUse
 
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*$")
@@ -98,6 +99,7 @@ class StatusReport:
     hub_url: str
     hub: HubCheck
     hook_failures: Sequence[Job] = ()
+    pages: PageUse | None = None
 
     def daemon(self) -> tuple[bool, list[str]]:
         """Whether the daemon runs and is healthy, and the notes."""
@@ -128,6 +130,7 @@ class StatusReport:
                 {"id": job.id, "path": job.path, "hook_error": job.hook_error}
                 for job in self.hook_failures
             ],
+            "pages": self.pages.to_json() if self.pages is not None else None,
             "hub": {
                 "url": self.hub_url,
                 "reachable": self.hub.reachable,
@@ -170,6 +173,7 @@ def render_status(report: StatusReport) -> str:
             else f"the oldest unfinished job was queued {age_text(age)} ago"
         ),
     ]
+    lines += _page_lines(report)
     if report.failures:
         lines += ["", "recent failures:"]
         for job in report.failures:
@@ -181,6 +185,19 @@ def render_status(report: StatusReport) -> str:
         lines += ["", "hooks that failed (the conversions are not affected):"]
         lines += [f"  #{job.id} {job.path}: {job.hook_error}" for job in report.hook_failures]
     return "\n".join(lines)
+
+
+def _page_lines(report: StatusReport) -> list[str]:
+    """Pages billed today and this month; the budget's hold unless the daemon says it."""
+    pages = report.pages
+    if pages is None:
+        return []
+    lines = [f"pages    {pages.line()}"]
+    beat = report.heartbeat
+    said = beat is not None and "page budget" in (beat.holding_back or "")
+    if pages.held and not said:
+        lines.append(f"budget   {pages.held}")
+    return lines
 
 
 def holder(job: Job, now: float) -> str | None:

@@ -63,6 +63,7 @@ from daemon.outbox import publish as outbox
 from daemon.outbox.layout import upload_name
 from daemon.outbox.permissions import OutputPermissions, make_dirs, open_output
 from daemon.outbox.verify import verify_package
+from daemon.pipeline.budget import PageBudget, PageLimits
 from daemon.pipeline.faults import TRANSIENT_REMOTE_CODES
 
 log = get_logger(component="steps")
@@ -129,6 +130,7 @@ class Steps:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        pages: PageBudget | None = None,
     ) -> None:
         self.settings = settings
         self.writer = writer
@@ -137,6 +139,7 @@ class Steps:
         self.advance = advance
         self.clock = clock
         self.rng = rng or random.Random()
+        self.pages = pages or PageBudget(PageLimits())  # the page budget; none by default
         # Jobs whose last creation request certainly made nothing at the hub (a refusal,
         # no connection): their next attempt need not look for a job to adopt.
         self.nothing_created: set[int] = set()
@@ -312,6 +315,7 @@ class Steps:
                 "delivering an output; run `ldx-hotfolder retry` to pay for another",
                 code="too_many_conversions",
             )
+        await self.pages.admit(job.id, job.pages)  # BudgetReached: wait, pay nothing
         if job.stage is not Stage.SUBMITTING:
             job = await self.advance(job, Stage.SUBMITTING)
         self.nothing_created.discard(job.id)
@@ -322,9 +326,11 @@ class Steps:
         except RetryLater as exc:
             if not exc.maybe_done:
                 self.nothing_created.add(job.id)
+                self.pages.release(job.id)
             raise
         except JobFailed as exc:
             self.nothing_created.add(job.id)
+            self.pages.release(job.id)
             if await self._upload_lost(job, exc):
                 return await self.advance(job, Stage.PENDING, remote_file_id=None)
             raise
@@ -456,15 +462,19 @@ class Steps:
         )
         store, now = self.writer.store, self.clock()
 
-        def save() -> None:
+        def save() -> bool:
             known = {r.remote_job_id: r for r in store.remote_records(job.id)}
             earlier = known.get(remote_job_id)
             created = earlier.created_at if earlier is not None else None
             kept = RemoteRecord(**{**record.__dict__, "created_at": created})
             store.record_remote(kept, now)
-            store.record_usage(job, kept, folder_of(job.path), now)
+            return store.record_usage(job, kept, folder_of(job.path), now)
 
-        await self.writer.call(save)
+        billed = await self.writer.call(save)
+        # At once after the commit: the budget's sums stay in step with the database.
+        self.pages.settle(job.id, pages if billed else None)
+        if billed and pages is not None:
+            metrics.record_pages(folder_of(job.path), pages)
 
     # -- download and publish ----------------------------------------------------------
 

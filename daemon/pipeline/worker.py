@@ -64,7 +64,11 @@ class Brakes:
 
     disk_low: bool = False
     budget_share: Callable[[], float] = field(default=lambda: 1.0)  # the request budget
-    reasons: Callable[[], str | None] = field(default=lambda: None)  # gate, page budget
+    reasons: Callable[[], str | None] = field(default=lambda: None)  # the gate
+    # The page budget: holds only the jobs whose next step pays for a new conversion
+    # (those at the hub go on), and says when it lifts by itself (the period turns).
+    new_work: Callable[[], str | None] = field(default=lambda: None)
+    lifts_in: Callable[[], float | None] = field(default=lambda: None)
 
 
 class Worker:
@@ -102,6 +106,10 @@ class Worker:
 
     def holding_back(self) -> str | None:
         """Why no new job starts now, or None."""
+        return self._stopped() or self.brakes.new_work()
+
+    def _stopped(self) -> str | None:
+        """Why no job at all is claimed now, or None."""
         if self.brakes.disk_low:
             return "free disk space is low"
         return self.brakes.reasons()
@@ -131,11 +139,18 @@ class Worker:
         share = max(0.1, min(1.0, self.brakes.budget_share()))
         limit = max(1, int(self.settings.max_in_flight * share))
         free = limit - len(self.active)
-        if free <= 0 or self.holding_back() is not None:
+        if free <= 0 or self._stopped() is not None:
             return
         s = self.settings
+        new_work = self.brakes.new_work() is None
         claims = await self.writer.call(
-            self.writer.store.claim, self.clock(), free, list(self.active), s.instance, s.lease
+            self.writer.store.claim,
+            self.clock(),
+            free,
+            list(self.active),
+            s.instance,
+            s.lease,
+            new_work=new_work,
         )
         for claim in claims:
             job = claim.job
@@ -203,11 +218,16 @@ class Worker:
         timeout: float | None = None
         if self.settings.auto_retry_after > 0:
             timeout = max(0.0, self._next_rearm - self.clock())
-        if self.holding_back() is None and len(self.active) < self.settings.max_in_flight:
-            due = await self.writer.call(self.writer.store.next_due, self.settings.instance)
+        if self._stopped() is None and len(self.active) < self.settings.max_in_flight:
+            new_work = self.brakes.new_work() is None
+            store, me = self.writer.store, self.settings.instance
+            due = await self.writer.call(store.next_due, me, new_work=new_work)
             if due is not None:
                 wait = max(0.0, due - self.clock())
                 timeout = wait if timeout is None else min(timeout, wait)
+            lifts = None if new_work else self.brakes.lifts_in()
+            if lifts is not None:
+                timeout = lifts if timeout is None else min(timeout, lifts)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._wake.wait()

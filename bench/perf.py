@@ -206,14 +206,14 @@ PLANS = [
     ),
     Plan(
         "h",
-        "30-90 s jobs; a hub allowing 120 requests a minute",
+        "30-90 s jobs; a 120/min hub",
         economy.long_jobs,
         [
             *_wait_rows("honour", "wait honoured", 4.5, 2.0, None),
             *_wait_rows("ignore", "wait ignored", 6.0, None, None),
             Measure(
                 "limited_refused_pct",
-                "120/min hub, 100 files of 3-8 s: requests refused (429), %",
+                "120/min hub, 100 files of 3-8 s: refused (429), %",
                 "{:.1f}",
                 "≤ 5",
                 _at_most(5.0),

@@ -5,8 +5,8 @@ the daemon (``ldx-hotfolder run``) as subprocesses on loopback, exactly as an op
 would, so that what is measured includes process start, imports, real sockets and real
 fsyncs. This module starts and stops them, writes the daemon's configuration, makes
 inputs, and reads what the processes report: the emulator's ledger, the daemon's
-``READY=1`` (over a ``NOTIFY_SOCKET`` of our own), and its CPU time and peak RSS from
-``/proc``, its children's (the transfer process) included.
+``READY=1`` (over a ``NOTIFY_SOCKET`` of our own), and its CPU time, peak RSS and bytes
+written from ``/proc`` (the daemon is one process; hooks it runs are counted with it).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def add_set_option(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=TOML",
-        help="a top-level daemon setting for every run, e.g. transfer_process=false",
+        help="a top-level daemon setting for every run, e.g. max_in_flight=64",
     )
 
 
@@ -99,7 +99,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, step: float = 0.01
 
 
 def process_tree(pid: int) -> list[int]:
-    """``pid`` and its running descendants (the daemon's transfer process, hooks)."""
+    """``pid`` and its running descendants (hooks the daemon runs, if any)."""
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -114,23 +114,6 @@ def _own_cpu(pid: int) -> float:
     # utime + stime, plus cutime + cstime: children that ended and were waited for.
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return sum(int(value) for value in fields[11:15]) / CLK_TCK
-
-
-def sched_seconds(text: str) -> tuple[float, float]:
-    """(seconds on a CPU, seconds runnable but waiting for one) from the text of a
-    ``/proc/PID/task/TID/schedstat`` file (nanoseconds, then the count of time slices)."""
-    on_cpu, waiting = text.split()[:2]
-    return int(on_cpu) / 1e9, int(waiting) / 1e9
-
-
-def sched_totals(pid: int) -> tuple[float, float]:
-    """``sched_seconds`` summed over the threads of a running process (Linux)."""
-    on_cpu = waiting = 0.0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            ran, waited = sched_seconds((task / "schedstat").read_text())
-            on_cpu, waiting = on_cpu + ran, waiting + waited
-    return on_cpu, waiting
 
 
 def cpu_seconds(pid: int) -> float:
@@ -151,6 +134,16 @@ def rss_bytes(pid: int) -> tuple[int, int]:
         if key in ("VmRSS", "VmHWM"):
             values[key] = int(rest.split()[0]) * KiB
     return values.get("VmRSS", 0), values.get("VmHWM", 0)
+
+
+def written_bytes(pid: int) -> int:
+    """Bytes a running process has caused to be written to storage so far
+    (``write_bytes`` of /proc/PID/io, counted when it dirties a page of a file)."""
+    for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "write_bytes":
+            return int(value)
+    raise RuntimeError(f"/proc/{pid}/io has no write_bytes")
 
 
 def profile(pid: int, name: str) -> subprocess.Popen[bytes] | None:
@@ -329,7 +322,8 @@ class Folders:
 
 
 def write_config(folders: Folders, url: str, hub: dict[str, Any] | None = None, **top: Any) -> Path:
-    """The daemon's config.toml for a bench run; ``top``/``hub`` override the defaults."""
+    """The daemon's config.toml for a bench run; ``top``/``hub`` override the defaults,
+    and a ``None`` value leaves that setting out (the daemon's own default)."""
     key_file = folders.root / "api-key"
     key_file.write_text(DEFAULT_API_KEY + "\n", encoding="utf-8")
     settings: dict[str, Any] = {
@@ -347,8 +341,9 @@ def write_config(folders: Folders, url: str, hub: dict[str, Any] | None = None, 
         "max_requests_per_minute": 0,
         **(hub or {}),
     }
-    lines = [f"{k} = {_toml(v)}" for k, v in settings.items()]
-    lines += ["", "[hub]"] + [f"{k} = {_toml(v)}" for k, v in hub_settings.items()]
+    lines = [f"{k} = {_toml(v)}" for k, v in settings.items() if v is not None]
+    lines += ["", "[hub]"]
+    lines += [f"{k} = {_toml(v)}" for k, v in hub_settings.items() if v is not None]
     path = folders.root / "config.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

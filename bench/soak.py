@@ -227,6 +227,9 @@ def _work(
         if now >= next_kill:
             daemon = _restart(daemon, config, folders.root)
             result.kills += 1
+            # Every life is sampled at least once, however late in the soak it starts.
+            if (sample := _sample(daemon, result.kills, folders.db)) is not None:
+                result.samples.append(sample)
             next_kill = time.monotonic() + rng.expovariate(1 / kill_every)
         time.sleep(max(0.0, min(next_drop, next_sample, next_kill, end) - time.monotonic()))
     return daemon

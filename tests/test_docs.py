@@ -23,9 +23,6 @@ QUICK_START = (
     "python3.11 -m venv .venv && .venv/bin/pip install -q . && .venv/bin/ldx-hotfolder demo",
     "bash scripts/check.sh",
 )
-# Written on another branch of the same issue (the benchmark table); until it is merged,
-# a link to it is the one allowed to lead nowhere. Delete this once the file exists.
-PENDING = frozenset({"docs/performance.md"})
 # Text files of the repository that may name documents (bench/ keeps its own).
 NAMING_FILES = ("*.md", "docs/*.md", "*.toml", "*.yaml", "Dockerfile", "docker/*", "systemd/*")
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
@@ -94,7 +91,7 @@ def test_readme_links_every_page_in_docs() -> None:
     """Every page in docs/ is linked from the README's 'Where next'."""
     where_next = section(README.read_text(encoding="utf-8"), "Where next")
     linked = set(LINK.findall(where_next))
-    pages = {f"docs/{page.name}" for page in DOCS.glob("*.md")} | PENDING
+    pages = {f"docs/{page.name}" for page in DOCS.glob("*.md")}
     assert pages - linked == set()
 
 
@@ -106,9 +103,6 @@ def test_every_relative_link_leads_to_a_file_and_heading() -> None:
         for target in relative_links(doc):
             name, _, anchor = target.partition("#")
             path = (doc.parent / name).resolve() if name else doc
-            rel = path.relative_to(REPO).as_posix() if in_repo(path) else str(path)
-            if rel in PENDING and not path.exists():
-                continue
             if not in_repo(path) or not path.is_file():
                 broken.append(f"{doc.name}: {target}")
             elif anchor and path.suffix == ".md" and anchor not in anchors(path):
@@ -129,7 +123,7 @@ def test_no_document_names_a_file_outside_the_repository() -> None:
             outside.append(f"{path.relative_to(REPO)}: shared/")
         for name in MD_NAME.findall(text):
             candidates = [path.parent / name, REPO / name, DOCS / name]
-            if name in PENDING or any(in_repo(c) and c.is_file() for c in candidates):
+            if any(in_repo(c) and c.is_file() for c in candidates):
                 continue
             outside.append(f"{path.relative_to(REPO)}: {name}")
     assert outside == []

@@ -6,12 +6,18 @@ how (``choose``, a pure function of the time and the jobs):
 
 - a job whose end is unknown is looked at once it has run a little, by one
   ``GET /renderocr/jobs`` that reports the progress of every job at once;
-- from a job's ``progress`` and the hub's own timestamps its end is estimated, and from
-  the durations of earlier jobs (per page and engine, kept across restarts) before it
-  reports any progress;
+- from a job's ``progress`` and the hub's own timestamps its end is estimated, with how
+  far off the estimate may be (whole-second timestamps at 10 % progress: 10 s either
+  way), and from the durations of earlier jobs (per page and engine, kept across
+  restarts) before it reports any progress;
 - near its estimated end the job gets one long poll (``?wait``) that answers the moment
-  it finishes, or, when the hub ignores ``wait``, one plain poll just after it;
-- when several jobs are due together, one listing serves them all.
+  it finishes, once the estimate is close enough for the poll's wait to cover it (a
+  rough one is refined by a later listing first), or, when the hub ignores ``wait``,
+  one plain poll just after it (never two looks at a job less than a second apart);
+- a listing made for one job informs every other; a job it finds with no progress
+  yet keeps its own plan;
+- when several jobs are due together, one listing serves them all; while nothing is
+  learned of an engine, only one of its jobs probes with a long poll.
 
 Whether the hub honours ``wait`` is learned from its answers (a long poll answered at
 once on an unfinished job means it does not), as is whether the listing covers every
@@ -35,9 +41,12 @@ from daemon.logs import get_logger
 log = get_logger(component="polls")
 
 LIST_AGE = 2.0  # seconds a new job runs before its progress is worth reading
-LIST_SHARE = 0.2  # ... or this share of its expected length, to read several at once
+LIST_SHARE = 0.4  # ... or this share of its expected length, to read several at once
+FIRST_LOOK_MAX = 20.0  # ... but no later: a job far shorter than the usual is not left alone
 LEAD = 1.0  # seconds of slack between a long poll's wait and the expected end
 MARGIN = 0.3  # seconds after an expected end that a plain poll looks
+MIN_GAP = 1.0  # seconds at least between two plain looks at one job
+RESOLUTION = 1.0  # seconds: a hub's timestamps may be whole seconds
 BACKOFF = (2.0, 4.0, 8.0, 15.0, 30.0)  # when a job's end cannot be estimated
 TOGETHER = 0.5  # jobs due within this many seconds are served by one listing
 LIST_GAP = 0.5  # seconds at least between two listings
@@ -54,6 +63,8 @@ class Watch:
     started: float  # monotonic time the daemon started watching (about its creation)
     due: float
     expected_end: float | None = None  # monotonic
+    spread: float = 0.0  # seconds the expected end may be off, either way
+    rough: bool = False  # too far off for a long poll to cover: refine by a listing first
     polls: int = 0
     busy: bool = False  # a request about it is under way
     future: asyncio.Future[RemoteJob] = field(default_factory=asyncio.Future)
@@ -78,30 +89,23 @@ def choose(now: float, watches: list[Watch], *, can_list: bool, long_polls: bool
     if not due:
         return Action("sleep", until=min((w.due for w in idle), default=math.inf))
     first = due[0]
-    if long_polls and first.expected_end is not None:
+    if long_polls and _pollable(first):
         return Action("poll", watch=first)
-    listed = [
-        w
-        for w in idle
-        if w.due <= now + TOGETHER and not (long_polls and w.expected_end is not None)
-    ]
-    unknown = first.expected_end is None and len(idle) > 1
+    listed = [w for w in idle if w.due <= now + TOGETHER and not (long_polls and _pollable(w))]
+    unknown = (first.expected_end is None or first.rough) and len(idle) > 1
     if can_list and (len(listed) > 1 or unknown):
         return Action("list")
     return Action("poll", watch=first)
 
 
-def long_poll_wait(watch: Watch, now: float, max_wait: float) -> float:
-    """How long a long poll on ``watch`` may hold (0: a plain poll)."""
-    if max_wait <= 0:
-        return 0.0
-    if watch.expected_end is None:
-        return max_wait
-    return min(max_wait, max(1.0, watch.expected_end - now + LEAD))
+def _pollable(watch: Watch) -> bool:
+    """Whether a long poll on ``watch`` is likely to catch its end."""
+    return watch.expected_end is not None and not watch.rough
 
 
-def estimate_end(watch: Watch, job: RemoteJob, now: float) -> float | None:
-    """When ``job`` will end (monotonic), from its progress and the hub's timestamps."""
+def estimate_end(watch: Watch, job: RemoteJob, now: float) -> tuple[float, float] | None:
+    """When ``job`` will end (monotonic) and how far off that may be, either way, from
+    its progress and the hub's timestamps (None: no progress to go by)."""
     progress = job.progress or 0.0
     if progress <= 0.0 or progress >= 1.0:
         return None
@@ -109,23 +113,37 @@ def estimate_end(watch: Watch, job: RemoteJob, now: float) -> float | None:
     if created is not None and updated is not None and updated > created:
         run = updated - created  # the hub's clock: the time it took to get this far
         lag = max(0.0, now - watch.started - run)  # since that update, in our clock
-        return now - lag + run * (1 - progress) / progress
+        coarse = created.is_integer() and updated.is_integer()
+        # Whole-second stamps make ``run`` up to a second off, and the rest 1/progress times.
+        spread = (RESOLUTION if coarse else 0.1) / progress
+        return now - lag + run * (1 - progress) / progress, spread
     ran = now - watch.started
-    return now + ran * (1 - progress) / progress
+    remaining = ran * (1 - progress) / progress
+    return now + remaining, RESOLUTION + remaining / 4  # the progress's own step is unknown
 
 
 def next_due(watch: Watch, now: float, *, max_wait: float, prior: float | None) -> float:
     """When to look at ``watch`` again, given what is known of its end."""
     end = watch.expected_end
     if end is None:
-        age = max(LIST_AGE, LIST_SHARE * prior) if prior else LIST_AGE
+        age = min(max(LIST_AGE, LIST_SHARE * prior), FIRST_LOOK_MAX) if prior else LIST_AGE
         first = watch.started + age
         if watch.polls == 0 and first > now:
             return first
-        return now + BACKOFF[min(watch.polls, len(BACKOFF)) - 1 if watch.polls else 0]
-    if max_wait > 0:
-        return max(now, end - max_wait + LEAD)
-    return max(now + 0.2, end + MARGIN)
+        step = BACKOFF[min(watch.polls, len(BACKOFF)) - 1 if watch.polls else 0]
+        # No progress yet after a while: a longer job; look again after half its age more.
+        return now + max(step, (now - watch.started) / 2)
+    if max_wait <= 0:
+        return max(now + MIN_GAP, end + MARGIN)
+    if watch.rough:  # look again half-way there, when the progress says more
+        return max(now + MIN_GAP, now + (end - now) / 2)
+    # The wait covers the end and the estimate's spread after it.
+    return max(now, end - max_wait + min(max_wait / 2, LEAD + watch.spread))
+
+
+def is_rough(spread: float, max_wait: float) -> bool:
+    """Whether an estimate this far off is too rough for one long poll to catch."""
+    return max_wait > 0 and LEAD + spread > max_wait / 2
 
 
 class Durations:
@@ -179,12 +197,7 @@ class Poller:
             now = self._clock()
             watch = Watch(remote_job_id, engine, pages or 1, now, now)
             watch.future = asyncio.get_running_loop().create_future()
-            prior = self.durations.prior(engine, watch.pages)
-            if self.max_wait > 0 and (prior is None or prior <= self.max_wait):
-                # Short, or not known yet: one long poll catches its end (or, for a longer
-                # job, reports its progress when the wait runs out).
-                watch.expected_end = now + (prior if prior is not None else self.max_wait - LEAD)
-            watch.due = next_due(watch, now, max_wait=self.max_wait, prior=prior)
+            self._plan_first_look(watch, now, probe=not self._probing(engine))
             self._watches[remote_job_id] = watch
             self._wake.set()
         try:
@@ -192,6 +205,31 @@ class Poller:
         except asyncio.CancelledError:
             self._forget(watch)  # its job let go (a stop, a lost lease): stop looking
             raise
+
+    def _plan_first_look(self, watch: Watch, now: float, *, probe: bool) -> None:
+        """A new job's first look. Short, or of unknown length (for one job of an engine
+        at a time, the probe): one long poll catches its end, or reports its progress
+        when the wait runs out. Else a listing after a share of its expected length."""
+        prior = self.durations.prior(watch.engine, watch.pages)
+        if self.max_wait > 0 and (prior is not None and prior <= self.max_wait):
+            watch.expected_end = now + prior
+        elif self.max_wait > 0 and prior is None and probe:
+            watch.expected_end = now + self.max_wait - LEAD
+        watch.due = next_due(watch, now, max_wait=self.max_wait, prior=prior)
+
+    def _probing(self, engine: str) -> bool:
+        """Whether a job of ``engine`` of unknown length is on its first long poll."""
+        if self.durations.prior(engine, 1) is not None:
+            return False
+        return any(w.engine == engine and w.polls == 0 for w in self._watches.values())
+
+    def _replan(self, engine: str, now: float) -> None:
+        """A length was learned: jobs of ``engine`` not looked at yet plan with it."""
+        for watch in self._watches.values():
+            if watch.engine == engine and watch.polls == 0 and not watch.busy:
+                watch.expected_end, watch.spread, watch.rough = None, 0.0, False
+                self._plan_first_look(watch, now, probe=False)
+        self._wake.set()
 
     def _forget(self, watch: Watch) -> None:
         if self._watches.get(watch.remote_job_id) is watch:
@@ -230,7 +268,9 @@ class Poller:
 
     def _poll_soon(self, watch: Watch) -> None:
         watch.busy = True
-        wait = long_poll_wait(watch, self._clock(), self.max_wait)
+        # The whole wait: the hub answers the moment the job ends, so a longer hold costs
+        # nothing and saves a second poll when the job runs late.
+        wait = self.max_wait
         task = asyncio.get_running_loop().create_task(self._poll(watch, wait))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -286,18 +326,25 @@ class Poller:
         if self._watches.get(watch.remote_job_id) is not watch:
             return  # forgotten meanwhile
         now = self._clock()
-        watch.polls += 1
         if not job.state.running:
+            watch.polls += 1
             if job.state is JobState.COMPLETED and job.output_file_id is None:
                 watch.due = now  # a listing's summary without the output: ask the job
-                watch.expected_end = now
+                watch.expected_end, watch.rough = now, False
                 return
             self._learn(watch, job, now)
             self._settle(watch, job=job)
             return
         if job.state is JobState.UNKNOWN:
             self._unknown(job)
-        watch.expected_end = estimate_end(watch, job, now)
+        estimate = estimate_end(watch, job, now)
+        if estimate is None and watch.due > now:
+            # Read along with others, no progress yet: its own look can wait as long again.
+            watch.due = max(watch.due, now + max(BACKOFF[0], (now - watch.started) / 2))
+            return
+        watch.polls += 1
+        watch.expected_end, watch.spread = estimate if estimate else (None, 0.0)
+        watch.rough = estimate is not None and is_rough(watch.spread, self.max_wait)
         prior = self.durations.prior(watch.engine, watch.pages)
         watch.due = next_due(watch, now, max_wait=self.max_wait, prior=prior)
 
@@ -321,7 +368,10 @@ class Poller:
         if created is not None and done is not None:
             seconds = done - created  # the hub's own clock: exact, whatever our polls
         pages = job.usage.input_pages if job.usage and job.usage.input_pages else watch.pages
+        first = self.durations.prior(watch.engine, 1) is None
         self.durations.learn(watch.engine, pages, seconds)
+        if first:
+            self._replan(watch.engine, now)
 
     def _settle(
         self, watch: Watch, *, job: RemoteJob | None = None, error: Exception | None = None

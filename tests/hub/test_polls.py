@@ -19,9 +19,10 @@ from daemon.hub.polls import (
     Watch,
     choose,
     estimate_end,
-    long_poll_wait,
+    is_rough,
     next_due,
 )
+from tests.hub.polls_sim import simulate
 from tests.scans import make_scan
 
 
@@ -35,6 +36,8 @@ def watch(job_id: str = "j", started: float = 0.0, due: float = 0.0, **changes: 
         "started": started,
         "due": due,
         "expected_end": None,
+        "spread": 0.0,
+        "rough": False,
         "polls": 0,
         "busy": False,
     }
@@ -88,9 +91,11 @@ def test_progress_and_the_hubs_timestamps_give_the_end() -> None:
         created_at="2026-01-01T00:00:00Z",
         updated_at="2026-01-01T00:00:04Z",
     )
-    end = estimate_end(watch(started=100.0), job, now=104.0)
-    assert end is not None
+    estimate = estimate_end(watch(started=100.0), job, now=104.0)
+    assert estimate is not None
+    end, spread = estimate
     assert abs(end - 110.0) < 1e-6
+    assert spread == 2.5  # whole-second stamps: up to a second off, over 40 %
     assert estimate_end(watch(), RemoteJob(job_id="j", status="queued", progress=0), 5.0) is None
 
 
@@ -103,25 +108,32 @@ def test_with_long_polls_a_job_of_known_end_is_long_polled_not_listed() -> None:
     assert choose(10.0, unknown, can_list=True, long_polls=True).kind == "list"
 
 
-def test_a_long_poll_starts_before_the_expected_end_and_holds_just_past_it() -> None:
-    """With ?wait honoured a job is asked near its end with a wait that covers it."""
-    near = watch(expected_end=100.0)
-    assert next_due(near, 50.0, max_wait=10.0, prior=None) == 100.0 - 10.0 + 1.0
-    assert long_poll_wait(near, 95.0, 10.0) == 6.0
-    assert long_poll_wait(near, 99.5, 10.0) == 1.5
-    assert long_poll_wait(watch(), 0.0, 0.0) == 0.0
+def test_a_long_poll_starts_so_its_wait_covers_the_estimates_spread() -> None:
+    """With ?wait honoured a job is asked before its end, so the wait reaches past it by
+    the estimate's spread; an estimate too rough for one wait is refined half-way."""
+    exact = watch(expected_end=100.0)
+    assert next_due(exact, 50.0, max_wait=10.0, prior=None) == 100.0 - 10.0 + 1.0
+    spread = watch(expected_end=100.0, spread=2.5)
+    assert next_due(spread, 50.0, max_wait=10.0, prior=None) == 100.0 - 10.0 + 3.5
+    assert not is_rough(2.5, 10.0)
+    assert is_rough(10.0, 10.0)
+    rough = watch(expected_end=100.0, spread=10.0, rough=True)
+    assert next_due(rough, 50.0, max_wait=10.0, prior=None) == 75.0
 
 
 def test_without_wait_a_plain_poll_looks_just_after_the_expected_end() -> None:
     """A hub that ignores ?wait is asked once, just after the job should have ended."""
     assert next_due(watch(expected_end=100.0), 50.0, max_wait=0.0, prior=None) == 100.3
+    assert next_due(watch(expected_end=100.0), 99.9, max_wait=0.0, prior=None) == 100.9
 
 
 def test_a_new_job_is_first_read_after_a_share_of_its_expected_length() -> None:
     """A long job is first read later than a short one, so one listing reads several."""
     short = next_due(watch(started=0.0), 0.0, max_wait=10.0, prior=None)
     long = next_due(watch(started=0.0), 0.0, max_wait=10.0, prior=60.0)
-    assert (short, long) == (LIST_AGE, 12.0)
+    longer = next_due(watch(started=0.0), 0.0, max_wait=10.0, prior=600.0)
+    assert (short, next_due(watch(), 0.0, max_wait=10.0, prior=40.0)) == (LIST_AGE, 16.0)
+    assert (long, longer) == (20.0, 20.0)  # no later than 20 s, however long the usual
 
 
 def test_durations_are_learned_per_page_and_engine() -> None:
@@ -166,3 +178,39 @@ def io_of(data: bytes) -> object:
     import io
 
     return io.BytesIO(data)
+
+
+def test_status_reads_per_file_stay_low_at_long_jobs_with_wait_honoured() -> None:
+    """64 jobs of 30-90 s, 16 at a time: about one long poll each and a few shared
+    listings (at most 1.5 status reads a file; 6.2 before the scheduler learned this)."""
+    for seed in (1, 2, 3):
+        economy = simulate(64, (30, 90), honour_wait=True, seed=seed)
+        assert economy.reads_per_file <= 1.5
+        assert max(economy.latencies) < 0.1  # a long poll answers as the job ends
+
+
+def test_a_hub_that_ignores_wait_is_never_asked_twice_within_a_second() -> None:
+    """Wait ignored: plain polls and listings, at most 3 status reads a file at 30-90 s
+    jobs, never two plain looks at one job less than a second apart."""
+    for lengths in ((3.0, 8.0), (30.0, 90.0)):
+        economy = simulate(64, lengths, honour_wait=False, seed=1)
+        assert economy.reads_per_file <= 3.0
+        assert economy.min_gap >= 1.0
+        assert sorted(economy.latencies)[len(economy.latencies) // 2] < 1.5
+
+
+def test_status_reads_do_not_grow_with_job_length() -> None:
+    """From 3 s to 5 min jobs, 16 at a time, a file costs about as many status reads."""
+    reads = [
+        simulate(48, lengths, honour_wait=True, seed=4).reads_per_file
+        for lengths in ((3.0, 8.0), (30.0, 90.0), (100.0, 300.0))
+    ]
+    assert max(reads) <= 2.0, reads
+
+
+def test_only_one_job_probes_while_nothing_is_learned() -> None:
+    """The first 16 jobs of an engine never seen: one long poll probes, the others wait
+    for its answer or a listing, so the first wave costs no 16 timed-out long polls."""
+    economy = simulate(16, (30, 90), honour_wait=True, seed=5)
+    assert economy.polls <= 16 + 2
+    assert economy.reads_per_file <= 2.0

@@ -150,12 +150,7 @@ class Watcher:
     def _start_inotify(self, loop: asyncio.AbstractEventLoop, folder: Path) -> BaseObserver:
         observer: BaseObserver = Observer()
         try:
-            observer.schedule(
-                _Forwarder(loop, self._hint),
-                str(folder),
-                recursive=True,
-                event_filter=_WANTED_EVENTS,
-            )
+            self._schedule(observer, loop, folder)
             observer.daemon = True
             observer.start()
             _check_coverage(folder)
@@ -176,15 +171,18 @@ class Watcher:
     def _start_polling(self, loop: asyncio.AbstractEventLoop, folders: list[Path]) -> BaseObserver:
         observer = LeanPollingObserver(self._interval)
         for folder in folders:
-            observer.schedule(
-                _Forwarder(loop, self._hint),
-                str(folder),
-                recursive=True,
-                event_filter=_WANTED_EVENTS,
-            )
+            self._schedule(observer, loop, folder)
         observer.daemon = True
         observer.start()
         return observer
+
+    def _schedule(
+        self, observer: BaseObserver, loop: asyncio.AbstractEventLoop, folder: Path
+    ) -> None:
+        """Watch ``folder`` and below for the events intake wants, hinted on ``loop``."""
+        observer.schedule(
+            _Forwarder(loop, self._hint), str(folder), recursive=True, event_filter=_WANTED_EVENTS
+        )
 
     def _report_limit(self, exc: OSError) -> None:
         sysctl = _LIMIT_SYSCTL[exc.errno or errno.ENOSPC]

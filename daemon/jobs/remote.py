@@ -11,27 +11,59 @@ queue) inherits these statements.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.sql.dml import Insert, ReturningInsert
 
 from daemon.jobs.database import Database
 from daemon.jobs.model import Job, RemoteRecord
 from daemon.jobs.tables import durations_table, remote_jobs_table, usage_table
 
 
+def _insert(dialect: str, table: Table) -> Any:
+    """The dialect's INSERT, which knows ``ON CONFLICT`` (both back ends speak it)."""
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
+
+
+@functools.lru_cache(maxsize=4)
+def _upsert_remote(dialect: str) -> Insert:
+    """One statement for "insert or update a remote job" (was an UPDATE, then an INSERT
+    when it changed nothing). The creation time is the hub's, known only when the job
+    was created: a later record without one keeps it."""
+    table = remote_jobs_table
+    statement = _insert(dialect, table)
+    changes = {c.name: statement.excluded[c.name] for c in table.columns if not c.primary_key}
+    changes["created_at"] = func.coalesce(statement.excluded.created_at, table.c.created_at)
+    upsert: Insert = statement.on_conflict_do_update(
+        index_elements=[table.c.remote_job_id], set_=changes
+    )
+    return upsert
+
+
+@functools.lru_cache(maxsize=4)
+def _insert_usage(dialect: str) -> ReturningInsert[Any]:
+    """INSERT of what the hub billed for a remote job, doing nothing when it is noted
+    already (was a SELECT, then an INSERT); it returns the row it inserted (psycopg
+    gives no row count for it)."""
+    statement = _insert(dialect, usage_table)
+    key = usage_table.c.remote_job_id
+    once = statement.on_conflict_do_nothing(index_elements=[key])
+    returning: ReturningInsert[Any] = once.returning(key)
+    return returning
+
+
 class HubRecords(Database):
     """The statements on what the hub holds and billed."""
 
     def record_remote(self, record: RemoteRecord, now: float) -> None:
-        """Insert or update what the hub holds for a job: one row per remote job."""
-        values = {**dataclasses.asdict(record), "recorded_at": now}
-        table = remote_jobs_table
+        """Insert or update what the hub holds for a job: one row per remote job (a
+        record without ``created_at`` keeps the one known)."""
+        values = {**record.__dict__, "recorded_at": now}
         with self.write() as conn:
-            changed = conn.execute(
-                update(table).where(table.c.remote_job_id == record.remote_job_id).values(values)
-            ).rowcount
-            if not changed:
-                conn.execute(insert(table).values(values))
+            conn.execute(_upsert_remote(self.dialect), values)
 
     def remote_records(self, job_id: int) -> list[RemoteRecord]:
         """Every remote job made for ``job_id``, oldest first."""
@@ -57,15 +89,8 @@ class HubRecords(Database):
             "outcome": record.status,
             "billed_at": billed_at,
         }
-        table = usage_table
         with self.write() as conn:
-            known = select(table.c.remote_job_id).where(
-                table.c.remote_job_id == record.remote_job_id
-            )
-            if conn.execute(known).first() is not None:
-                return False
-            conn.execute(insert(table).values(values))
-        return True
+            return conn.execute(_insert_usage(self.dialect), values).first() is not None
 
     def durations(self) -> dict[str, tuple[float, float, int]]:
         """Learned durations per engine: (seconds per page, base seconds, samples)."""

@@ -64,12 +64,9 @@ class HubLedger:
         store, now = self.writer.store, self.clock()
 
         def save() -> bool:
-            known = {r.remote_job_id: r for r in store.remote_records(job.id)}
-            earlier = known.get(remote_job_id)
-            created = earlier.created_at if earlier is not None else None
-            kept = RemoteRecord(**{**record.__dict__, "created_at": created})
-            store.record_remote(kept, now)
-            return store.record_usage(job, kept, folder_of(job.path), now)
+            # The record has no creation time: the row keeps the one noted at creation.
+            store.record_remote(record, now)
+            return store.record_usage(job, record, folder_of(job.path), now)
 
         billed = await self.writer.call(save)
         # At once after the commit: the budget's sums stay in step with the database.

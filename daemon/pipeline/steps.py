@@ -263,7 +263,7 @@ class Steps:
         file_id = job.remote_file_id
         if file_id is None:  # only a hand-edited row gets here
             return await self.advance(job, Stage.PENDING)
-        records = await self.writer.call(self.writer.store.remote_records, job.id)
+        records = await self._records(job)
         running = [r for r in records if r.status in RUNNING_REMOTE]
         if running:  # a conversion of this attempt the hub still runs: follow it
             return await self.advance(
@@ -301,6 +301,15 @@ class Steps:
             raise
         failpoints.hit("after-create")
         return await self._created(job, created)
+
+    async def _records(self, job: Job) -> list[RemoteRecord]:
+        """The remote jobs made for ``job``, when they can matter: a job whose last
+        creation certainly made nothing (a fresh upload, a refusal) has none running (a
+        running one is recorded with the move to submitted, and is ended or lost before a
+        job goes below it) and nothing to adopt, so it need not read them."""
+        if job.id in self.nothing_created:
+            return []
+        return await self.writer.call(self.writer.store.remote_records, job.id)
 
     async def _adoptable(self, job: Job, records: list[RemoteRecord]) -> RemoteJob | None:
         """A remote job created for this attempt: on this upload, not one the job knows,

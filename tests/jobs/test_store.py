@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 
 from daemon.cli import main
-from daemon.jobs.model import NewJob, Stage, Status, status_of
+from daemon.jobs.model import NewJob, RemoteRecord, Stage, Status, status_of
 from daemon.jobs.store import _CONVERTED_BEFORE, Store
 from daemon.jobs.views import Views
 from tests.conftest import daemon_config
@@ -142,6 +142,42 @@ def test_requeue_only_failed_and_resumes_from_what_the_hub_holds(store: Store) -
     store.advance(bad.id, Stage.FAILED, 4.0, upload_expires_at=5.0, error_code="e")
     (expired,) = store.requeue([bad.id], 3600.0)
     assert (expired.stage, expired.remote_file_id) == (Stage.PENDING, None)
+
+
+def test_record_remote_is_one_row_per_remote_job_keeping_its_creation_time(db_url: str) -> None:
+    """record_remote inserts a remote job, then updates that row; a later record without
+    the hub's creation time keeps the one noted at creation (SQLite and PostgreSQL)."""
+    store = Store(db_url)
+    try:
+        job = enqueue(store, new(), "a/scan.docx", 1.0)
+        store.record_remote(RemoteRecord(job.id, "r1", "f1", 100.0, "queued"), 2.0)
+        done = RemoteRecord(job.id, "r1", "f1", None, "completed", "out", 900.0, 3)
+        store.record_remote(done, 3.0)
+        store.record_remote(RemoteRecord(job.id, "r2", "f1", None, "lost"), 4.0)
+        assert store.remote_records(job.id) == [
+            RemoteRecord(job.id, "r1", "f1", 100.0, "completed", "out", 900.0, 3),
+            RemoteRecord(job.id, "r2", "f1", None, "lost"),
+        ]
+    finally:
+        store.close()
+
+
+def test_record_usage_notes_a_remote_job_once(db_url: str) -> None:
+    """record_usage notes what the hub billed for a remote job once: a second note of it
+    (another outcome, other pages) changes nothing and says so (SQLite and PostgreSQL)."""
+    store = Store(db_url)
+    try:
+        job = enqueue(store, new(), "a/scan.docx", 1.0)
+        billed = RemoteRecord(job.id, "r1", "f1", None, "completed", pages=3)
+        assert store.record_usage(job, billed, "a", 5.0)
+        again = RemoteRecord(job.id, "r1", "f1", None, "failed", pages=9)
+        assert not store.record_usage(job, again, "a", 6.0)
+        unbilled = RemoteRecord(job.id, "r2", "f1", None, "failed")
+        assert not store.record_usage(job, unbilled, "a", 6.0)
+        billed_rows = Views(store).billed(0.0, 10.0)
+        assert [(b.pages, b.outcome, b.billed_at) for b in billed_rows] == [(3, "completed", 5.0)]
+    finally:
+        store.close()
 
 
 def test_writes_wait_for_another_writer(store: Store, tmp_path: Path) -> None:

@@ -628,8 +628,9 @@ def _note_config_unused(args: argparse.Namespace, why: str) -> None:
 # -- parser ---------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every subcommand."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser with every subcommand; given the ``command`` to be run, the
+    emulator's options are added only when it is that one."""
     parser = argparse.ArgumentParser(
         prog="ldx-hotfolder",
         description="Watched-folder OCR daemon: converts scans dropped into an inbox "
@@ -646,16 +647,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, func, help_text, options in _commands():
-        command = _add(sub, common, name, func, help_text)
-        if options is not None:
-            options(command)
+        subparser = _add(sub, common, name, func, help_text)
+        # The emulator's options come with its web stack (uvicorn, starlette): about 4 MB
+        # that a running daemon would keep for nothing.
+        if options is not None and (name != "emulator" or command in (None, name)):
+            options(subparser)
     return parser
+
+
+def _emulator_options(parser: argparse.ArgumentParser) -> None:
+    from daemon.emulator import cli as emulator_cli
+
+    emulator_cli.configure_parser(parser)
+
+
+def _command_in(argv: Sequence[str] | None) -> str | None:
+    """The subcommand named on the command line: its first word (the top level takes
+    no option with a value)."""
+    words = sys.argv[1:] if argv is None else argv
+    return next((word for word in words if not word.startswith("-")), None)
 
 
 def _commands() -> list[tuple[str, Command, str, Options | None]]:
     """Every subcommand: name, function, help, and what adds its own options."""
-    from daemon.emulator import cli as emulator_cli
-
     return [
         ("run", cmd_run, "run the daemon in the foreground", None),
         (
@@ -709,7 +723,7 @@ def _commands() -> list[tuple[str, Command, str, Options | None]]:
             "validate configuration, folders and the API key, and say what is wrong",
             None,
         ),
-        ("emulator", cmd_emulator, "serve the LDX hub emulator", emulator_cli.configure_parser),
+        ("emulator", cmd_emulator, "serve the LDX hub emulator", _emulator_options),
         (
             "demo",
             cmd_demo,
@@ -868,7 +882,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if foreign is not None:
         print(f"ldx-hotfolder: {foreign}", file=sys.stderr)
         return EXIT_CONFIG
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command_in(argv)).parse_args(argv)
     try:
         code: int = args.func(args)
         sys.stdout.flush()  # a reader that went away (``| head``) shows here, not at exit

@@ -90,6 +90,24 @@ def base(folders: dict[str, Path]) -> dict[str, str]:
     }
 
 
+def test_the_daemon_does_not_load_the_emulator() -> None:
+    """Parsing ``run``'s command line loads neither the emulator nor its web stack (a few
+    MB a running daemon would keep), while ``emulator`` still gets its options."""
+    probe = (
+        "import sys\n"
+        "from daemon.cli import build_parser\n"
+        "build_parser('run').parse_args(['run', '-c', 'x.toml'])\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'uvicorn', 'starlette'}),"
+        " 'daemon.emulator' in sys.modules)\n"
+        "build_parser('emulator').parse_args(['emulator', '--port', '0'])\n"
+        "print('daemon.emulator' in sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert done.stdout.splitlines() == ["[] False", "True"]
+
+
 @pytest.mark.parametrize(
     ("change", "hub", "expected"),
     [

@@ -10,9 +10,7 @@ in any other encoding, or one that does not inflate, is a bad answer.
 from __future__ import annotations
 
 import zlib
-from collections.abc import AsyncIterator, Iterator
-
-import httpx
+from collections.abc import AsyncIterable, AsyncIterator, Iterator
 
 from daemon.errors import HubUnavailable
 
@@ -21,10 +19,9 @@ ACCEPT_ENCODING = "gzip, deflate"
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
-def encodings(response: httpx.Response) -> list[str]:
-    """The content codings applied to ``response``'s body, in order (identity left out)."""
-    value = response.headers.get("content-encoding", "")
-    named = (coding.strip().lower() for coding in value.split(","))
+def encodings(content_encoding: str) -> list[str]:
+    """The codings a Content-Encoding header names, in order (identity left out)."""
+    named = (coding.strip().lower() for coding in content_encoding.split(","))
     return [coding for coding in named if coding not in ("", "identity")]
 
 
@@ -67,12 +64,15 @@ class Inflater:
         )
 
 
-async def decoded(response: httpx.Response, route: str, piece: int = PIECE) -> AsyncIterator[bytes]:
-    """``response``'s body as sent before its encoding, in pieces of at most ``piece``."""
-    codings = encodings(response)
+async def decoded(
+    raw: AsyncIterable[bytes], content_encoding: str, route: str, piece: int = PIECE
+) -> AsyncIterator[bytes]:
+    """The body read as ``raw`` pieces with that Content-Encoding, as sent before its
+    encoding, in pieces of at most ``piece`` bytes."""
+    codings = encodings(content_encoding)
     if not codings:
-        async for raw in response.aiter_raw(piece):
-            yield raw
+        async for chunk in raw:
+            yield chunk
         return
     if len(codings) > 1 or codings[0] not in _WBITS:
         raise HubUnavailable(
@@ -81,8 +81,8 @@ async def decoded(response: httpx.Response, route: str, piece: int = PIECE) -> A
             code="bad_response",
         )
     inflater = Inflater(codings[0], route)
-    async for raw in response.aiter_raw(piece):
-        for out in inflater.feed(raw, piece):
+    async for chunk in raw:
+        for out in inflater.feed(chunk, piece):
             yield out
     tail = inflater.finish()
     if tail:

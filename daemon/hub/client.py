@@ -411,7 +411,7 @@ class HubClient:
         if declared is not None and declared > max_bytes and _identity(response):
             raise _too_large(declared, max_bytes)
         written, started = 0, time.monotonic()
-        async for chunk in decoded(response, DOWNLOAD, CHUNK):
+        async for chunk in _body(response, DOWNLOAD):
             written += len(chunk)
             if written > max_bytes:
                 raise _too_large(written, max_bytes)
@@ -477,7 +477,7 @@ async def _read_capped(
     """The decoded body, at most ``limit`` bytes (more: an error, or cut when not strict)."""
     parts: list[bytes] = []
     size = 0
-    async for chunk in decoded(response, route, CHUNK):
+    async for chunk in _body(response, route):
         size += len(chunk)
         if size > limit:
             if not strict:
@@ -497,7 +497,20 @@ def _declared_length(response: httpx.Response) -> int | None:
 
 def _identity(response: httpx.Response) -> bool:
     """Whether the body arrives as it is (no Content-Encoding to decode)."""
-    return not encodings(response)
+    return not encodings(response.headers.get("content-encoding", ""))
+
+
+def _body(response: httpx.Response, route: str) -> AsyncIterator[bytes]:
+    """``response``'s decoded body in pieces of at most ``CHUNK`` bytes."""
+    if response.is_stream_consumed:  # built in memory (a mock transport): httpx decoded it
+        return decoded(_in_memory(response.content), "", route, CHUNK)
+    encoding = response.headers.get("content-encoding", "")
+    return decoded(response.aiter_raw(CHUNK), encoding, route, CHUNK)
+
+
+async def _in_memory(content: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(content), CHUNK):
+        yield content[start : start + CHUNK]
 
 
 def _too_large(size: int, cap: int) -> OutputRefused:

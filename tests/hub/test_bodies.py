@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import zlib
+from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 
 from daemon.errors import HubUnavailable
@@ -16,17 +16,17 @@ from daemon.hub.bodies import Inflater, decoded, encodings
 PIECE = 64 * 1024
 
 
-def response(body: bytes, encoding: str | None) -> httpx.Response:
-    """A response whose body arrives as ``body`` with that Content-Encoding."""
-    headers = {"content-encoding": encoding} if encoding else {}
-    return httpx.Response(200, headers=headers, stream=httpx.ByteStream(body))
+async def arriving(body: bytes) -> AsyncIterator[bytes]:
+    """``body`` as a socket delivers it: in reads of 64 KiB."""
+    for start in range(0, len(body), 65536):
+        yield body[start : start + 65536]
 
 
-def body_of(answer: httpx.Response, piece: int = PIECE) -> tuple[bytes, int]:
+def body_of(body: bytes, encoding: str | None, piece: int = PIECE) -> tuple[bytes, int]:
     """The decoded body and the largest piece it came in."""
 
     async def read() -> list[bytes]:
-        return [chunk async for chunk in decoded(answer, "GET /x", piece)]
+        return [chunk async for chunk in decoded(arriving(body), encoding or "", "GET /x", piece)]
 
     pieces = asyncio.run(read())
     return b"".join(pieces), max((len(p) for p in pieces), default=0)
@@ -55,7 +55,7 @@ def test_every_encoding_the_daemon_asks_for_decodes_to_the_body(
     """gzip, deflate with or without zlib's header, and identity all give the body back."""
     data = bytes(range(256)) * 4000 + b"tail"
     assert callable(encode)
-    assert body_of(response(encode(data), encoding))[0] == data
+    assert body_of(encode(data), encoding)[0] == data
 
 
 def test_a_bomb_inflates_in_pieces_no_larger_than_asked() -> None:
@@ -72,7 +72,7 @@ def test_a_bomb_inflates_in_pieces_no_larger_than_asked() -> None:
 def test_an_encoding_never_asked_for_is_a_bad_answer(encoding: str) -> None:
     """A body in an encoding the daemon did not accept is refused as a bad answer."""
     with pytest.raises(HubUnavailable) as caught:
-        body_of(response(b"whatever", encoding))
+        body_of(b"whatever", encoding)
     assert caught.value.code == "bad_response"
     assert "does not ask for" in caught.value.message
 
@@ -80,11 +80,11 @@ def test_an_encoding_never_asked_for_is_a_bad_answer(encoding: str) -> None:
 def test_a_body_that_does_not_inflate_is_a_bad_answer() -> None:
     """A gzip header over garbage is a bad answer, not a crash."""
     with pytest.raises(HubUnavailable) as caught:
-        body_of(response(b"\x1f\x8b\x08\x00garbage that is no deflate stream", "gzip"))
+        body_of(b"\x1f\x8b\x08\x00garbage that is no deflate stream", "gzip")
     assert caught.value.code == "bad_response"
 
 
 def test_encodings_are_listed_in_order_without_identity() -> None:
     """Content-Encoding is read as an ordered list; identity and blanks drop out."""
-    assert encodings(response(b"", "identity, GZIP ,")) == ["gzip"]
-    assert encodings(response(b"", None)) == []
+    assert encodings("identity, GZIP ,") == ["gzip"]
+    assert encodings("") == []

@@ -41,6 +41,7 @@ from daemon.errors import (
     OutputRefused,
     RemoteNotFound,
 )
+from daemon.hub.bodies import ACCEPT_ENCODING, decoded, encodings
 from daemon.hub.budget import RequestBudget
 from daemon.hub.gate import Gate
 from daemon.hub.models import (
@@ -173,7 +174,7 @@ class HubClient:
             base_url=base_url.rstrip("/"),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
             limits=limits,
-            headers={"User-Agent": USER_AGENT},
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": ACCEPT_ENCODING},
             transport=transport,
         )
         return cls(http, api_key, **options)
@@ -410,7 +411,7 @@ class HubClient:
         if declared is not None and declared > max_bytes and _identity(response):
             raise _too_large(declared, max_bytes)
         written, started = 0, time.monotonic()
-        async for chunk in response.aiter_bytes(CHUNK):
+        async for chunk in _body(response, DOWNLOAD):
             written += len(chunk)
             if written > max_bytes:
                 raise _too_large(written, max_bytes)
@@ -476,7 +477,7 @@ async def _read_capped(
     """The decoded body, at most ``limit`` bytes (more: an error, or cut when not strict)."""
     parts: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_bytes(CHUNK):
+    async for chunk in _body(response, route):
         size += len(chunk)
         if size > limit:
             if not strict:
@@ -496,7 +497,20 @@ def _declared_length(response: httpx.Response) -> int | None:
 
 def _identity(response: httpx.Response) -> bool:
     """Whether the body arrives as it is (no Content-Encoding to decode)."""
-    return response.headers.get("content-encoding", "identity").lower() in ("identity", "")
+    return not encodings(response.headers.get("content-encoding", ""))
+
+
+def _body(response: httpx.Response, route: str) -> AsyncIterator[bytes]:
+    """``response``'s decoded body in pieces of at most ``CHUNK`` bytes."""
+    if response.is_stream_consumed:  # built in memory (a mock transport): httpx decoded it
+        return decoded(_in_memory(response.content), "", route, CHUNK)
+    encoding = response.headers.get("content-encoding", "")
+    return decoded(response.aiter_raw(CHUNK), encoding, route, CHUNK)
+
+
+async def _in_memory(content: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(content), CHUNK):
+        yield content[start : start + CHUNK]
 
 
 def _too_large(size: int, cap: int) -> OutputRefused:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from daemon.config import Settings
-from daemon.jobs.model import Job, NewJob
+from daemon.jobs.model import Job, NewJob, Stage
 from daemon.jobs.store import Store
 from daemon.service import Service, prepare
 
@@ -151,6 +151,24 @@ def input_name(uploaded: str) -> str:
 def enqueue(store: Store, new: NewJob, output: str, now: float) -> Job | None:
     """Insert one queued job (what intake does for a stable input)."""
     return store.add_jobs([(new, output, None)], now).get(new.path)
+
+
+def plant_a_forgotten_upload(inbox: Path, state_db: Path, scan: bytes) -> None:
+    """``late.png`` in the inbox with its job about to be created on a file id the hub
+    never knew: as after a long stop between the upload and the job's creation."""
+    path = inbox / "late.png"
+    path.write_bytes(scan)
+    st = path.stat()
+    store = Store(f"sqlite:///{state_db}", upgrade=True)
+    try:
+        new = NewJob(
+            "late.png", st.st_size, st.st_mtime_ns, st.st_ino, "png", "ki/ocr", "jpn", "docx"
+        )
+        job = enqueue(store, new, "late.docx", time.time())
+        assert job is not None
+        store.advance(job.id, Stage.SUBMITTING, time.time(), remote_file_id="0" * 32)
+    finally:
+        store.close()
 
 
 def reject(

@@ -8,7 +8,6 @@ ledger's ``paid_conversions``) and never stops with a crash or a configuration e
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +17,10 @@ from daemon.config import load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.hub import paid_conversions
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.model import NewJob, Stage
-from daemon.jobs.store import Store
 from daemon.service import Outcome, run_service
 from tests.conftest import daemon_config
 from tests.faults import job_rows
-from tests.helpers import enqueue, input_name
+from tests.helpers import input_name, plant_a_forgotten_upload
 from tests.scans import make_scan
 
 BROKEN_PDF = b"%PDF-1.3\nThis is not a valid PDF file\n%%EOF\n"
@@ -151,20 +148,8 @@ def test_an_expired_upload_is_uploaded_again_whatever_the_hub_calls_it(
     """The creation names a file the hub forgot (any status, any code): upload again, pay once."""
     # The daemon asks the hub whether the upload still exists instead of trusting a code.
     emulator.hub.update_knobs({"missing_input_status": status, "missing_input_code": code})
-    scan = folders["inbox"] / "late.png"
-    scan.write_bytes(make_scan("png", 31))
-    st = scan.stat()
+    plant_a_forgotten_upload(folders["inbox"], folders["state"] / "state.db", make_scan("png", 31))
     config = daemon_config(tmp_path, folders, emulator.url)
-    store = Store(f"sqlite:///{folders['state'] / 'state.db'}", upgrade=True)
-    try:
-        new = NewJob(
-            "late.png", st.st_size, st.st_mtime_ns, st.st_ino, "png", "ki/ocr", "jpn", "docx"
-        )
-        job = enqueue(store, new, "late.docx", time.time())
-        assert job is not None
-        store.advance(job.id, Stage.SUBMITTING, time.time(), remote_file_id="0" * 32)
-    finally:
-        store.close()
     outcome = once(config)
     assert outcome.completed == ["late.png"]
     ledger = emulator.hub.ledger()

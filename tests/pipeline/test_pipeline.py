@@ -14,13 +14,18 @@ from daemon.cli import main
 from daemon.config import load_settings
 from daemon.emulator.hub import HubSettings as EmulatorSettings
 from daemon.emulator.server import EmulatorServer
-from daemon.jobs.model import NewJob, Stage, Status
+from daemon.jobs.model import Status
 from daemon.jobs.store import Store
 from daemon.jobs.views import Views
 from daemon.service import Outcome, run_service
 from tests.conftest import daemon_config
 from tests.faults import job_rows
-from tests.helpers import daemon_in_process, enqueue, input_name, wait_async
+from tests.helpers import (
+    daemon_in_process,
+    input_name,
+    plant_a_forgotten_upload,
+    wait_async,
+)
 from tests.scans import make_scan
 
 
@@ -257,20 +262,8 @@ def test_an_upload_that_expired_before_its_job_was_created_is_uploaded_again(
     """A recorded file id the hub no longer knows is uploaded again, not failed for good."""
     # As after a long stop between the upload and the job's creation: the row holds a
     # file id that the hub has forgotten (400 invalid_file_id at job creation).
-    scan = folders["inbox"] / "late.png"
-    scan.write_bytes(make_scan("png", 31))
-    st = scan.stat()
+    plant_a_forgotten_upload(folders["inbox"], folders["state"] / "state.db", make_scan("png", 31))
     config = daemon_config(tmp_path, folders, emulator.url)
-    store = Store(f"sqlite:///{folders['state'] / 'state.db'}", upgrade=True)
-    try:
-        new = NewJob(
-            "late.png", st.st_size, st.st_mtime_ns, st.st_ino, "png", "ki/ocr", "jpn", "docx"
-        )
-        job = enqueue(store, new, "late.docx", time.time())
-        assert job is not None
-        store.advance(job.id, Stage.SUBMITTING, time.time(), remote_file_id="0" * 32)
-    finally:
-        store.close()
     outcome = once(config)
     assert outcome.exit_code == 0
     assert outcome.completed == ["late.png"]

@@ -263,6 +263,23 @@ class Steps:
         file_id = job.remote_file_id
         if file_id is None:  # only a hand-edited row gets here
             return await self.advance(job, Stage.PENDING)
+        resumed = await self._resumed(job)
+        if resumed is not None:
+            return resumed
+        if job.submits >= self.settings.max_conversions:
+            raise JobFailed(
+                f"the hub was paid for {job.submits} conversions of this file without "
+                "delivering an output; run `ldx-hotfolder retry` to pay for another",
+                code="too_many_conversions",
+            )
+        await self.pages.admit(job.id, job.pages)  # BudgetReached: wait, pay nothing
+        if job.stage is not Stage.SUBMITTING:
+            job = await self.advance(job, Stage.SUBMITTING)
+        return await self._create(job, file_id)
+
+    async def _resumed(self, job: Job) -> Job | None:
+        """``job`` moved on to a remote job of this attempt the hub holds (one it still
+        runs, or one a lost creation answer left behind); None when there is none."""
         records = await self._records(job)
         running = [r for r in records if r.status in RUNNING_REMOTE]
         if running:  # a conversion of this attempt the hub still runs: follow it
@@ -274,15 +291,11 @@ class Steps:
             adopted = await self._adoptable(job, records)
             if adopted is not None:
                 return await self._created(job, adopted)
-        if job.submits >= self.settings.max_conversions:
-            raise JobFailed(
-                f"the hub was paid for {job.submits} conversions of this file without "
-                "delivering an output; run `ldx-hotfolder retry` to pay for another",
-                code="too_many_conversions",
-            )
-        await self.pages.admit(job.id, job.pages)  # BudgetReached: wait, pay nothing
-        if job.stage is not Stage.SUBMITTING:
-            job = await self.advance(job, Stage.SUBMITTING)
+        return None
+
+    async def _create(self, job: Job, file_id: str) -> Job:
+        """Ask the hub for a new, paid conversion of ``file_id``, noting when a refusal
+        certainly made nothing (its pages are then released)."""
         self.nothing_created.discard(job.id)
         try:
             created = await self.client.create_job(

@@ -24,7 +24,7 @@ from daemon.hub.client import HubClient, Limits
 from daemon.inbox.mounts import stale_size_warnings_for
 from daemon.installation import VERSION, foreign_package
 from daemon.jobs.database import Database
-from daemon.jobs.model import Instance, Job, Status
+from daemon.jobs.model import Instance, Job, Status, Waiting
 from daemon.jobs.store import Store
 from daemon.jobs.tables import make_engine
 from daemon.jobs.views import Views
@@ -201,26 +201,49 @@ def cmd_status(args: argparse.Namespace) -> int:
         hook_failures=hook_failures,
         pages=pages,
     )
-    here, lease = socket.gethostname(), settings.lease_seconds
+    _show_status(
+        report,
+        missing,
+        stalled,
+        as_json=args.json,
+        instances=instances,
+        held=held,
+        lease=settings.lease_seconds,
+    )
+    return EXIT_OK
+
+
+def _show_status(
+    report: StatusReport,
+    missing: str | None,
+    stalled: list[Waiting],
+    *,
+    as_json: bool,
+    instances: list[Instance],
+    held: dict[str, int],
+    lease: float,
+) -> None:
+    """Print ``status``: the report, a missing database, the stalled inputs and the
+    instances with the work each holds (alive by pid here, by ``lease`` elsewhere)."""
+    here = socket.gethostname()
 
     def alive(item: Instance) -> bool:
         return instance_alive(item, report.now, lease, here, pid_runs)
 
-    if args.json:
+    if as_json:
         payload = report.to_json(job_json)
         payload["stalled"] = [explain.waiting_json(item) for item in stalled]
         payload["instances"] = instances_json(instances, held, report.now, alive)
         payload["state_db_missing"] = missing
         print(json.dumps(payload, indent=2, ensure_ascii=False))
-    else:
-        print(_shown(render_status(report)))
-        if missing:
-            print(f"state    {missing}")
-        for line in explain.stalled_lines(stalled, report.now):
-            print(_shown(line))
-        for line in instance_lines(instances, held, report.now, alive):
-            print(line)
-    return EXIT_OK
+        return
+    print(_shown(render_status(report)))
+    if missing:
+        print(f"state    {missing}")
+    for line in explain.stalled_lines(stalled, report.now):
+        print(_shown(line))
+    for line in instance_lines(instances, held, report.now, alive):
+        print(line)
 
 
 def _page_use(settings: Settings, views: Views, now: float) -> usage.PageUse:
